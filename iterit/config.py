@@ -1,0 +1,261 @@
+"""Typed config: one tree of small pydantic models, loaded from YAML plus `--set a.b=value` overrides.
+
+Key names follow axolotl / LLaMA-Factory where one exists (base_model, datasets, chat_template,
+sequence_len, output_dir, seed); iterit's own keys (iterations, selection.ratio, ...) sit beside them.
+Unknown keys and wrong types are errors that name the key and the expected type, so a typo fails
+at load time, not forty minutes into a run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from iterit.errors import IteritError
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+class _Section(BaseModel):
+    # extra="forbid": an unknown key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class DatasetConfig(_Section):
+    path: str
+    """A file, directory or glob; local or an fsspec URI (s3://, gs://, ...). JSON, JSONL or Parquet,
+    optionally compressed (.gz, .bz2, .xz, .zst)."""
+    type: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
+    """Row format. `auto` detects it per row from the fields present."""
+    field_id: str = "id"
+    """Field holding a stable sample id; rows without it get `<file stem>:<row>`."""
+    field_instruction: str = "instruction"
+    """Alpaca: the instruction field."""
+    field_input: str = "input"
+    """Alpaca: the optional input field, appended to the instruction as "\\nInput: ..."."""
+    field_output: str = "output"
+    """Alpaca: the response field."""
+    field_conversations: str = "conversations"
+    """ShareGPT: the list of {from, value} turns."""
+    field_messages: str = "messages"
+    """OpenAI-style: the list of {role, content} messages."""
+
+    @field_validator("path")
+    @classmethod
+    def _expand_home(cls, v: str) -> str:
+        return os.path.expanduser(v)
+
+
+class SelectionConfig(_Section):
+    method: Literal["iterit", "ifd", "random", "longest", "embedding", "full"] = "iterit"
+    """How the training subset is chosen each iteration (`iterit` = IFD x TF-IDF diversity greedy)."""
+    ratio: float = 0.05
+    """Budget per iteration: a fraction of the corpus (0 < ratio <= 1) or an absolute count (an integer > 1)."""
+    update_ratio: float = 3.0
+    """Iterations after the first re-score the first k * update_ratio samples of the current order."""
+    decay: float = 0.1
+    """Factor applied to every TF-IDF term of a picked response (1 = IFD only, 0 = a term counts once)."""
+
+    @field_validator("ratio")
+    @classmethod
+    def _check_ratio(cls, v: float) -> float:
+        if not v > 0 or (v > 1 and v != int(v)):
+            raise ValueError("must be a fraction in (0, 1] or an integer count > 1")
+        return v
+
+    @field_validator("update_ratio")
+    @classmethod
+    def _check_update_ratio(cls, v: float) -> float:
+        if v < 1:
+            raise ValueError("must be >= 1 (the re-scored window holds at least the k selected samples)")
+        return v
+
+    @field_validator("decay")
+    @classmethod
+    def _check_decay(cls, v: float) -> float:
+        if not 0 <= v <= 1:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+    def num_selected(self, n: int) -> int:
+        """k: samples trained per iteration out of n (floor(ratio * n), or the count itself)."""
+        k = int(self.ratio) if self.ratio > 1 else math.floor(self.ratio * n)
+        return max(0, min(n, k))
+
+    def window(self, n: int) -> int:
+        """W: samples re-scored in iterations after the first."""
+        return min(n, math.floor(self.num_selected(n) * self.update_ratio))
+
+
+class Config(_Section):
+    base_model: str
+    """HF model folder or hub id of the model being tuned (it also scores the corpus)."""
+    datasets: list[DatasetConfig]
+    """Training corpora; all files are normalised into one sample table."""
+    output_dir: str = "runs/iterit"
+    """Run directory: config, manifest, per-iteration artifacts, checkpoints, models, report."""
+    chat_template: str | None = None
+    """None: the tokenizer's own template (ChatML if it has none); `chatml`; or a Jinja template string."""
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    """Put first in every conversation that has no system turn (None: add nothing)."""
+    sequence_len: int = 2048
+    """Maximum tokens per templated conversation; longer ones are cut at the end."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own Python code (off: untrusted input)."""
+    seed: int = 42
+    """Seed for every random choice (training order, random baseline, demo split)."""
+    iterations: int = 3
+    """Select-and-train rounds; one learning-rate schedule spans them all."""
+    selection: SelectionConfig = SelectionConfig()
+
+    @field_validator("base_model", "output_dir")
+    @classmethod
+    def _expand_home(cls, v: str) -> str:
+        return os.path.expanduser(v)
+
+    @field_validator("datasets")
+    @classmethod
+    def _non_empty(cls, v: list[DatasetConfig]) -> list[DatasetConfig]:
+        if not v:
+            raise ValueError("needs at least one dataset (- path: ...)")
+        return v
+
+    @field_validator("sequence_len")
+    @classmethod
+    def _check_len(cls, v: int) -> int:
+        if v < 16:
+            raise ValueError("must be >= 16 tokens")
+        return v
+
+    @field_validator("iterations")
+    @classmethod
+    def _check_iterations(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _check_method(self) -> Config:
+        if self.selection.method == "full" and self.iterations != 1:
+            raise ValueError("selection.method=full trains on everything: set iterations: 1")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in nested dicts/lists, creating dicts on the way."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise IteritError(f"--set {dotted}: '{part}' is not an index of a list of {len(node)} items")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise IteritError(f"--set {dotted}: '{'.'.join(parts[:i])}' is a value, not a section")
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` strings; values are parsed as YAML (so 3, true, [a, b] keep their types)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise IteritError(f"--set {item!r}: expected key=value, for example --set selection.ratio=0.1")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _all_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _expected_type(loc: tuple) -> str:
+    """The annotation of the field at `loc`, as a user would write it (int, float, str, one of ...)."""
+    model: Any = Config
+    ann: Any = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return ""
+        ann = fields[part].annotation
+        args = getattr(ann, "__args__", ())
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else next(
+            (a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
+    text = getattr(ann, "__name__", None) or str(ann)
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    known = _all_keys(Config)
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            leaf = str(e["loc"][-1])
+            near = difflib.get_close_matches(key, known, n=1) or [k for k in known if k.endswith("." + leaf)]
+            hint = f"; did you mean '{near[0]}'?" if near else f"; known keys: {', '.join(known)}"
+            lines.append(f"unknown key '{key}'{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{key}' ({_expected_type(e['loc'])})")
+        else:
+            expected = _expected_type(e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"'{key}' = {e.get('input')!r}: {msg}" + (f" (expected {expected})" if expected else ""))
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def config_from_dict(tree: dict, source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise IteritError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `--set` overrides, validate. Errors name the file and the key."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise IteritError(f"config file not found: {p} (pass the path of a YAML file, e.g. configs/demo.yaml)")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise IteritError(f"config {p}{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(tree, dict):
+        raise IteritError(f"config {p} must be a mapping of keys to values, got {type(tree).__name__}")
+    return config_from_dict(apply_overrides(tree, overrides or []), str(p))
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config (every default spelled out) atomically."""
+    from iterit.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,503 @@
+"""Ingest: read corpora, detect the row format, normalise to chat messages, keep ids, reject with reasons.
+
+    files / dirs / globs / fsspec URIs
+      -> records   (JSONL line by line, JSON arrays element by element, Parquet batch by batch)
+      -> normalise (alpaca | sharegpt | messages -> [system, ..., assistant: response])
+      -> samples.parquet + rejects.jsonl + summary.json
+
+Everything streams: memory is bounded by one Parquet row group and one input element, whatever the
+file size. Invariant, per file: accepted + rejected = rows read. A row that cannot be used is written
+to rejects.jsonl with a reason from REJECT_REASONS; nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from iterit.config import DEFAULT_SYSTEM_PROMPT, DatasetConfig
+from iterit.errors import IteritError, RowError
+from iterit.io import atomic_open, atomic_write_text, filesystem, join
+
+# The fixed vocabulary of reject reasons (DESIGN section 3); later stages add theirs here too.
+REJECT_REASONS = {
+    "unreadable_file": "the file could not be opened or decoded as its format (e.g. a corrupt Parquet file)",
+    "invalid_json": "the line or array element is not valid JSON",
+    "bad_encoding": "the text holds bytes that are not valid UTF-8",
+    "wrong_type": "a field has the wrong type (a number where text belongs, a row that is not an object, ...)",
+    "missing_field": "a required field is absent (instruction/output, conversations or messages)",
+    "bad_role": "a turn's role is none of system/user/assistant (or ShareGPT's human/gpt/system)",
+    "no_response": "the conversation has no assistant turn to learn from",
+    "empty_response": "the response (the last assistant turn) is empty or only whitespace",
+    "duplicate_id": "the id was already used by an earlier row of this run",
+    "response_truncated": "at sequence_len, no response token is left after the prompt",
+    "nonfinite_loss": "scoring produced a NaN or infinite loss",
+}
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+SAMPLE_SCHEMA = pa.schema(
+    [("id", pa.string()), ("messages", pa.list_(MESSAGE_TYPE)), ("source", pa.string()), ("row", pa.int64())]
+)
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user",
+    # ShareGPT dumps name the answering model in `from`; all of them are the assistant.
+    "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+    "assistant": "assistant", "model": "assistant",
+}
+MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_ELEMENT_CHARS = 256 << 20  # a JSON array element larger than this is rejected, not buffered
+ROW_GROUP_ROWS = 4096
+ROW_GROUP_CHARS = 64 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Finding files
+
+
+def _split_name(path: str) -> tuple[str, str | None]:
+    """('train', 'jsonl') for '.../train.jsonl.gz'; format None when the suffix is unknown."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    for comp in COMPRESSIONS:
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+    stem, dot, ext = name.rpartition(".")
+    return (stem, FORMATS.get("." + ext.lower())) if dot else (name, None)
+
+
+def expand_paths(spec: str) -> list[str]:
+    """A file, a directory (searched recursively for known formats) or a glob -> sorted file URIs."""
+    fs, p = filesystem(spec)
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    uri = (lambda f: f) if proto in ("file", "local") else fs.unstrip_protocol
+    known = ", ".join(sorted(FORMATS)) + f" (optionally {'/'.join(COMPRESSIONS)})"
+    if any(c in p for c in "*?["):
+        files = sorted(f for f in fs.glob(p) if fs.isfile(f))
+        if not files:
+            raise IteritError(f"no files match {spec}: check the pattern (quote it so the shell does not expand it)")
+    elif fs.isdir(p):
+        files = sorted(f for f in fs.find(p) if _split_name(f)[1])
+        if not files:
+            raise IteritError(f"no data files in directory {spec}: expected {known}")
+    elif fs.isfile(p):
+        files = [p]
+    else:
+        raise IteritError(f"data path not found: {spec} (give a file, a directory, a glob or an s3://, gs:// URI)")
+    unknown = [f for f in files if not _split_name(f)[1]]
+    if unknown:
+        raise IteritError(f"unknown data format: {uri(unknown[0])}: expected {known}")
+    return [uri(f) for f in files]
+
+
+def id_prefixes(files: list[str]) -> dict[str, str]:
+    """Default id prefix per file: its stem, or its relative path when two inputs share a stem."""
+    stems = {f: _split_name(f)[0] for f in files}
+    if len(set(stems.values())) == len(files):
+        return stems
+    common = os.path.commonpath([f.split("://")[-1] for f in files]) if len(files) > 1 else ""
+    out = {}
+    for f in files:
+        rel = f.split("://")[-1][len(common):].lstrip("/")
+        out[f] = rel.rsplit("/", 1)[0] + "/" + stems[f] if "/" in rel else stems[f]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading records: each reader yields (row, record) or (row, RowError)
+
+
+def _read_jsonl(lines: Iterable[str], first: int = 0) -> Iterator[tuple[int, Any]]:
+    """Rows of JSON Lines; `row` is the 0-based line number, so row + 1 is the line an editor shows."""
+    for i, line in enumerate(lines, start=first):
+        if i == 0:
+            line = line.lstrip("\ufeff")
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, RowError("invalid_json", f"line {i + 1}, column {e.colno}: {e.msg}")
+        except RecursionError:
+            yield i, RowError("invalid_json", f"line {i + 1}: nested too deeply")
+
+
+class _ArrayScanner:
+    """Decodes a JSON array one element at a time from a text stream, holding one element in memory."""
+
+    def __init__(self, stream: io.TextIOBase, chunk: int = 1 << 20):
+        self.stream, self.chunk = stream, chunk
+        self.buf, self.pos, self.eof, self.line = "", 0, False, 1
+
+    def fill(self) -> bool:
+        if self.eof:
+            return False
+        self.line += self.buf.count("\n", 0, self.pos)
+        data = self.stream.read(self.chunk)
+        self.buf, self.pos, self.eof = self.buf[self.pos:] + data, 0, not data
+        return bool(data)
+
+    def skip_ws(self) -> str:
+        """The next non-whitespace character ('' at end of file), without consuming it."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n\ufeff":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.fill():
+                return self.buf[self.pos] if self.pos < len(self.buf) else ""
+
+    def here(self) -> int:
+        return self.line + self.buf.count("\n", 0, self.pos)
+
+
+_RESYNC = re.compile(r",\s*\{")
+
+
+def _read_json_array(stream: io.TextIOBase) -> Iterator[tuple[int, Any]]:
+    dec = json.JSONDecoder()
+    sc = _ArrayScanner(stream)
+    if sc.skip_ws() != "[":
+        raise AssertionError("caller checked for '['")
+    sc.pos += 1
+    row, indent = 0, None
+    while True:
+        c = sc.skip_ws()
+        if c in ("", "]"):
+            return  # a clean end, or a file cut between elements: no row lost
+        if row and c == ",":
+            sc.pos += 1
+            c = sc.skip_ws()
+        if row == 0:
+            # Pretty-printed arrays put each element at the same indentation; resync relies on it.
+            start = sc.buf.rfind("\n", 0, sc.pos) + 1
+            indent = sc.buf[start:sc.pos] if start > 0 else None
+        try:
+            obj, end = dec.raw_decode(sc.buf, sc.pos)
+            if end >= len(sc.buf) and not sc.eof:  # a number cut at the buffer's end: read on
+                sc.fill()
+                continue
+        except json.JSONDecodeError as e:
+            near_end = e.pos >= len(sc.buf) - 8 or e.msg.startswith("Unterminated string")
+            if near_end and len(sc.buf) - sc.pos < MAX_ELEMENT_CHARS and sc.fill():
+                continue
+            what = "file ends inside this element" if sc.eof and near_end else e.msg
+            yield row, RowError("invalid_json", f"array element {row} at line {sc.here()}: {what}")
+            row += 1
+            if not _resync(sc, dec, indent, max(e.pos, sc.pos + 1)):
+                return
+            continue
+        except RecursionError:
+            yield row, RowError("invalid_json", f"array element {row} at line {sc.here()}: nested too deeply")
+            row += 1
+            if not _resync(sc, dec, indent, sc.pos + 1):
+                return
+            continue
+        yield row, obj
+        row += 1
+        sc.pos = end
+
+
+def _resync(sc: _ArrayScanner, dec: json.JSONDecoder, indent: str | None, frm: int) -> bool:
+    """After a broken element, move to the next element that starts an object at the array's level."""
+    while True:
+        for m in _RESYNC.finditer(sc.buf, frm):
+            brace = m.end() - 1
+            line_start = sc.buf.rfind("\n", 0, brace) + 1
+            if indent is not None and sc.buf[line_start:brace] != indent:
+                continue
+            try:
+                _, end = dec.raw_decode(sc.buf, brace)
+            except (json.JSONDecodeError, RecursionError):
+                continue
+            after = sc.buf[end:].lstrip()
+            if after[:1] in (",", "]") or (not after and sc.eof):
+                sc.pos = brace
+                return True
+        keep = max(0, len(sc.buf) - 1)  # candidates may straddle the refill; rescan the tail
+        sc.line += sc.buf.count("\n", sc.pos, keep)
+        sc.buf, sc.pos = sc.buf[keep:], 0
+        if not sc.fill():
+            return False
+        frm = 0
+
+
+def read_records(uri: str) -> Iterator[tuple[int, Any]]:
+    """(row, record) pairs of one file; rows that cannot be decoded come as (row, RowError)."""
+    fmt = _split_name(uri)[1]
+    fs, p = filesystem(uri)
+    with fs.open(p, "rb", compression="infer") as f:
+        if fmt == "parquet":
+            try:
+                pf = pq.ParquetFile(f)
+                row = 0
+                for batch in pf.iter_batches(batch_size=1024):
+                    for rec in batch.to_pylist():
+                        yield row, rec
+                        row += 1
+            except (pa.ArrowException, OSError) as e:
+                yield -1, RowError("unreadable_file", f"not a readable Parquet file: {e}")
+            return
+        # surrogateescape keeps invalid bytes visible; normalise() rejects them per row as bad_encoding.
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="\n")
+        if fmt != "json":
+            yield from _read_jsonl(text)
+            return
+        head, skipped_lines = text.read(1), 0
+        while head and head in " \t\r\n\ufeff":
+            skipped_lines += head == "\n"
+            head = text.read(1)
+        if head == "[":
+            yield from _read_json_array(_Prepend(head, text))
+        else:  # .json files that hold JSON Lines or a single object
+            yield from _read_jsonl(_Prepend(head, text), first=skipped_lines)
+
+
+class _Prepend(io.TextIOBase):
+    """A text stream with an already-read prefix put back in front."""
+
+    def __init__(self, prefix: str, rest: io.TextIOBase):
+        self.prefix, self.rest = prefix, rest
+
+    def read(self, n: int = -1) -> str:
+        out, self.prefix = self.prefix, ""
+        return out + self.rest.read(-1 if n < 0 else max(0, n - len(out)))
+
+    def __iter__(self) -> Iterator[str]:
+        first = self.prefix + self.rest.readline()
+        self.prefix = ""
+        if first:
+            yield first
+        yield from self.rest
+
+
+# --------------------------------------------------------------------------------------------
+# Normalising one record (pure: no I/O)
+
+
+def _text(rec: dict, key: str, *, required: bool) -> str | None:
+    if key not in rec or rec[key] is None:
+        if required:
+            raise RowError("missing_field", f"no '{key}' field" if key not in rec else f"'{key}' is null")
+        return None
+    v = rec[key]
+    if not isinstance(v, str):
+        raise RowError("wrong_type", f"'{key}' is {type(v).__name__}, expected a string")
+    return v
+
+
+def _content(turn: dict, key: str, where: str) -> str:
+    v = turn.get(key)
+    if isinstance(v, list):  # OpenAI content parts: keep text parts, refuse others
+        parts = []
+        for part in v:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RowError("wrong_type", f"{where}: content part of type {kind!r} is not text")
+            parts.append(part["text"])
+        return "".join(parts)
+    if v is None:
+        raise RowError("missing_field", f"{where}: no '{key}'")
+    if not isinstance(v, str):
+        raise RowError("wrong_type", f"{where}: '{key}' is {type(v).__name__}, expected a string")
+    return v
+
+
+def _turns(rec: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
+    turns = rec[key]
+    if not isinstance(turns, list):
+        raise RowError("wrong_type", f"'{key}' is {type(turns).__name__}, expected a list of turns")
+    out = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise RowError("wrong_type", f"{where} is {type(turn).__name__}, expected an object")
+        role = turn.get(role_key)
+        if not isinstance(role, str) or role.lower() not in roles:
+            raise RowError("bad_role", f"{where}: {role_key}={role!r}, expected one of {sorted(set(roles))}")
+        out.append({"role": roles[role.lower()], "content": _content(turn, text_key, where)})
+    return out
+
+
+def detect_format(rec: dict, ds: DatasetConfig) -> str:
+    if ds.type != "auto":
+        return ds.type
+    if ds.field_messages in rec:
+        return "messages"
+    if ds.field_conversations in rec:
+        return "sharegpt"
+    if ds.field_instruction in rec or ds.field_output in rec:
+        return "alpaca"
+    raise RowError(
+        "missing_field",
+        f"none of '{ds.field_instruction}'/'{ds.field_output}' (Alpaca), '{ds.field_conversations}' (ShareGPT) "
+        f"or '{ds.field_messages}' (messages); fields present: {sorted(rec)[:8]}",
+    )
+
+
+def normalise(rec: Any, ds: DatasetConfig, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
+    """One input record -> chat messages: system turn first, the response (last assistant turn) last.
+
+    Turns after the last assistant turn are dropped (DESIGN section 2). Raises RowError.
+    """
+    if not isinstance(rec, dict):
+        raise RowError("wrong_type", f"row is {type(rec).__name__}, expected a JSON object")
+    fmt = detect_format(rec, ds)
+    if fmt == "alpaca":
+        instruction = _text(rec, ds.field_instruction, required=True)
+        extra = _text(rec, ds.field_input, required=False)
+        response = _text(rec, ds.field_output, required=True)
+        user = instruction + "\nInput: " + extra if extra else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+    else:
+        key = ds.field_conversations if fmt == "sharegpt" else ds.field_messages
+        if key not in rec:
+            raise RowError("missing_field", f"no '{key}' field")
+        if fmt == "sharegpt":
+            messages = _turns(rec, key, "from", "value", SHAREGPT_ROLES)
+        else:
+            messages = _turns(rec, key, "role", "content", MESSAGE_ROLES)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise RowError("no_response", f"no assistant turn among {len(messages)} turns")
+        messages = messages[: last + 1]
+    if not messages[-1]["content"].strip():
+        raise RowError("empty_response", "the response is empty" if not messages[-1]["content"] else "only whitespace")
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    for i, m in enumerate(messages):
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = m["content"][e.start]
+            code = ord(bad) - 0xDC00 if 0xDC80 <= ord(bad) <= 0xDCFF else None
+            what = f"byte 0x{code:02x}" if code is not None else f"lone surrogate U+{ord(bad):04X}"
+            raise RowError("bad_encoding", f"turn {i} ({m['role']}): {what} at character {e.start}") from None
+    return messages
+
+
+def sample_id(rec: dict, ds: DatasetConfig, default: str) -> str:
+    v = rec.get(ds.field_id)
+    if v is None or v == "":
+        return default
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise RowError("wrong_type", f"'{ds.field_id}' is {type(v).__name__}, expected a string or an integer")
+    return str(v)
+
+
+# --------------------------------------------------------------------------------------------
+# The ingest stage
+
+
+@dataclass
+class FileStats:
+    source: str
+    read: int = 0
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "read": self.read, "accepted": self.accepted,
+                "rejected": sum(self.rejected.values()), "by_reason": dict(self.rejected)}
+
+
+def iter_samples(
+    datasets: list[DatasetConfig], system_prompt: str | None, stats: list[FileStats]
+) -> Iterator[tuple[dict | None, dict | None]]:
+    """(sample, None) for each accepted row, (None, reject) for each rejected one; fills `stats`."""
+    inputs = [(ds, f) for ds in datasets for f in expand_paths(ds.path)]
+    prefixes = id_prefixes([f for _, f in inputs])
+    seen: dict[str, str] = {}
+    for ds, uri in inputs:
+        st = FileStats(uri)
+        stats.append(st)
+        for row, rec in read_records(uri):
+            st.read += 1
+            sid = None
+            try:
+                if isinstance(rec, RowError):
+                    raise rec
+                messages = normalise(rec, ds, system_prompt)
+                sid = sample_id(rec, ds, f"{prefixes[uri]}:{row}")
+                if sid in seen:
+                    raise RowError("duplicate_id", f"id {sid!r} was first used at {seen[sid]}")
+            except RowError as e:
+                st.rejected[e.reason] += 1
+                yield None, {"source": uri, "row": row if row >= 0 else None, "id": sid,
+                             "reason": e.reason, "detail": e.detail}
+                continue
+            seen[sid] = f"{uri}:{row}"
+            st.accepted += 1
+            yield {"id": sid, "messages": messages, "source": uri, "row": row}, None
+
+
+def ingest(
+    datasets: list[DatasetConfig], output_dir: str, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+) -> dict:
+    """Normalise every input into OUTPUT/samples.parquet; OUTPUT/rejects.jsonl; OUTPUT/summary.json."""
+    t0 = time.perf_counter()
+    stats: list[FileStats] = []
+    samples_path, rejects_path = join(output_dir, "samples.parquet"), join(output_dir, "rejects.jsonl")
+    batch: list[dict] = []
+    batch_chars = 0
+    with atomic_open(samples_path) as fout, atomic_open(rejects_path, "w") as frej:
+        writer = pq.ParquetWriter(fout, SAMPLE_SCHEMA, compression="zstd")
+        for sample, reject in iter_samples(datasets, system_prompt, stats):
+            if reject is not None:
+                frej.write(json.dumps(reject, ensure_ascii=False) + "\n")
+                continue
+            batch.append(sample)
+            batch_chars += sum(len(m["content"]) for m in sample["messages"])
+            if len(batch) >= ROW_GROUP_ROWS or batch_chars >= ROW_GROUP_CHARS:
+                writer.write_table(pa.Table.from_pylist(batch, schema=SAMPLE_SCHEMA))
+                batch, batch_chars = [], 0
+        if batch:
+            writer.write_table(pa.Table.from_pylist(batch, schema=SAMPLE_SCHEMA))
+        writer.close()
+    files = [s.as_dict() for s in stats]
+    by_reason = sum((s.rejected for s in stats), Counter())
+    summary = {
+        "read": sum(s.read for s in stats),
+        "accepted": sum(s.accepted for s in stats),
+        "rejected": sum(by_reason.values()),
+        "rejected_by_reason": dict(by_reason.most_common()),
+        "files": files,
+        "samples": samples_path,
+        "rejects": rejects_path,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    atomic_write_text(join(output_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    if summary["accepted"] == 0:
+        top = ", ".join(f"{r} x{n}" for r, n in by_reason.most_common(3)) or "every file was empty"
+        raise IteritError(
+            f"no valid rows in {', '.join(s.source for s in stats)} ({summary['read']} read; {top}); "
+            f"see {rejects_path} and fix the rows or the dataset 'type'/'field_*' mapping"
+        )
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A short table a person reads after ingest."""
+    lines = [f"{'file':<48} {'read':>9} {'accepted':>9} {'rejected':>9}  reasons"]
+    for f in summary["files"]:
+        name = f["source"] if len(f["source"]) <= 48 else "..." + f["source"][-45:]
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(f["by_reason"].items(), key=lambda x: -x[1]))
+        lines.append(f"{name:<48} {f['read']:>9,} {f['accepted']:>9,} {f['rejected']:>9,}  {reasons}")
+    lines.append(f"{'total':<48} {summary['read']:>9,} {summary['accepted']:>9,} {summary['rejected']:>9,}")
+    lines.append(f"samples: {summary['samples']}   rejects: {summary['rejects']}   ({summary['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def read_samples(path: str) -> pa.Table:
+    """The normalised sample table written by ingest."""
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, schema=SAMPLE_SCHEMA)

