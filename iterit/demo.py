@@ -158,7 +158,6 @@ def demo_config(info: dict, overrides: list[str] | None = None) -> Config:
         "base_model": info["model"],
         "datasets": [{"path": info["train"], "type": "sharegpt"}],
         "output_dir": "runs/demo",
-        "sequence_len": 512,
     }
     return config_from_dict(apply_overrides(tree, overrides or []), "demo config")
 

@@ -1,0 +1,149 @@
+"""Shared fixtures, built once per session: a tiny Llama with a locally trained tokenizer, the demo
+assets, one local Ray instance, and a hostile-input corpus. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from iterit.templates import CHATML_TEMPLATE
+
+WORDS = (
+    "the a model data answer question explain write code list python function return value error file "
+    "number sum two three four five why how what when where please give example step first then next "
+    "finally result is are was were be to of and in on for with by from this that it you we they"
+).split()
+
+
+def _training_text(n: int = 3000) -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for _ in range(n):
+        sent = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14)))
+        lines.append(f"<|im_start|>user\n{sent.capitalize()}?<|im_end|>\n<|im_start|>assistant\n{sent}.<|im_end|>\n")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A 2-layer, hidden-64 Llama and a byte-level BPE (vocab 512) with a ChatML template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(_training_text(), trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
+        unk_token=None, additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from iterit.templates import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_assets() -> dict:
+    """The real demo assets (SmolLM2-135M-Instruct, ShareGPT, GSM8K), built once per machine and cached."""
+    from iterit.demo import prepare_demo
+
+    return prepare_demo(log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(demo_assets):
+    from iterit.templates import load_tokenizer
+
+    return load_tokenizer(demo_assets["model"])
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session, shut down at the end."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile input: what a careless export, a truncated upload or a bad merge produces.
+
+GOOD_ALPACA = {"instruction": "Give three colours.", "input": "", "output": "Red, green and blue."}
+BIG_OUTPUT = "word " * 2_000_000  # a 10 MB single line, valid
+
+
+def _jsonl(rows) -> bytes:
+    out = []
+    for r in rows:
+        out.append(r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode())
+    return b"\n".join(out) + b"\n"
+
+
+@pytest.fixture()
+def hostile_corpus(tmp_path) -> tuple[Path, dict]:
+    """A directory of bad files, and the expected counts per file: read, accepted, reasons."""
+    d = tmp_path / "hostile"
+    d.mkdir()
+    (d / "rows.jsonl").write_bytes(_jsonl([
+        GOOD_ALPACA,                                                            # 0 ok
+        b'{"instruction": "cut off", "output": ',                               # 1 invalid_json
+        {"instruction": 5, "output": "five"},                                   # 2 wrong_type
+        {"instruction": "no answer"},                                           # 3 missing_field
+        {"instruction": "blank", "output": "  \n "},                            # 4 empty_response
+        {"id": "dup", "instruction": "first", "output": "kept"},                # 5 ok
+        {"id": "dup", "instruction": "second", "output": "dropped"},            # 6 duplicate_id
+        b'{"instruction": "caf\xe9", "output": "latin-1 bytes"}',               # 7 bad_encoding
+        {"instruction": "long", "output": BIG_OUTPUT},                          # 8 ok, 10 MB line
+        b"[1, 2, 3]",                                                           # 9 wrong_type
+        b"",                                                                    # blank line: not a row
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "beep"}]},  # 11 bad_role
+        {"conversations": [{"from": "human", "value": "anyone?"}]},             # 12 no_response
+        {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "thanks"}]},  # 13 ok
+        {"text": "not a known format"},                                         # 14 missing_field
+        {"messages": "not a list"},                                             # 15 wrong_type
+    ]))
+    # A pretty-printed JSON array with one element that is not JSON, and one of the wrong shape.
+    (d / "array.json").write_text(
+        '[\n  {"instruction": "a", "output": "A"},\n  {"instruction": "b", "output": },\n'
+        '  {"instruction": "c", "output": "C"},\n  "just a string",\n  {"instruction": "d", "output": "D"}\n]\n'
+    )
+    (d / "empty.jsonl").write_bytes(b"")
+    expected = {
+        "rows.jsonl": (15, 4, {"invalid_json": 1, "wrong_type": 3, "missing_field": 2, "empty_response": 1,
+                               "duplicate_id": 1, "bad_encoding": 1, "bad_role": 1, "no_response": 1}),
+        "array.json": (5, 3, {"invalid_json": 1, "wrong_type": 1}),
+        "empty.jsonl": (0, 0, {}),
+    }
+    return d, expected

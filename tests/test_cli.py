@@ -1,0 +1,84 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iterit.cli import command_names, main
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_python_dash_m_and_readme_list_the_same_commands():
+    res = subprocess.run([sys.executable, "-m", "iterit", "--help"], capture_output=True, text=True, check=True)
+    for name in command_names():
+        assert re.search(rf"^\W+{re.escape(name)}\s", res.stdout, re.M), name
+    block = README.read_text().split("## Commands", 1)[1].split("```")[1]
+    in_readme = sorted({m.group(1) for m in re.finditer(r"^iterit ([a-z][a-z-]*)", block, re.M)})
+    assert in_readme == command_names()
+
+
+def test_ingest_from_the_command_line(hostile_corpus, tmp_path, capsys):
+    src, expected = hostile_corpus
+    code, out, err = run(["ingest", "--data", str(src / "rows.jsonl"), "--data", str(src / "array.json"),
+                          "--output", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert re.search(r"^total\s+20\s+7\s+13$", out, re.M)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["read"] == summary["accepted"] + summary["rejected"] == 20
+
+
+def test_ingest_with_a_config(hostile_corpus, tmp_path, capsys):
+    src, _ = hostile_corpus
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base_model: m\ndatasets:\n  - path: {src / 'array.json'}\noutput_dir: {tmp_path / 'run'}\n")
+    code, out, _ = run(["ingest", "--config", str(cfg), "--set", "system_prompt=Be brief."], capsys)
+    assert code == 0 and (tmp_path / "run" / "ingest" / "samples.parquet").exists()
+    from iterit.data import read_samples
+    assert read_samples(str(tmp_path / "run" / "ingest" / "samples.parquet")).column("messages")[0].as_py()[0] == \
+        {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["ingest", "--data", "/nonexistent/x.jsonl", "--output", "o"], "error: data path not found: /nonexistent/x.jsonl"),
+    (["ingest", "--output", "o"], "error: nothing to ingest"),
+    (["ingest", "--data", "x.jsonl", "--type", "csv", "--output", "o"], "error: --type 'csv'"),
+    (["config", "/nonexistent.yaml"], "error: config file not found"),
+])
+def test_errors_are_one_line_without_traceback(argv, message, capsys):
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback():
+    res = subprocess.run([sys.executable, "-m", "iterit", "--debug", "ingest", "--data", "/nonexistent.jsonl",
+                          "--output", "o"], capture_output=True, text=True)
+    assert res.returncode != 0 and "Traceback" in res.stderr and "IteritError" in res.stderr
+
+
+def test_config_command_prints_the_resolved_config(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("base_model: m\ndatasets:\n  - path: d.jsonl\n")
+    code, out, _ = run(["config", str(cfg), "--set", "selection.decay=0.5"], capsys)
+    assert code == 0 and "decay: 0.5" in out and "sequence_len: 2048" in out
+    code, _, err = run(["config", str(cfg), "--set", "selection.dcay=0.5"], capsys)
+    assert code == 2 and "did you mean 'selection.decay'" in err
+
+
+def test_ray_job_entrypoint_runs_the_same_ingest(hostile_corpus, tmp_path):
+    src, _ = hostile_corpus
+    root = Path(__file__).parent.parent
+    res = subprocess.run([sys.executable, str(root / "ray_jobs" / "ingest.py"), "--data", str(src / "array.json"),
+                          "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["accepted"] == 3
