@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
 import os
 import re
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -159,46 +161,59 @@ class _ArrayScanner:
         return self.line + self.buf.count("\n", 0, self.pos)
 
 
-_RESYNC = re.compile(r",\s*\{")
+# Where a broken value's successor may start: after a comma in an array, at a line start otherwise.
+_NEXT_IN_ARRAY = re.compile(r",\s*\{")
+_NEXT_IN_STREAM = re.compile(r"\n[ \t]*\{")
 
 
-def _read_json_array(stream: io.TextIOBase, chunk: int = 1 << 20) -> Iterator[tuple[int, Any]]:
+def _maybe_cut(sc: _ArrayScanner, e: json.JSONDecodeError) -> bool:
+    """Could this error go away with more input (the value runs past the buffer)?"""
+    return e.msg.startswith("Unterminated string") or e.pos >= len(sc.buf.rstrip()) - 8
+
+
+def _read_json_values(stream: io.TextIOBase, chunk: int = 1 << 20, array: bool = True) -> Iterator[tuple[int, Any]]:
+    """Elements of a JSON array (or, array=False, whitespace-separated JSON values) one at a time."""
     dec = json.JSONDecoder()
     sc = _ArrayScanner(stream, chunk)
-    if sc.skip_ws() != "[":
-        raise AssertionError("caller checked for '['")
-    sc.pos += 1
+    kind = "array element" if array else "value"
+    if array:
+        if sc.skip_ws() != "[":
+            raise AssertionError("caller checked for '['")
+        sc.pos += 1
     row, indent = 0, None
     while True:
         c = sc.skip_ws()
-        if c in ("", "]"):
-            return  # a clean end, or a file cut between elements: no row lost
-        if row and c == ",":
+        if array and row and c == ",":
             sc.pos += 1
             c = sc.skip_ws()
+        if c == "" or (array and c == "]"):
+            return  # a clean end, or a file cut between elements: no row lost
         if row == 0:
-            # Pretty-printed arrays put each element at the same indentation; resync relies on it.
-            start = sc.buf.rfind("\n", 0, sc.pos) + 1
-            indent = sc.buf[start:sc.pos] if start > 0 else None
+            # Pretty-printed files put every element at the same indentation; resync relies on it.
+            seg = sc.buf[sc.buf.rfind("\n", 0, sc.pos) + 1:sc.pos]
+            indent = seg if not seg.strip() and (seg or not array) else None
         try:
             obj, end = dec.raw_decode(sc.buf, sc.pos)
             if end >= len(sc.buf) and not sc.eof:  # a number cut at the buffer's end: read on
                 sc.fill()
                 continue
         except json.JSONDecodeError as e:
-            near_end = e.pos >= len(sc.buf) - 8 or e.msg.startswith("Unterminated string")
-            if near_end and len(sc.buf) - sc.pos < MAX_ELEMENT_CHARS and sc.fill():
+            if _maybe_cut(sc, e) and not sc.eof and len(sc.buf) - sc.pos < MAX_ELEMENT_CHARS:
+                sc.fill()
                 continue
-            what = "file ends inside this element" if sc.eof and near_end else e.msg
-            yield row, RowError("invalid_json", f"array element {row} at line {sc.here()}: {what}")
+            line = sc.line + sc.buf.count("\n", 0, e.pos)
+            column = e.pos - sc.buf.rfind("\n", 0, e.pos)
+            cut = sc.eof and (e.msg.startswith("Unterminated string") or e.pos >= len(sc.buf.rstrip()))
+            what = "the file ends inside it" if cut else e.msg
+            yield row, RowError("invalid_json", f"{kind} {row} (line {line}, column {column}): {what}")
             row += 1
-            if not _resync(sc, dec, indent, max(e.pos, sc.pos + 1)):
+            if cut or not _resync(sc, dec, _NEXT_IN_ARRAY if array else _NEXT_IN_STREAM, indent, array, e.pos):
                 return
             continue
         except RecursionError:
-            yield row, RowError("invalid_json", f"array element {row} at line {sc.here()}: nested too deeply")
+            yield row, RowError("invalid_json", f"{kind} {row} (line {sc.here()}): nested too deeply")
             row += 1
-            if not _resync(sc, dec, indent, sc.pos + 1):
+            if not _resync(sc, dec, _NEXT_IN_ARRAY if array else _NEXT_IN_STREAM, indent, array, sc.pos + 1):
                 return
             continue
         yield row, obj
@@ -206,45 +221,65 @@ def _read_json_array(stream: io.TextIOBase, chunk: int = 1 << 20) -> Iterator[tu
         sc.pos = end
 
 
-def _resync(sc: _ArrayScanner, dec: json.JSONDecoder, indent: str | None, frm: int) -> bool:
-    """After a broken element, move to the next element that starts an object at the array's level."""
+def _resync(sc: _ArrayScanner, dec: json.JSONDecoder, pattern: re.Pattern, indent: str | None,
+            array: bool, frm: int) -> bool:
+    """After a broken value, move to the next object that starts at the same level (and decodes)."""
     while True:
-        for m in _RESYNC.finditer(sc.buf, frm):
+        pending = None  # a candidate that may decode once more input is read
+        for m in pattern.finditer(sc.buf, frm):
             brace = m.end() - 1
-            line_start = sc.buf.rfind("\n", 0, brace) + 1
-            if indent is not None and sc.buf[line_start:brace] != indent:
+            if indent is not None and sc.buf[sc.buf.rfind("\n", 0, brace) + 1:brace] != indent:
                 continue
             try:
                 _, end = dec.raw_decode(sc.buf, brace)
-            except (json.JSONDecodeError, RecursionError):
+            except json.JSONDecodeError as e:
+                if not sc.eof and _maybe_cut(sc, e) and len(sc.buf) - brace < MAX_ELEMENT_CHARS:
+                    pending = m.start()
+                    break
                 continue
-            after = sc.buf[end:].lstrip()
-            if after[:1] in (",", "]") or (not after and sc.eof):
+            except RecursionError:
+                continue
+            after = sc.buf[end:end + 64].lstrip()
+            if not after and not sc.eof:
+                pending = m.start()
+                break
+            if not array or after[:1] in (",", "]") or not after:
                 sc.pos = brace
                 return True
-        keep = max(0, len(sc.buf) - 1)  # candidates may straddle the refill; rescan the tail
-        sc.line += sc.buf.count("\n", sc.pos, keep)
+        keep = pending if pending is not None else max(sc.pos, len(sc.buf) - 64)
+        sc.line += sc.buf.count("\n", 0, keep)
         sc.buf, sc.pos = sc.buf[keep:], 0
-        if not sc.fill():
+        if not sc.fill() and pending is None:
             return False
         frm = 0
 
 
 def read_records(uri: str) -> Iterator[tuple[int, Any]]:
-    """(row, record) pairs of one file; rows that cannot be decoded come as (row, RowError)."""
+    """(row, record) pairs of one file; rows that cannot be decoded come as (row, RowError).
+
+    A file that cannot be read on (a corrupt Parquet file or compressed stream, a vanished object)
+    ends with one `unreadable_file` reject at row -1: the rows before it are kept.
+    """
+    last = None
+    try:
+        for row, rec in _read_file(uri):
+            last = row
+            yield row, rec
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, pa.ArrowException) as e:
+        where = "before its first row" if last is None else f"after row {last}"
+        yield -1, RowError("unreadable_file", f"reading stopped {where}: {type(e).__name__}: {e}")
+
+
+def _read_file(uri: str) -> Iterator[tuple[int, Any]]:
     fmt = _split_name(uri)[1]
     fs, p = filesystem(uri)
     with fs.open(p, "rb", compression="infer") as f:
         if fmt == "parquet":
-            try:
-                pf = pq.ParquetFile(f)
-                row = 0
-                for batch in pf.iter_batches(batch_size=1024):
-                    for rec in batch.to_pylist():
-                        yield row, rec
-                        row += 1
-            except (pa.ArrowException, OSError) as e:
-                yield -1, RowError("unreadable_file", f"not a readable Parquet file: {e}")
+            row = 0
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                for rec in batch.to_pylist():
+                    yield row, rec
+                    row += 1
             return
         # surrogateescape keeps invalid bytes visible; normalise() rejects them per row as bad_encoding.
         text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="\n")
@@ -256,9 +291,16 @@ def read_records(uri: str) -> Iterator[tuple[int, Any]]:
             skipped_lines += head == "\n"
             head = text.read(1)
         if head == "[":
-            yield from _read_json_array(_Prepend(head, text))
-        else:  # .json files that hold JSON Lines or a single object
-            yield from _read_jsonl(_Prepend(head, text), first=skipped_lines)
+            yield from _read_json_values(_Prepend(head, text), array=True)
+            return
+        # JSON Lines saved as .json (what `datasets.to_json` writes) keep line-by-line recovery;
+        # anything else (one pretty-printed object, values over several lines) is a value stream.
+        first = head + text.readline()
+        try:
+            json.loads(first)
+            yield from _read_jsonl(_Prepend(first, text), first=skipped_lines)
+        except (json.JSONDecodeError, RecursionError):
+            yield from _read_json_values(_Prepend(first, text), array=False)
 
 
 class _Prepend(io.TextIOBase):
@@ -272,7 +314,7 @@ class _Prepend(io.TextIOBase):
         return out + self.rest.read(-1 if n < 0 else max(0, n - len(out)))
 
     def __iter__(self) -> Iterator[str]:
-        first = self.prefix + self.rest.readline()
+        first = self.prefix if self.prefix.endswith("\n") else self.prefix + self.rest.readline()
         self.prefix = ""
         if first:
             yield first
@@ -283,6 +325,12 @@ class _Prepend(io.TextIOBase):
 # Normalising one record (pure: no I/O)
 
 
+def _kind(v: Any) -> str:
+    """A value's type in JSON's words."""
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
 def _text(rec: dict, key: str, *, required: bool) -> str | None:
     if key not in rec or rec[key] is None:
         if required:
@@ -290,7 +338,7 @@ def _text(rec: dict, key: str, *, required: bool) -> str | None:
         return None
     v = rec[key]
     if not isinstance(v, str):
-        raise RowError("wrong_type", f"'{key}' is {type(v).__name__}, expected a string")
+        raise RowError("wrong_type", f"'{key}' is {_kind(v)}, expected a string")
     return v
 
 
@@ -300,26 +348,26 @@ def _content(turn: dict, key: str, where: str) -> str:
         parts = []
         for part in v:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                kind = part.get("type") if isinstance(part, dict) else _kind(part)
                 raise RowError("wrong_type", f"{where}: content part of type {kind!r} is not text")
             parts.append(part["text"])
         return "".join(parts)
     if v is None:
         raise RowError("missing_field", f"{where}: no '{key}'")
     if not isinstance(v, str):
-        raise RowError("wrong_type", f"{where}: '{key}' is {type(v).__name__}, expected a string")
+        raise RowError("wrong_type", f"{where}: '{key}' is {_kind(v)}, expected a string")
     return v
 
 
 def _turns(rec: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[dict]:
     turns = rec[key]
     if not isinstance(turns, list):
-        raise RowError("wrong_type", f"'{key}' is {type(turns).__name__}, expected a list of turns")
+        raise RowError("wrong_type", f"'{key}' is {_kind(turns)}, expected an array of turns")
     out = []
     for i, turn in enumerate(turns):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):
-            raise RowError("wrong_type", f"{where} is {type(turn).__name__}, expected an object")
+            raise RowError("wrong_type", f"{where} is {_kind(turn)}, expected an object")
         role = turn.get(role_key)
         if not isinstance(role, str) or role.lower() not in roles:
             raise RowError("bad_role", f"{where}: {role_key}={role!r}, expected one of {sorted(set(roles))}")
@@ -349,7 +397,7 @@ def normalise(rec: Any, ds: DatasetConfig, system_prompt: str | None = DEFAULT_S
     Turns after the last assistant turn are dropped (DESIGN section 2). Raises RowError.
     """
     if not isinstance(rec, dict):
-        raise RowError("wrong_type", f"row is {type(rec).__name__}, expected a JSON object")
+        raise RowError("wrong_type", f"the row is {_kind(rec)}, expected a JSON object")
     fmt = detect_format(rec, ds)
     if fmt == "alpaca":
         instruction = _text(rec, ds.field_instruction, required=True)
@@ -389,7 +437,7 @@ def sample_id(rec: dict, ds: DatasetConfig, default: str) -> str:
     if v is None or v == "":
         return default
     if isinstance(v, bool) or not isinstance(v, (str, int)):
-        raise RowError("wrong_type", f"'{ds.field_id}' is {type(v).__name__}, expected a string or an integer")
+        raise RowError("wrong_type", f"'{ds.field_id}' is {_kind(v)}, expected a string or an integer")
     return str(v)
 
 

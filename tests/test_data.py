@@ -143,7 +143,7 @@ def test_truncated_array_keeps_complete_elements(tmp_path):
     p.write_text(full[: full.rindex('"a4"') + 2])  # cut inside the last element, like ShareGPT V3
     rows = list(read_records(str(p)))
     assert [r for _, r in rows[:4]] == [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(4)]
-    assert isinstance(rows[4][1], RowError) and "file ends inside this element" in rows[4][1].detail
+    assert isinstance(rows[4][1], RowError) and rows[4][1].detail.endswith("the file ends inside it")
     assert len(rows) == 5
 
 
@@ -158,12 +158,12 @@ def test_compact_array_resyncs_after_a_bad_element(tmp_path):
 
 @pytest.mark.parametrize("chunk", [7, 1 << 20])
 def test_array_elements_straddle_read_chunks(chunk):
-    from iterit.data import _read_json_array
+    from iterit.data import _read_json_values
 
     elems = [{"instruction": "q", "output": "x" * 5000}, {"instruction": "r", "output": 12345678}]
     bad = json.dumps(elems, indent=1).replace('"r"', "r")  # second element broken
-    assert [r for _, r in _read_json_array(io.StringIO(json.dumps(elems)), chunk)] == elems
-    got = [r for _, r in _read_json_array(io.StringIO(bad), chunk)]
+    assert [r for _, r in _read_json_values(io.StringIO(json.dumps(elems)), chunk)] == elems
+    got = [r for _, r in _read_json_values(io.StringIO(bad), chunk)]
     assert got[0] == elems[0] and isinstance(got[1], RowError) and len(got) == 2
 
 
@@ -223,3 +223,32 @@ def test_ray_data_reads_the_samples_contract(hostile_corpus, tmp_path, ray_local
     assert ds.count() == 3
     assert ds.schema().names == ["id", "messages", "source", "row"]
     assert sorted(r["id"] for r in ds.take_all()) == ["array:0", "array:2", "array:4"]
+
+
+def test_json_files_holding_lines_or_one_object(tmp_path):
+    lines = tmp_path / "lines.json"  # JSON Lines with a .json name, one line broken
+    lines.write_text('{"instruction": "a", "output": "A"}\n{"instruction": "b", "output": \n'
+                     '{"instruction": "c", "output": "C"}\n')
+    rows = list(read_records(str(lines)))
+    assert [type(r).__name__ for _, r in rows] == ["dict", "RowError", "dict"] and rows[2][0] == 2
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"instruction": "pretty", "output": "printed"}, indent=2))
+    assert list(read_records(str(one))) == [(0, {"instruction": "pretty", "output": "printed"})]
+
+
+def test_corrupt_compressed_and_parquet_files_end_with_one_reject(tmp_path):
+    good = "".join(json.dumps({"instruction": f"q{i}", "output": f"answer {i * 7919 % 1000}"}) + "\n"
+                   for i in range(200)).encode()
+    packed = gzip.compress(good)
+    gz = tmp_path / "cut.jsonl.gz"
+    gz.write_bytes(packed[: len(packed) * 2 // 3])  # an upload cut short
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    summary = ingest([DatasetConfig(path=str(tmp_path))], str(tmp_path / "out"))
+    files = {f["source"].rsplit("/", 1)[-1]: f for f in summary["files"]}
+    assert files["bad.parquet"]["by_reason"] == {"unreadable_file": 1}
+    cut = files["cut.jsonl.gz"]
+    assert cut["by_reason"].pop("unreadable_file") == 1 and 50 < cut["accepted"] < 200
+    assert cut["by_reason"] in ({}, {"invalid_json": 1})  # the line the cut fell in, if any
+    assert cut["read"] == cut["accepted"] + cut["rejected"]
+    rejects = [r for r in read_jsonl(tmp_path / "out" / "rejects.jsonl") if r["reason"] == "unreadable_file"]
+    assert len(rejects) == 2 and all(r["row"] is None and r["detail"].startswith("reading stopped") for r in rejects)
