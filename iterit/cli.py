@@ -51,6 +51,11 @@ def ingest(
     if not output:
         raise IteritError("--output DIR is required with --data (where samples.parquet and rejects.jsonl go)")
     summary = run_ingest(datasets, output, system_prompt)
+    if config:  # the resolved config beside its outputs, so the ingest can be reproduced exactly
+        from iterit.config import save_config
+        from iterit.io import join
+
+        save_config(cfg, join(output, "config.yaml"))
     typer.echo(format_summary(summary))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from iterit.errors import IteritError
 
@@ -57,9 +57,9 @@ class SelectionConfig(_Section):
     """How the training subset is chosen each iteration (`iterit` = IFD x TF-IDF diversity greedy)."""
     ratio: float = 0.05
     """Budget per iteration: a fraction of the corpus (0 < ratio <= 1) or an absolute count (an integer > 1)."""
-    update_ratio: float = 3.0
+    update_ratio: float = Field(3.0, ge=1)
     """Iterations after the first re-score the first k * update_ratio samples of the current order."""
-    decay: float = 0.1
+    decay: float = Field(0.1, ge=0, le=1)
     """Factor applied to every TF-IDF term of a picked response (1 = IFD only, 0 = a term counts once)."""
 
     @field_validator("ratio")
@@ -67,20 +67,6 @@ class SelectionConfig(_Section):
     def _check_ratio(cls, v: float) -> float:
         if not v > 0 or (v > 1 and v != int(v)):
             raise ValueError("must be a fraction in (0, 1] or an integer count > 1")
-        return v
-
-    @field_validator("update_ratio")
-    @classmethod
-    def _check_update_ratio(cls, v: float) -> float:
-        if v < 1:
-            raise ValueError("must be >= 1 (the re-scored window holds at least the k selected samples)")
-        return v
-
-    @field_validator("decay")
-    @classmethod
-    def _check_decay(cls, v: float) -> float:
-        if not 0 <= v <= 1:
-            raise ValueError("must be in [0, 1]")
         return v
 
     def num_selected(self, n: int) -> int:
@@ -104,13 +90,13 @@ class Config(_Section):
     """None: the tokenizer's own template (ChatML if it has none); `chatml`; or a Jinja template string."""
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     """Put first in every conversation that has no system turn (None: add nothing)."""
-    sequence_len: int = 2048
+    sequence_len: int = Field(2048, ge=16)
     """Maximum tokens per templated conversation; longer ones are cut at the end."""
     trust_remote_code: bool = False
     """Allow model repositories to run their own Python code (off: untrusted input)."""
     seed: int = 42
     """Seed for every random choice (training order, random baseline, demo split)."""
-    iterations: int = 3
+    iterations: int = Field(3, ge=1)
     """Select-and-train rounds; one learning-rate schedule spans them all."""
     selection: SelectionConfig = SelectionConfig()
 
@@ -124,20 +110,6 @@ class Config(_Section):
     def _non_empty(cls, v: list[DatasetConfig]) -> list[DatasetConfig]:
         if not v:
             raise ValueError("needs at least one dataset (- path: ...)")
-        return v
-
-    @field_validator("sequence_len")
-    @classmethod
-    def _check_len(cls, v: int) -> int:
-        if v < 16:
-            raise ValueError("must be >= 16 tokens")
-        return v
-
-    @field_validator("iterations")
-    @classmethod
-    def _check_iterations(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
         return v
 
     @model_validator(mode="after")

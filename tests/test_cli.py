@@ -43,6 +43,8 @@ def test_ingest_with_a_config(hostile_corpus, tmp_path, capsys):
     cfg.write_text(f"base_model: m\ndatasets:\n  - path: {src / 'array.json'}\noutput_dir: {tmp_path / 'run'}\n")
     code, out, _ = run(["ingest", "--config", str(cfg), "--set", "system_prompt=Be brief."], capsys)
     assert code == 0 and (tmp_path / "run" / "ingest" / "samples.parquet").exists()
+    from iterit.config import load_config
+    assert load_config(tmp_path / "run" / "ingest" / "config.yaml").system_prompt == "Be brief."
     from iterit.data import read_samples
     assert read_samples(str(tmp_path / "run" / "ingest" / "samples.parquet")).column("messages")[0].as_py()[0] == \
         {"role": "system", "content": "Be brief."}
