@@ -59,6 +59,45 @@ def ingest(
     typer.echo(format_summary(summary))
 
 
+@app.command()
+def score(
+    model: Annotated[Optional[str], typer.Option("--model", help="HF model folder (or hub id) that scores.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="File, directory, glob or URI (repeatable).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="Output directory (default: OUTPUT_DIR of --config).")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="sequence_len: tokens per conversation.")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", help="YAML config (model, datasets, scoring section).")] = None,
+    set: SetOpt = None,
+) -> None:
+    """Score every sample on Ray Data actors: IFD, span losses, response embeddings -> scores.parquet."""
+    from iterit.config import apply_overrides, config_from_dict, load_config, save_config
+    from iterit.data import ingest as run_ingest
+    from iterit.io import join
+    from iterit.scoring.pipeline import ensure_ray, run_scoring
+
+    extra = list(set or []) + ([f"sequence_len={max_length}"] if max_length else [])
+    if config:
+        if model or data:
+            raise IteritError("give either --config or --model/--data, not both")
+        cfg = load_config(config, extra)
+    else:
+        if not model or not data:
+            raise IteritError("score needs --model M and --data D (or --config CONFIG)")
+        tree = {"base_model": model, "datasets": [{"path": d} for d in data], "output_dir": output or "runs/score"}
+        cfg = config_from_dict(apply_overrides(tree, extra), "command line")
+    out = output or cfg.output_dir
+    ingested = run_ingest(cfg.datasets, join(out, "ingest"), cfg.system_prompt)
+    typer.echo(f"ingest: {ingested['accepted']:,} of {ingested['read']:,} rows accepted")
+    save_config(cfg, join(out, "config.yaml"))
+    ensure_ray()
+    s = run_scoring(cfg, ingested["samples"], out, rejects_prefix=ingested["rejects"], log=typer.echo)
+    reasons = ", ".join(f"{r} {n}" for r, n in s["rejected_by_reason"].items()) or "none"
+    typer.echo(
+        f"scored {s['scored']:,} samples, {s['tokens']:,} tokens in {s['seconds']:.1f} s "
+        f"({s['samples_per_s']:,.1f} samples/s, {s['tokens_per_s']:,.0f} tokens/s, padding "
+        f"{s['padding_fraction']:.1%}); rejected at scoring: {reasons}\n-> {s['scores']}  {s['rejects']}"
+    )
+
+
 @app.command("prepare-demo")
 def prepare_demo(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the assets are ready.")] = False,

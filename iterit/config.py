@@ -79,6 +79,35 @@ class SelectionConfig(_Section):
         return min(n, math.floor(self.num_selected(n) * self.update_ratio))
 
 
+class ScoringConfig(_Section):
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Model dtype while scoring. auto: bfloat16 on GPU (fast mode), float32 on CPU (exact mode)."""
+    token_budget: int = Field(16384, ge=64)
+    """Padded tokens per micro-batch (count x longest); halved automatically on CUDA out-of-memory."""
+    batch_size: int = Field(256, ge=1)
+    """Samples per Ray Data batch: the unit sorted by length and sent to one actor call."""
+    min_actors: int = Field(1, ge=1)
+    """Scoring actor pool's minimum size (one model replica per actor)."""
+    max_actors: int = Field(1, ge=1)
+    """Scoring actor pool's maximum size: Ray Data adds actors up to this as the cluster grows."""
+    gpus_per_actor: float | None = Field(None, ge=0)
+    """GPUs per scoring actor; None: 1 when the cluster has GPUs, else 0."""
+    cpus_per_actor: float = Field(1.0, gt=0)
+    """CPUs reserved per scoring actor (on CPU-only machines, the threads it computes with)."""
+    template_cpus: float = Field(0.5, gt=0)
+    """CPUs per templating/tokenising task."""
+    embeddings: bool = True
+    """Also store the response embedding (mean last hidden state over the span, L2-normalised)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa (default), flash_attention_2 (needs flash-attn), eager."""
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> ScoringConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors={self.min_actors} > max_actors={self.max_actors}")
+        return self
+
+
 class Config(_Section):
     base_model: str
     """HF model folder or hub id of the model being tuned (it also scores the corpus)."""
@@ -99,6 +128,7 @@ class Config(_Section):
     iterations: int = Field(3, ge=1)
     """Select-and-train rounds; one learning-rate schedule spans them all."""
     selection: SelectionConfig = SelectionConfig()
+    scoring: ScoringConfig = ScoringConfig()
 
     @field_validator("base_model", "output_dir")
     @classmethod

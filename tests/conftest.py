@@ -147,3 +147,35 @@ def hostile_corpus(tmp_path) -> tuple[Path, dict]:
         "empty.jsonl": (0, 0, {}),
     }
     return d, expected
+
+
+@pytest.fixture(scope="session")
+def mixed_corpus(tmp_path_factory) -> Path:
+    """Every row shape scoring meets, at --max-length 96 on the tiny tokenizer: single-turn, with input,
+    multi-turn ShareGPT, messages with a system prompt, a response cut by max_length, a prompt that
+    leaves no room for the response (response_truncated)."""
+    import random
+
+    rng = random.Random(1)
+
+    def text(n):
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    rows = [
+        {"id": "alpaca", "instruction": "Explain why the sum is two.", "output": "Because one and one make two."},
+        {"id": "with-input", "instruction": "Write the function.", "input": "def f(x): return x",
+         "output": "The function returns the value."},
+        {"id": "sharegpt", "conversations": [
+            {"from": "human", "value": "What is the file?"}, {"from": "gpt", "value": "It is the data."},
+            {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "Then we list the number."}]},
+        {"id": "messages-system", "messages": [
+            {"role": "system", "content": "You explain code."}, {"role": "user", "content": "Why the error?"},
+            {"role": "assistant", "content": "The file is not there, so the function fails."}]},
+        {"id": "cut-response", "instruction": "Give a long answer.", "output": text(120)},
+        {"id": "no-room", "instruction": text(150), "output": "Short."},
+    ]
+    rows += [{"id": f"var-{i}", "instruction": text(rng.randint(2, 20)), "output": text(rng.randint(1, 40))}
+             for i in range(14)]
+    p = tmp_path_factory.mktemp("mixed") / "mixed.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p

@@ -1,0 +1,133 @@
+"""The two Ray Data stages of scoring, thin shells around the pure cores:
+
+    template_rows  (CPU task)   messages -> conditional / prior token ids and the span (templates.py)
+    Scorer         (actor)      loads the model once, scores micro-batches (losses.py)
+
+Rows rejected on the way (response_truncated, nonfinite_loss) travel on with `reject` set, so the
+writer sees every row exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from iterit.errors import RowError
+
+TEMPLATED_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("row", pa.int64()),
+    ("cond_ids", pa.list_(pa.int32())), ("cond_start", pa.int32()),
+    ("prior_ids", pa.list_(pa.int32())), ("prior_start", pa.int32()), ("span_len", pa.int32()),
+    ("reject", pa.string()), ("detail", pa.string()),
+])
+CRASH_ONCE_ENV = "ITERIT_TEST_CRASH_ONCE"  # tests: path of a marker; the first actor call to find it absent exits
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str, chat_template: str | None, trust_remote_code: bool):
+    # Ray reuses worker processes for tasks: the tokenizer loads once per worker, not once per batch.
+    from iterit.templates import load_tokenizer
+
+    return load_tokenizer(model, chat_template, trust_remote_code)
+
+
+def template_rows(batch: pa.Table, *, model: str, chat_template: str | None, trust_remote_code: bool,
+                  max_length: int) -> pa.Table:
+    """Normalised samples -> token ids and spans (TEMPLATED_SCHEMA)."""
+    from iterit.templates import template_batch
+
+    tok = _tokenizer(model, chat_template, trust_remote_code)
+    out = {name: [] for name in TEMPLATED_SCHEMA.names}
+    results = template_batch(tok, batch.column("messages").to_pylist(), max_length)
+    for i, r in enumerate(results):
+        ok = not isinstance(r, RowError)
+        out["cond_ids"].append(r.cond_ids if ok else [])
+        out["cond_start"].append(r.cond_start if ok else 0)
+        out["prior_ids"].append(r.prior_ids if ok else [])
+        out["prior_start"].append(r.prior_start if ok else 0)
+        out["span_len"].append(r.span_len if ok else 0)
+        out["reject"].append("" if ok else r.reason)
+        out["detail"].append("" if ok else r.detail)
+    for name in ("id", "source", "row"):
+        out[name] = batch.column(name)
+    return pa.table(out, schema=TEMPLATED_SCHEMA)
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def load_model(model: str, dtype: str = "auto", attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+    """The causal LM in eval mode on this worker's device (the GPU Ray assigned, else the CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = AutoModelForCausalLM.from_pretrained(
+        model, dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    return m.to(device).eval()
+
+
+class Scorer:
+    """Ray Data callable class: one model replica per actor, loaded once."""
+
+    def __init__(self, model: str, dtype: str, token_budget: int, embeddings: bool, attn_implementation: str,
+                 trust_remote_code: bool):
+        self.model = load_model(model, dtype, attn_implementation, trust_remote_code)
+        self.token_budget, self.embeddings = token_budget, embeddings
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from iterit.scoring.losses import score_templated
+        from iterit.templates import Templated
+
+        marker = os.environ.get(CRASH_ONCE_ENV)
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # simulate a dying actor (OOM kill, preempted node) mid-run
+
+        n = batch.num_rows
+        reject = batch.column("reject").to_pylist()
+        detail = batch.column("detail").to_pylist()
+        live = [i for i in range(n) if not reject[i]]
+        cols = {name: batch.column(name).to_pylist() for name in
+                ("cond_ids", "cond_start", "prior_ids", "prior_start", "span_len")}
+        samples = [Templated(cols["cond_ids"][i], cols["cond_start"][i], cols["prior_ids"][i],
+                             cols["prior_start"][i], cols["span_len"][i]) for i in live]
+        loss_cond, loss_prior = np.full(n, np.nan), np.full(n, np.nan)
+        emb = None
+        computed = np.zeros(n, dtype=np.float64)
+        if samples:
+            s = score_templated(self.model, samples, self.token_budget, pad_id=0, embeddings=self.embeddings)
+            loss_cond[live], loss_prior[live] = s.loss_cond, s.loss_prior
+            computed[live] = s.computed_tokens / len(samples)  # each row's share of the padded work
+            if s.embedding is not None:
+                emb = np.zeros((n, s.embedding.shape[1]), dtype=np.float32)
+                emb[live] = s.embedding
+        ifd = np.exp(loss_cond - loss_prior)
+        for i in live:
+            if not (np.isfinite(loss_cond[i]) and np.isfinite(loss_prior[i]) and np.isfinite(ifd[i])):
+                reject[i] = "nonfinite_loss"
+                detail[i] = f"loss_cond={loss_cond[i]}, loss_prior={loss_prior[i]}"
+        starts = np.asarray(batch.column("cond_start"), dtype=np.int32)
+        out = {
+            "id": batch.column("id"), "source": batch.column("source"), "row": batch.column("row"),
+            "ifd": ifd, "loss_cond": loss_cond, "loss_prior": loss_prior,
+            "n_prompt_tokens": starts, "n_response_tokens": np.asarray(batch.column("span_len"), dtype=np.int32),
+            "real_tokens": np.array([len(c) + len(p) for c, p in zip(cols["cond_ids"], cols["prior_ids"])],
+                                    dtype=np.int64),
+            "computed_tokens": computed, "reject": reject, "detail": detail,
+        }
+        if self.embeddings:
+            dim = emb.shape[1] if emb is not None else self.model.config.hidden_size
+            flat = emb.reshape(-1) if emb is not None else np.zeros(n * dim, dtype=np.float32)
+            out["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
+        return pa.table(out)
