@@ -98,6 +98,47 @@ def score(
     )
 
 
+@app.command()
+def select(
+    data: Annotated[list[str], typer.Option("--data", help="The corpus (any ingest format; repeatable). Its order is the window.")],
+    scores: Annotated[str, typer.Option("--scores", help="scores.parquet from `iterit score`, or JSONL rows {id, ifd}.")],
+    ratio: Annotated[str, typer.Option("--ratio", help="Budget: a fraction (0.05) or a count (2500).")],
+    output: Annotated[str, typer.Option("--output", help="Output directory.")],
+    method: Annotated[str, typer.Option("--method", help="iterit, ifd, random, longest, embedding or full.")] = "iterit",
+    decay: Annotated[float, typer.Option("--decay", help="TF-IDF decay of a picked response's terms.")] = 0.1,
+    model: Annotated[Optional[str], typer.Option("--model", help="Append this tokenizer's eos token to responses (official behaviour).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random method.")] = 42,
+    tfidf: Annotated[str, typer.Option("--tfidf", help="exact, hashed, or auto (hashed above 200,000 responses).")] = "auto",
+) -> None:
+    """Order the corpus by a selection method and pick k samples: selection.jsonl and order.parquet."""
+    from pydantic import ValidationError
+
+    from iterit.config import SelectionConfig
+    from iterit.data import ingest as run_ingest
+    from iterit.io import join
+    from iterit.selection.stage import run_selection
+
+    try:
+        sel = SelectionConfig(ratio=float(ratio), decay=decay, method=method)
+    except (ValueError, ValidationError) as e:
+        first = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        raise IteritError(f"--ratio {ratio} / --decay {decay} / --method {method}: {first}") from None
+    if tfidf not in ("exact", "hashed", "auto"):
+        raise IteritError(f"--tfidf {tfidf!r}: expected exact, hashed or auto")
+    eos = None
+    if model:
+        from iterit.templates import load_tokenizer
+
+        eos = load_tokenizer(model).eos_token
+    from iterit.config import DatasetConfig
+
+    ingested = run_ingest([DatasetConfig(path=d) for d in data], join(output, "ingest"))
+    s = run_selection(ingested["samples"], scores, sel.num_selected, method, output, decay=decay, eos_token=eos,
+                      seed=seed, tfidf_mode=tfidf)
+    typer.echo(f"{method}: selected {s['k']:,} of {s['samples']:,} samples ({s['candidates']:,} candidates, "
+               f"{s['samples'] - s['scored']:,} without a score) in {s['seconds']:.1f} s\n-> {s['selection']}  {s['order']}")
+
+
 @app.command("prepare-demo")
 def prepare_demo(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the assets are ready.")] = False,

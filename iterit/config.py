@@ -84,7 +84,7 @@ class ScoringConfig(_Section):
     """Model dtype while scoring. auto: bfloat16 on GPU (fast mode), float32 on CPU (exact mode)."""
     token_budget: int = Field(16384, ge=64)
     """Padded tokens per micro-batch (count x longest); halved automatically on CUDA out-of-memory."""
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(512, ge=1)
     """Samples per Ray Data batch: the unit sorted by length and sent to one actor call."""
     min_actors: int = Field(1, ge=1)
     """Scoring actor pool's minimum size (one model replica per actor)."""
@@ -93,9 +93,12 @@ class ScoringConfig(_Section):
     gpus_per_actor: float | None = Field(None, ge=0)
     """GPUs per scoring actor; None: 1 when the cluster has GPUs, else 0."""
     cpus_per_actor: float = Field(1.0, gt=0)
-    """CPUs reserved per scoring actor (on CPU-only machines, the threads it computes with)."""
-    template_cpus: float = Field(0.5, gt=0)
-    """CPUs per templating/tokenising task."""
+    """CPUs Ray reserves per scoring actor."""
+    torch_threads: int | None = Field(None, ge=1)
+    """Compute threads per actor on CPU; None: Ray's default (the actor's CPU reservation). On one
+    machine, reserve 1 CPU per actor and give it every core here, so Ray's I/O tasks still fit."""
+    template_cpus: float = Field(0.5, ge=0)
+    """CPUs per reading / templating task (0: they share the scoring actors' CPUs)."""
     embeddings: bool = True
     """Also store the response embedding (mean last hidden state over the span, L2-normalised)."""
     attn_implementation: str = "sdpa"

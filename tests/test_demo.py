@@ -55,15 +55,19 @@ def test_prepare_demo_is_idempotent(demo_assets):
     assert again == demo_assets and os.stat(demo_assets["train"]).st_mtime_ns == before
 
 
-def test_demo_run_on_the_held_out_split(demo_assets, tmp_path):
+def test_demo_run_on_the_held_out_split(demo_assets, tmp_path, ray_local):
     from iterit.demo import run_demo
+    from iterit.scoring.pipeline import read_scores
 
     out = run_demo([f"datasets.0.path={demo_assets['heldout']}", f"output_dir={tmp_path / 'run'}"],
-                   log=lambda *_: None)
-    ing, tok = out["ingest"], out["tokens"]
+                   log=lambda *_: None, score_samples=6)
+    ing, tok, score = out["ingest"], out["tokens"], out["score"]
     assert (ing["read"], ing["accepted"], ing["rejected"]) == (200, 200, 0)
     assert tok["templated"] + tok["response_truncated"] == 200
-    assert 0 < tok["response_tokens_p50"] <= tok["response_tokens_p90"] <= 2048 == tok["sequence_len"]
+    assert 0 < tok["response_tokens_p50"] <= tok["response_tokens_p90"] <= 512 == tok["sequence_len"]
+    assert (score["scored"], score["rejected"]) == (6, 0)  # the subset is drawn from samples that fit
+    scores = read_scores(score["scores"])
+    assert scores.num_rows == 6 and all(0 < x < 10 for x in scores.column("ifd").to_pylist())
     assert (tmp_path / "run" / "config.yaml").exists()
     assert read_samples(ing["samples"]).num_rows == 200
     assert json.loads((tmp_path / "run" / "ingest" / "tokens.json").read_text()) == tok

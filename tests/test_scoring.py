@@ -173,3 +173,19 @@ def test_score_command(ray_local, tiny_model_dir, mixed_corpus, tmp_path, capsys
     assert pq.read_table(tmp_path / "s" / "scores.parquet").num_rows == 19
     rejects = [json.loads(line) for line in open(tmp_path / "s" / "rejects.jsonl")]
     assert len(rejects) == 1
+
+
+def test_a_pool_that_cannot_fit_is_one_clear_line(ray_local, monkeypatch):
+    from iterit.errors import IteritError
+    from iterit.scoring import pipeline
+
+    sc = scoring_config("m", "o", min_actors=2, max_actors=2, cpus_per_actor=1, template_cpus=0.5).scoring
+    warnings = []
+    pipeline.check_pool_fits(sc, 0.0, log=warnings.append)  # a cluster: the autoscaler may add nodes
+    assert "needs 3 CPUs (2 actors x 1 + 1 for reading and templating)" in warnings[0]
+    monkeypatch.setattr(pipeline, "_LOCAL_RAY", True)  # a Ray started on this machine cannot grow
+    with pytest.raises(IteritError, match="torch_threads=<cores>"):
+        pipeline.check_pool_fits(sc, 0.0)
+    with pytest.raises(IteritError, match="and 1 GPUs; the cluster has 2 CPUs and 0 GPUs"):
+        pipeline.check_pool_fits(scoring_config("m", "o").scoring, 1.0)
+    pipeline.check_pool_fits(scoring_config("m", "o").scoring, 0.0)  # 1 actor + 1: fits, no error

@@ -81,7 +81,11 @@ class Scorer:
     """Ray Data callable class: one model replica per actor, loaded once."""
 
     def __init__(self, model: str, dtype: str, token_budget: int, embeddings: bool, attn_implementation: str,
-                 trust_remote_code: bool):
+                 trust_remote_code: bool, torch_threads: int | None = None):
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
         self.model = load_model(model, dtype, attn_implementation, trust_remote_code)
         self.token_budget, self.embeddings = token_budget, embeddings
 

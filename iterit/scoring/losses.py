@@ -24,7 +24,7 @@ import torch
 
 from iterit.templates import Templated
 
-LOGIT_CHUNK_ELEMENTS = 1 << 27  # rows x vocab per head chunk: 512 MB of fp32 logits at most
+LOGIT_CHUNK_ELEMENTS = 1 << 25  # rows x vocab per head chunk: 128 MB of fp32 logits at most
 
 
 @dataclass

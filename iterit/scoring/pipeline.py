@@ -31,27 +31,60 @@ SCORES_SCHEMA = pa.schema([
 EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))
 
 
+_LOCAL_RAY = False  # True once ensure_ray started Ray on this machine: no autoscaler will grow it
+
+
 def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it), else start a local Ray."""
     import os
 
     import ray
 
+    global _LOCAL_RAY
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="WARNING")
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, logging_level="WARNING")
+        _LOCAL_RAY = address is None
+
+
+def check_pool_fits(sc, gpus: float, log=print) -> None:
+    """The pool's minimum plus one templating task must fit the cluster, or Ray Data waits forever.
+
+    On a Ray that iterit started on this machine that is an error; on a cluster, a warning (an
+    autoscaler may still add the nodes)."""
+    import ray
+
+    from iterit.errors import IteritError
+
+    have = ray.cluster_resources()
+    # Ray Data's file listing task takes 1 CPU whatever the config says; reads and templating take
+    # template_cpus. Both must fit beside the actors, which hold their CPUs for life.
+    need_cpu = sc.min_actors * sc.cpus_per_actor + max(1.0, sc.template_cpus)
+    need_gpu = sc.min_actors * gpus
+    if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
+        return
+    msg = (f"scoring needs {need_cpu:g} CPUs ({sc.min_actors} actors x {sc.cpus_per_actor:g} + "
+           f"{max(1.0, sc.template_cpus):g} for reading and templating) and {need_gpu:g} GPUs; the cluster has "
+           f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs")
+    if _LOCAL_RAY:
+        raise IteritError(msg + ": lower scoring.min_actors or scoring.cpus_per_actor (on one machine: "
+                          "cpus_per_actor=1 and torch_threads=<cores>)")
+    log(f"warning: {msg}; scoring waits until the autoscaler adds them")
 
 
 def scoring_dataset(cfg: Config, samples_path: str, only_ids: list[str] | None = None,
-                    actor_env: dict[str, str] | None = None):
+                    actor_env: dict[str, str] | None = None, log=print):
     """The lazy Ray Dataset of scored rows (nothing runs until it is iterated)."""
     import ray
 
     sc = cfg.scoring
-    ds = ray.data.read_parquet(samples_path)
+    # Reading and templating are the CPU stages: both take template_cpus, so with 0 they run beside
+    # actors that hold every CPU of a one-machine Ray instead of waiting for them forever.
+    ds = ray.data.read_parquet(samples_path, num_cpus=sc.template_cpus)
     if only_ids is not None:  # later iterations re-score a window of the corpus
         wanted = pa.array(only_ids, pa.string())
         ds = ds.map_batches(lambda t: t.filter(pc.is_in(t.column("id"), value_set=wanted)),
-                            batch_format="pyarrow")
+                            batch_format="pyarrow", num_cpus=sc.template_cpus)
     ds = ds.map_batches(
         template_rows, batch_format="pyarrow", batch_size=sc.batch_size, num_cpus=sc.template_cpus,
         fn_kwargs=dict(model=cfg.base_model, chat_template=cfg.chat_template,
@@ -60,6 +93,7 @@ def scoring_dataset(cfg: Config, samples_path: str, only_ids: list[str] | None =
     gpus = sc.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    check_pool_fits(sc, gpus, log)
     # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a dead actor is
     # restarted and its batch retried (the crash test holds it to that).
     return ds.map_batches(
@@ -68,7 +102,7 @@ def scoring_dataset(cfg: Config, samples_path: str, only_ids: list[str] | None =
         num_gpus=gpus, num_cpus=sc.cpus_per_actor,
         fn_constructor_kwargs=dict(model=cfg.base_model, dtype=sc.dtype, token_budget=sc.token_budget,
                                    embeddings=sc.embeddings, attn_implementation=sc.attn_implementation,
-                                   trust_remote_code=cfg.trust_remote_code),
+                                   trust_remote_code=cfg.trust_remote_code, torch_threads=sc.torch_threads),
         runtime_env={"env_vars": dict(actor_env)} if actor_env else None,
     )
 
@@ -80,7 +114,7 @@ def run_scoring(cfg: Config, samples_path: str, output_dir: str, only_ids: list[
 
     `rejects_prefix`: a rejects.jsonl (from ingest) copied first, so one file holds every reject.
     """
-    ds = scoring_dataset(cfg, samples_path, only_ids, actor_env)
+    ds = scoring_dataset(cfg, samples_path, only_ids, actor_env, log)
     schema = SCORES_SCHEMA.append(EMBEDDING_FIELD) if cfg.scoring.embeddings else SCORES_SCHEMA
     t0 = last = time.perf_counter()
     n_scored = n_rows = real = 0

@@ -1,0 +1,92 @@
+"""Ordering a window of samples by a selection method (DESIGN section 2, Selection and Iteration).
+
+    new order = [k picks, in pick order] + [the others: ifd >= 1, not finite, or rejected]
+                + [the remaining candidates, in descending IFD]
+
+Candidates are the samples with a finite IFD below 1 for the IFD-based methods (iterit, ifd,
+embedding), and every scored sample for the baselines (random, longest, full). Iterations after the
+first re-order only the first W samples of the current order and leave the tail as it was
+(`reorder`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from iterit.selection.greedy import lazy_greedy, rest_by_ifd
+
+METHODS = ("iterit", "ifd", "random", "longest", "embedding", "full")
+
+
+@dataclass
+class WindowOrder:
+    order: list[int]  # window positions, new order
+    status: list[str]  # per entry of `order`: selected | other | candidate
+    picks: list[int]  # window positions selected, in pick order (== order[:len(picks)])
+    gains: list[float]  # per pick: ifd x remaining diversity at pick time (iterit, embedding), else ifd
+
+
+def select_window(
+    ifd: np.ndarray, k: int, method: str = "iterit", *, responses: list[str] | None = None,
+    eos_token: str | None = None, decay: float = 0.1, n_response_tokens: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None, seed: int = 42, tfidf_mode: str = "auto",
+) -> WindowOrder:
+    """Order one window. `ifd` has NaN for samples that were rejected or not scored."""
+    ifd = np.asarray(ifd, dtype=np.float64)
+    finite = np.isfinite(ifd)
+    ifd_based = method in ("iterit", "ifd", "embedding")
+    cand = np.flatnonzero(finite & (ifd < 1)) if ifd_based else np.flatnonzero(finite)
+    others = np.flatnonzero(~np.isin(np.arange(len(ifd)), cand)).tolist()
+    c_ifd = ifd[cand]
+    k = min(k, len(cand)) if method != "full" else len(cand)
+    gains: list[float] | None = None
+    if method == "iterit":
+        from iterit.selection.tfidf import response_texts, tfidf_matrix
+
+        if responses is None:
+            raise ValueError("method iterit needs the response texts")
+        texts = response_texts([responses[i] for i in cand], eos_token)
+        picked, gains = lazy_greedy(c_ifd, tfidf_matrix(texts, tfidf_mode), k, decay)
+        rest = rest_by_ifd(c_ifd, picked)
+    elif method == "embedding":
+        from iterit.selection.embedding import lazy_embedding_greedy
+
+        if embeddings is None:
+            raise ValueError("method embedding needs response embeddings (scoring.embeddings: true)")
+        picked, gains = lazy_embedding_greedy(c_ifd, np.asarray(embeddings)[cand], k)
+        rest = rest_by_ifd(c_ifd, picked)
+    elif method in ("ifd", "full"):
+        ranked = rest_by_ifd(c_ifd, []) if method == "ifd" else list(range(len(cand)))
+        picked, rest = ranked[:k], ranked[k:]
+    elif method == "random":
+        ranked = np.random.default_rng(seed).permutation(len(cand)).tolist()
+        picked, rest = ranked[:k], ranked[k:]
+    elif method == "longest":
+        if n_response_tokens is None:
+            raise ValueError("method longest needs n_response_tokens")
+        ranked = np.argsort(-np.asarray(n_response_tokens)[cand], kind="stable").tolist()
+        picked, rest = ranked[:k], ranked[k:]
+    else:
+        raise ValueError(f"unknown selection method {method!r}: expected one of {', '.join(METHODS)}")
+    picks = cand[picked].tolist()
+    if gains is None:
+        gains = [float(ifd[p]) for p in picks]
+    order = picks + others + cand[rest].tolist()
+    status = ["selected"] * len(picks) + ["other"] * len(others) + ["candidate"] * len(rest)
+    return WindowOrder(order, status, picks, list(map(float, gains)))
+
+
+def reorder(current: list[str], window_ifd: dict[str, float], k: int, method: str = "iterit",
+            responses: dict[str, str] | None = None, **kwargs) -> tuple[list[str], WindowOrder]:
+    """Later iterations: re-order the first W = len(window_ifd) ids of `current` by their new scores
+    and keep the tail as it was. Returns (the new full order of ids, the window's WindowOrder)."""
+    w = len(window_ifd)
+    window = current[:w]
+    if set(window) != set(window_ifd):
+        raise ValueError("window_ifd must score exactly the first W ids of the current order")
+    ifd = np.array([window_ifd[i] for i in window], dtype=np.float64)
+    texts = [responses[i] for i in window] if responses is not None else None
+    wo = select_window(ifd, k, method, responses=texts, **kwargs)
+    return [window[p] for p in wo.order] + current[w:], wo

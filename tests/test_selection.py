@@ -1,0 +1,155 @@
+"""Selection: the lazy greedy makes the official loop's picks; window orders by hand-worked examples."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from iterit.selection.embedding import lazy_embedding_greedy
+from iterit.selection.greedy import lazy_greedy, reference_greedy
+from iterit.selection.tfidf import response_texts, tfidf_matrix
+from iterit.selection.window import reorder, select_window
+
+
+def test_greedy_hand_worked():
+    w = sp.csr_matrix(np.array([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8], [1.0, 0.0, 0.0]]))
+    ifd = np.array([0.5, 0.6, 0.4])
+    # scores 0.7, 0.84, 0.4 -> pick 1; columns 1, 2 decay to 0.1: doc 0 = 0.5 x (0.6 + 0.08) = 0.34,
+    # doc 2 = 0.4 -> pick 2; column 0 decays: doc 0 = 0.5 x (0.06 + 0.08) = 0.07.
+    for fn in (lazy_greedy, reference_greedy):
+        picks, gains = fn(ifd, w, 3, 0.1)
+        assert picks == [1, 2, 0]
+        np.testing.assert_allclose(gains, [0.84, 0.4, 0.07])
+
+
+def test_ties_go_to_the_lowest_position():
+    w = sp.csr_matrix(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
+    for fn in (lazy_greedy, reference_greedy):
+        assert fn(np.full(4, 0.5), w, 4, 0.0)[0] == [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def real_responses(demo_assets):
+    texts = []
+    for line in open(demo_assets["train"], encoding="utf-8"):
+        conv = json.loads(line)["conversations"]
+        if conv and conv[-1].get("from") == "gpt" and conv[-1]["value"].strip():
+            texts.append(conv[-1]["value"])
+        if len(texts) == 600:
+            return texts
+    return texts
+
+
+@pytest.mark.parametrize("decay", [0.1, 0.0, 0.5, 1.0])
+def test_lazy_greedy_equals_the_official_loop_on_real_text(real_responses, decay):
+    rng = np.random.default_rng(7)
+    ifd = rng.uniform(0.2, 1.0, size=len(real_responses))
+    x = tfidf_matrix(response_texts(real_responses, "<|im_end|>"), "exact")
+    want = reference_greedy(ifd, x, 60, decay)
+    got = lazy_greedy(ifd, x, 60, decay)
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+    if decay == 1.0:  # no diversity: the IFD x mass order
+        assert got[0] == list(np.argsort(-(ifd * np.asarray(x.sum(axis=1)).ravel()), kind="stable")[:60])
+
+
+def test_hashed_tfidf_matches_exact_weights_without_collisions():
+    texts = ["the cat sat on the mat", "a dog sat on the log", "the cat and the dog"]
+    exact, hashed = tfidf_matrix(texts, "exact"), tfidf_matrix(texts, "hashed", workers=1)
+    # Same multiset of weights per row (columns differ: hashed n-grams vs a vocabulary).
+    for i in range(3):
+        np.testing.assert_allclose(sorted(exact[i].data), sorted(hashed[i].data), rtol=1e-6)
+
+
+def test_embedding_greedy_prefers_the_unlike():
+    e = np.array([[1, 0], [0.99, 0.141], [0, 1]], dtype=np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    picks, gains = lazy_embedding_greedy(np.array([0.9, 0.85, 0.5]), e, 3)
+    # 0 first (highest IFD); 1 is nearly 0 (score 0.85 x 0.01), 2 is orthogonal (0.5 x 1).
+    assert picks == [0, 2, 1] and gains[1] == pytest.approx(0.5)
+
+
+def test_window_order_hand_worked():
+    ifd = np.array([0.9, 1.2, np.nan, 0.5, 0.7, 0.3])
+    wo = select_window(ifd, 2, "ifd")
+    # candidates (finite, < 1): 0, 3, 4, 5; by IFD: 0, 4, 3, 5. Others (1.2, NaN) keep their order.
+    assert wo.order == [0, 4, 1, 2, 3, 5]
+    assert wo.status == ["selected", "selected", "other", "other", "candidate", "candidate"]
+    assert wo.picks == [0, 4] and wo.gains == [0.9, 0.7]
+    rnd = select_window(ifd, 2, "random", seed=3)
+    assert sorted(rnd.order) == list(range(6)) and rnd.status.count("selected") == 2
+    assert rnd.order[2:3] == [2] or 2 not in rnd.picks  # NaN is never picked
+    longest = select_window(ifd, 2, "longest", n_response_tokens=np.array([5, 50, 9, 7, 30, 1]))
+    assert longest.picks == [1, 4]  # baselines rank every scored sample, ifd >= 1 included
+    assert select_window(ifd, 2, "full").picks == [0, 1, 3, 4, 5]
+
+
+def test_reorder_keeps_the_tail():
+    current = list("abcdefg")
+    new, wo = reorder(current, {"a": 0.2, "b": 0.8, "c": 1.5, "d": 0.5}, 2, "ifd")
+    assert new == ["b", "d", "c", "a", "e", "f", "g"]
+    assert wo.status == ["selected", "selected", "other", "candidate"]
+    with pytest.raises(ValueError):
+        reorder(current, {"a": 0.2, "z": 0.1}, 1, "ifd")
+
+
+def run_cli(argv, capsys):
+    from iterit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_select_command_writes_the_contracted_files(tmp_path, capsys, real_responses):
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"id": f"s{i}", "instruction": f"question {i}", "output": r} for i, r in enumerate(real_responses[:200])]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rng = np.random.default_rng(0)
+    ifd = rng.uniform(0.3, 1.2, size=200)
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("".join(json.dumps({"id": f"s{i}", "ifd": float(x)}) + "\n" for i, x in enumerate(ifd)
+                              if i != 5))  # s5 has no score: never picked, placed with the others
+    code, out, err = run_cli(["select", "--data", str(data), "--scores", str(scores), "--ratio", "0.05",
+                              "--output", str(tmp_path / "sel")], capsys)
+    assert code == 0, err
+    assert "selected 10 of 200 samples" in out
+    picks = [json.loads(line) for line in open(tmp_path / "sel" / "selection.jsonl")]
+    assert [p["rank"] for p in picks] == list(range(10)) and set(picks[0]) == {"id", "rank", "ifd", "gain"}
+    # The same picks as the official loop on the same TF-IDF (responses, no eos without --model).
+    cand = [i for i in range(200) if i != 5 and ifd[i] < 1]
+    x = tfidf_matrix([real_responses[i] for i in cand], "exact")
+    want, gains = reference_greedy(ifd[cand], x, 10, 0.1)
+    assert [p["id"] for p in picks] == [f"s{cand[j]}" for j in want]
+    np.testing.assert_allclose([p["gain"] for p in picks], gains, rtol=1e-12)
+    order = pq.read_table(tmp_path / "sel" / "order.parquet").to_pylist()
+    assert [r["position"] for r in order] == list(range(200))
+    statuses = [r["status"] for r in order]
+    n_other = sum(1 for i in range(200) if i == 5 or ifd[i] >= 1)
+    assert statuses == ["selected"] * 10 + ["other"] * n_other + ["candidate"] * (190 - n_other)
+    tail = [r["ifd"] for r in order[10 + n_other:]]
+    assert tail == sorted(tail, reverse=True)
+    assert "s5" in [r["id"] for r in order[10:10 + n_other]]
+
+    code, out, _ = run_cli(["select", "--data", str(data), "--scores", str(scores), "--ratio", "7",
+                            "--method", "random", "--output", str(tmp_path / "rnd")], capsys)
+    assert code == 0 and "selected 7 of 200" in out
+
+
+@pytest.mark.parametrize("scores_text,ratio,message", [
+    ('{"id": "s0"}\n', "0.1", "needs an 'id' and a numeric 'ifd'"),
+    ("not json\n", "0.1", "line 1: not JSON"),
+    ('{"id": "s0", "ifd": 0.5}\n', "1.5", "--ratio 1.5"),
+])
+def test_select_errors(tmp_path, capsys, scores_text, ratio, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "s0", "instruction": "q", "output": "a"}\n')
+    scores = tmp_path / "s.jsonl"
+    scores.write_text(scores_text)
+    code, _, err = run_cli(["select", "--data", str(data), "--scores", str(scores), "--ratio", ratio,
+                            "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and message in err
