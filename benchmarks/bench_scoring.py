@@ -128,18 +128,22 @@ def run_ray(rows, model_dir, max_length, budget, result) -> dict:
     from iterit.scoring.pipeline import run_scoring
 
     with tempfile.TemporaryDirectory() as tmp:
-        pq.write_table(pa.Table.from_pylist(
-            [{"id": sid, "messages": m, "source": "bench", "row": i} for i, (sid, m, _) in enumerate(rows)],
-            schema=SAMPLE_SCHEMA), f"{tmp}/samples.parquet")
+        # Two files, so Ray Data reads two blocks and each actor gets one (a real corpus has many).
+        half = max(1, len(rows) // 2)
+        os.makedirs(f"{tmp}/samples")
+        for part, chunk in enumerate((rows[:half], rows[half:])):
+            pq.write_table(pa.Table.from_pylist(
+                [{"id": sid, "messages": m, "source": "bench", "row": i} for i, (sid, m, _) in enumerate(chunk)],
+                schema=SAMPLE_SCHEMA), f"{tmp}/samples/{part}.parquet")
         cfg = config_from_dict({
             "base_model": model_dir, "datasets": [{"path": "unused"}], "sequence_len": max_length,
             # Two actors of one thread each; Ray's reads and templating keep 1 CPU of the 2.
             "scoring": {"min_actors": 2, "max_actors": 2, "cpus_per_actor": 0.5, "torch_threads": 1,
-                        "template_cpus": 0.5,
+                        "template_cpus": 0.25,
                         "batch_size": max(1, len(rows) // 2), "token_budget": budget, "dtype": "float32"}})
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
         t0 = time.perf_counter()
-        summary = run_scoring(cfg, f"{tmp}/samples.parquet", tmp, log=lambda *_: None)
+        summary = run_scoring(cfg, f"{tmp}/samples", tmp, log=lambda *_: None)
         sec = time.perf_counter() - t0
         ray.shutdown()
     result.update(seconds=sec, padding=summary["padding_fraction"], flops_fraction=None, ifd=None)
