@@ -4,7 +4,7 @@
     python benchmarks/bench_selection.py --sizes 10000 --skip-1m
 
 Corpus: real text. Up to the ~67,000 ShareGPT assistant turns of the demo corpus, responses are those
-turns; beyond that (the 1M run) each response is 3-12 sentences drawn (seeded) from all of those
+turns; beyond that (the 1M run) each response is 3-30 sentences drawn (seeded) from all of those
 turns' sentences. IFD scores are given: uniform in [0.3, 1.0), seeded. k = 5% of N, decay 0.1.
 
 Per N: the greedy alone on the same TF-IDF matrix (reference loop vs lazy), the same end to end
@@ -49,7 +49,8 @@ def corpus(n: int, seed: int = 0) -> list[str]:
         return random.Random(seed).sample(turns, n)
     sentences = [s for t in turns for s in re.split(r"(?<=[.!?])\s+|\n+", t) if len(s) > 20]
     rng = random.Random(seed)
-    return [" ".join(rng.choices(sentences, k=rng.randint(3, 12))) for _ in range(n)]
+    # 3-30 sentences: about the mean length of the real turns (1,356 characters)
+    return [" ".join(rng.choices(sentences, k=rng.randint(3, 30))) for _ in range(n)]
 
 
 def spearman(a, b) -> float:

@@ -19,6 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 from iterit.config import Config, DatasetConfig, config_from_dict, apply_overrides, save_config
 from iterit.data import format_summary, ingest, normalise, read_records, read_samples
 from iterit.errors import IteritError, RowError
@@ -203,7 +205,7 @@ def token_summary(cfg: Config, samples_path: str, batch: int = 256) -> tuple[dic
 
 
 def run_demo(overrides: list[str] | None = None, log=print, score_samples: int = DEMO_SCORE_SAMPLES) -> dict:
-    """What exists so far, end to end on the demo assets: prepare, ingest, template, score."""
+    """What exists so far, end to end on the demo assets: prepare, ingest, template, score, select."""
     import random
 
     from iterit.scoring.pipeline import ensure_ray, read_scores, run_scoring
@@ -237,5 +239,29 @@ def run_demo(overrides: list[str] | None = None, log=print, score_samples: int =
     top = sorted(read_scores(scored["scores"]).select(["id", "ifd"]).to_pylist(), key=lambda r: -r["ifd"])
     log("highest IFD (hardest to answer given the instruction): " +
         ", ".join(f"{r['id']} {r['ifd']:.3f}" for r in top[:5]))
+    selected = select_subset(cfg, summary["samples"], subset, scored["scores"], str(run / "select"), log)
     log(f"demo run directory: {run}")
-    return {"assets": info, "ingest": summary, "tokens": tokens, "score": scored}
+    return {"assets": info, "ingest": summary, "tokens": tokens, "score": scored, "select": selected}
+
+
+def select_subset(cfg: Config, samples_path: str, ids: list[str], scores_path: str, out: str, log) -> dict:
+    """Complexity x diversity selection over the scored subset (its own window), ratio from the config."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from iterit.io import join
+    from iterit.selection.stage import run_selection
+    from iterit.templates import load_tokenizer
+
+    table = read_samples(samples_path)
+    window = table.filter(pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string())))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    pq.write_table(window, join(out, "window.parquet"))
+    sel = cfg.selection
+    eos = load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code).eos_token
+    s = run_selection(join(out, "window.parquet"), scores_path, sel.num_selected, sel.method, out, decay=sel.decay,
+                      eos_token=eos, seed=cfg.seed)
+    picks = [json.loads(line) for line in open(s["selection"], encoding="utf-8")]
+    log(f"selected {s['k']} of {s['samples']} ({sel.method}, ratio {sel.ratio}, decay {sel.decay}): " +
+        ", ".join(f"{p['id']} (ifd {p['ifd']:.3f}, gain {p['gain']:.3f})" for p in picks) + f" -> {s['selection']}")
+    return s

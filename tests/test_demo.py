@@ -59,8 +59,8 @@ def test_demo_run_on_the_held_out_split(demo_assets, tmp_path, ray_local):
     from iterit.demo import run_demo
     from iterit.scoring.pipeline import read_scores
 
-    out = run_demo([f"datasets.0.path={demo_assets['heldout']}", f"output_dir={tmp_path / 'run'}"],
-                   log=lambda *_: None, score_samples=6)
+    out = run_demo([f"datasets.0.path={demo_assets['heldout']}", f"output_dir={tmp_path / 'run'}",
+                    "selection.ratio=2"], log=lambda *_: None, score_samples=6)
     ing, tok, score = out["ingest"], out["tokens"], out["score"]
     assert (ing["read"], ing["accepted"], ing["rejected"]) == (200, 200, 0)
     assert tok["templated"] + tok["response_truncated"] == 200
@@ -68,6 +68,11 @@ def test_demo_run_on_the_held_out_split(demo_assets, tmp_path, ray_local):
     assert (score["scored"], score["rejected"]) == (6, 0)  # the subset is drawn from samples that fit
     scores = read_scores(score["scores"])
     assert scores.num_rows == 6 and all(0 < x < 10 for x in scores.column("ifd").to_pylist())
+    # selection over the 6 scored, k = 2 (a count): the picks are candidates (IFD < 1), gains > 0
+    picks = [json.loads(line) for line in open(out["select"]["selection"])]
+    ifd = dict(zip(scores.column("id").to_pylist(), scores.column("ifd").to_pylist()))
+    assert len(picks) == out["select"]["k"] == min(2, sum(x < 1 for x in ifd.values()))
+    assert all(ifd[p["id"]] == p["ifd"] < 1 and p["gain"] > 0 for p in picks)
     assert (tmp_path / "run" / "config.yaml").exists()
     assert read_samples(ing["samples"]).num_rows == 200
     assert json.loads((tmp_path / "run" / "ingest" / "tokens.json").read_text()) == tok

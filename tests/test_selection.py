@@ -45,13 +45,29 @@ def real_responses(demo_assets):
 def test_lazy_greedy_equals_the_official_loop_on_real_text(real_responses, decay):
     rng = np.random.default_rng(7)
     ifd = rng.uniform(0.2, 1.0, size=len(real_responses))
-    x = tfidf_matrix(response_texts(real_responses, "<|im_end|>"), "exact")
-    want = reference_greedy(ifd, x, 60, decay)
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = response_texts(real_responses, "<|im_end|>")
+    # The official pipeline end to end: scikit-learn's matrix and the official loop ...
+    want = reference_greedy(ifd, TfidfVectorizer(ngram_range=(1, 3)).fit_transform(texts), 60, decay)
+    # ... against iterit's: its own exact TF-IDF and the lazy greedy.
+    x = tfidf_matrix(texts, "exact")
     got = lazy_greedy(ifd, x, 60, decay)
     assert got[0] == want[0]
     np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
     if decay == 1.0:  # no diversity: the IFD x mass order
         assert got[0] == list(np.argsort(-(ifd * np.asarray(x.sum(axis=1)).ravel()), kind="stable")[:60])
+
+
+def test_exact_tfidf_is_scikit_learns_matrix(real_responses):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = response_texts(real_responses[:300], "<|im_end|>") + ["", "a", "Ok ok OK"]  # empty rows too
+    want = TfidfVectorizer(ngram_range=(1, 3)).fit_transform(texts).tocsr()
+    got = tfidf_matrix(texts, "exact")
+    assert got.shape == want.shape and got.nnz == want.nnz  # the same vocabulary, the same entries
+    for i in range(len(texts)):  # the same weights per row (columns in another order)
+        np.testing.assert_allclose(np.sort(got[i].data), np.sort(want[i].data), rtol=1e-12)
 
 
 def test_hashed_tfidf_matches_exact_weights_without_collisions():
