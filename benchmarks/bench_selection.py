@@ -21,7 +21,6 @@ import json
 import os
 import random
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -103,17 +102,36 @@ def one_size(n: int, run_reference: bool) -> None:
 
 
 def million(n: int, mode: str) -> None:
+    import threading
+
+    import psutil
+
     from iterit.selection.window import select_window
 
     texts = corpus(n)
     ifd = np.random.default_rng(1).uniform(0.3, 1.0, size=n)
+    peak, done = [0], threading.Event()
+
+    def sample_tree_rss():  # this process and its TF-IDF workers, summed: what the machine must hold
+        me = psutil.Process()
+        while not done.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak[0] = max(peak[0], total)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=sample_tree_rss, daemon=True)
+    watcher.start()
     t = time.perf_counter()
     wo = select_window(ifd, n // 20, "iterit", responses=texts, eos_token="<|im_end|>", tfidf_mode=mode)
     sec = time.perf_counter() - t
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
+    done.set()
     print(f"N={n:,} k={len(wo.picks):,} ({mode} TF-IDF): selection {sec:.0f} s (corpus building excluded), "
-          f"peak RSS {rss:.1f} GiB (largest worker {children:.1f} GiB); mean response "
+          f"peak RSS of the process and its workers together {peak[0] / 1024 ** 3:.1f} GiB; mean response "
           f"{sum(map(len, texts)) / n:,.0f} characters", flush=True)
 
 

@@ -98,7 +98,10 @@ def scoring_dataset(cfg: Config, samples_path: str, only_ids: list[str] | None =
     # restarted and its batch retried (the crash test holds it to that).
     return ds.map_batches(
         Scorer, batch_format="pyarrow", batch_size=sc.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=sc.min_actors, max_size=sc.max_actors),
+        # Ray's default queues 4 batches per actor: the first actor up would take them all while
+        # the others load their model. One (CPU) or two (GPU, to hide the transfer) keep them even.
+        compute=ray.data.ActorPoolStrategy(min_size=sc.min_actors, max_size=sc.max_actors,
+                                           max_tasks_in_flight_per_actor=2 if gpus > 0 else 1),
         num_gpus=gpus, num_cpus=sc.cpus_per_actor,
         fn_constructor_kwargs=dict(model=cfg.base_model, dtype=sc.dtype, token_budget=sc.token_budget,
                                    embeddings=sc.embeddings, attn_implementation=sc.attn_implementation,

@@ -46,7 +46,7 @@ def lazy_greedy(ifd: np.ndarray, tfidf: sp.spmatrix, k: int, decay: float) -> tu
     """The same picks as reference_greedy, lazily: (picks in order, gain of each pick)."""
     x = sp.csr_matrix(tfidf)
     indptr, indices = x.indptr, x.indices
-    data = x.data.astype(np.float64, copy=False)
+    data = x.data  # float32 (hashed) stays float32: np.dot below accumulates against float64 factors
     ifd = np.asarray(ifd, dtype=np.float64)
     factor = np.ones(x.shape[1], dtype=np.float64)  # f_t = decay ** (times term t was picked)
 

@@ -6,7 +6,7 @@ smooth idf, l2 rows), over each response + the tokenizer's eos token.
 depends on) about 5x faster than TfidfVectorizer: words become integer ids once, and every 1-, 2- and
 3-gram is an exact integer key built with numpy, instead of a Python string per n-gram looked up in a
 dict. Above ~2M distinct words the keys would not fit 63 bits and it falls back to TfidfVectorizer.
-`hashed` maps n-grams to 2^22 columns with HashingVectorizer and applies the same IDF and l2 norm:
+`hashed` maps n-grams to 2^24 columns with HashingVectorizer and applies the same IDF and l2 norm:
 bounded memory, parallel over chunks, the same picks up to hash collisions (agreement measured in
 benchmarks/bench_selection.py). `auto` is exact up to 200,000 responses, hashed above.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 NGRAMS = (1, 3)
-HASH_FEATURES = 1 << 22
+HASH_FEATURES = 1 << 24
 EXACT_MAX_DOCS = 200_000  # `auto` switches to hashed above this many responses
 
 
@@ -65,19 +65,34 @@ def exact_tfidf(texts: list[str]) -> sp.csr_matrix:
     terms, cols = np.unique(keys, return_inverse=True)
     counts = sp.csr_matrix((np.ones(len(keys)), (rows, cols.ravel())), shape=(len(texts), len(terms)))
     counts.sum_duplicates()
-    df = np.bincount(counts.indices, minlength=len(terms))
-    idf = np.log((1 + len(texts)) / (1 + df)) + 1.0  # smooth_idf=True
-    counts.data *= idf[counts.indices]
-    norms = np.sqrt(np.asarray(counts.multiply(counts).sum(axis=1)).ravel())
-    norms[norms == 0] = 1.0
-    counts.data /= np.repeat(norms, np.diff(counts.indptr))
-    return counts
+    return weight_inplace(counts)
+
+
+def weight_inplace(x: sp.csr_matrix, block_rows: int = 65_536) -> sp.csr_matrix:
+    """Counts -> TfidfTransformer's defaults (smooth idf, l2 rows), in place: at 10^6 documents the
+    matrix is gigabytes, and a transformer's copies would double or triple that."""
+    x.sum_duplicates()
+    n = x.shape[0]
+    df = np.bincount(x.indices, minlength=x.shape[1])
+    idf = (np.log((1 + n) / (1 + df)) + 1.0).astype(x.dtype)
+    for r0 in range(0, n, block_rows):  # blocks keep the temporaries small
+        r1 = min(n, r0 + block_rows)
+        a, b = x.indptr[r0], x.indptr[r1]
+        seg = x.data[a:b]
+        seg *= idf[x.indices[a:b]]
+        starts, lengths = x.indptr[r0:r1] - a, np.diff(x.indptr[r0:r1 + 1])
+        sums = np.zeros(r1 - r0, dtype=np.float64)
+        nonempty = lengths > 0
+        if nonempty.any():
+            sums[nonempty] = np.add.reduceat(np.square(seg, dtype=np.float64), starts[nonempty])
+        norms = np.sqrt(sums)
+        norms[norms == 0] = 1.0
+        seg /= np.repeat(norms, lengths).astype(x.dtype)
+    return x
 
 
 def tfidf_matrix(texts: list[str], mode: str = "auto", workers: int | None = None) -> sp.csr_matrix:
     """(documents x terms) TF-IDF rows, l2-normalised. mode: exact | hashed | auto."""
-    from sklearn.feature_extraction.text import TfidfTransformer
-
     if mode == "auto":
         mode = "exact" if len(texts) <= EXACT_MAX_DOCS else "hashed"
     if mode == "exact":
@@ -85,14 +100,15 @@ def tfidf_matrix(texts: list[str], mode: str = "auto", workers: int | None = Non
     if mode != "hashed":
         raise ValueError(f"tfidf mode {mode!r}: expected exact, hashed or auto")
     workers = workers or min(4, os.cpu_count() or 1)
-    chunk = max(1, -(-len(texts) // (workers * 4)))
+    chunk = min(20_000, max(1, -(-len(texts) // workers)))  # small parts: each worker holds one at a time
     parts = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
     if workers > 1 and len(parts) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            counts = sp.vstack(list(pool.map(_hash_counts, parts)), format="csr")
+            counts = list(pool.map(_hash_counts, parts))
+        counts = sp.vstack(counts, format="csr")
     else:
         counts = sp.vstack([_hash_counts(p) for p in parts], format="csr")
-    return TfidfTransformer().fit_transform(counts).tocsr()
+    return weight_inplace(counts)
 
 
 def response_texts(responses: list[str], eos_token: str | None) -> list[str]:
