@@ -78,6 +78,15 @@ def test_hashed_tfidf_matches_exact_weights_without_collisions():
         np.testing.assert_allclose(sorted(exact[i].data), sorted(hashed[i].data), rtol=1e-6)
 
 
+def test_stack_rows_is_vstack():
+    from iterit.selection.tfidf import stack_rows
+
+    parts = [sp.random(n, 50, density=0.1, format="csr", random_state=n) for n in (3, 0, 7, 1)]
+    want = sp.vstack(parts, format="csr")
+    got = stack_rows(list(parts))
+    assert (got != want).nnz == 0 and got.shape == want.shape
+
+
 def test_embedding_greedy_prefers_the_unlike():
     e = np.array([[1, 0], [0.99, 0.141], [0, 1]], dtype=np.float32)
     e /= np.linalg.norm(e, axis=1, keepdims=True)

@@ -105,10 +105,25 @@ def tfidf_matrix(texts: list[str], mode: str = "auto", workers: int | None = Non
     if workers > 1 and len(parts) > 1:
         with ProcessPoolExecutor(workers) as pool:
             counts = list(pool.map(_hash_counts, parts))
-        counts = sp.vstack(counts, format="csr")
     else:
-        counts = sp.vstack([_hash_counts(p) for p in parts], format="csr")
-    return weight_inplace(counts)
+        counts = [_hash_counts(p) for p in parts]
+    return weight_inplace(stack_rows(counts))
+
+
+def stack_rows(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """sp.vstack for CSR parts that frees each part once copied: the result's pages fill as the
+    parts empty, so memory peaks near one matrix, not two."""
+    nnz, rows, cols = sum(p.nnz for p in parts), sum(p.shape[0] for p in parts), parts[0].shape[1]
+    data = np.empty(nnz, dtype=parts[0].dtype)
+    indices = np.empty(nnz, dtype=np.int64 if nnz >= 2 ** 31 else np.int32)
+    indptr = np.empty(rows + 1, dtype=np.int64)
+    indptr[0] = at = r = 0
+    for i in range(len(parts)):
+        p, parts[i] = parts[i], None
+        data[at:at + p.nnz], indices[at:at + p.nnz] = p.data, p.indices
+        indptr[r + 1:r + 1 + p.shape[0]] = p.indptr[1:] + at
+        at, r = at + p.nnz, r + p.shape[0]
+    return sp.csr_matrix((data, indices, indptr), shape=(rows, cols))
 
 
 def response_texts(responses: list[str], eos_token: str | None) -> list[str]:
