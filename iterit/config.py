@@ -61,6 +61,9 @@ class SelectionConfig(_Section):
     """Iterations after the first re-score the first k * update_ratio samples of the current order."""
     decay: float = Field(0.1, ge=0, le=1)
     """Factor applied to every TF-IDF term of a picked response (1 = IFD only, 0 = a term counts once)."""
+    tfidf: Literal["auto", "exact", "hashed"] = "auto"
+    """TF-IDF of the responses: exact (scikit-learn's matrix), hashed (2^24 columns, bounded memory), or
+    auto (exact up to 200,000 responses, hashed above)."""
 
     @field_validator("ratio")
     @classmethod

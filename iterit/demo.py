@@ -260,7 +260,7 @@ def select_subset(cfg: Config, samples_path: str, ids: list[str], scores_path: s
     sel = cfg.selection
     eos = load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code).eos_token
     s = run_selection(join(out, "window.parquet"), scores_path, sel.num_selected, sel.method, out, decay=sel.decay,
-                      eos_token=eos, seed=cfg.seed)
+                      eos_token=eos, seed=cfg.seed, tfidf_mode=sel.tfidf)
     picks = [json.loads(line) for line in open(s["selection"], encoding="utf-8")]
     log(f"selected {s['k']} of {s['samples']} ({sel.method}, ratio {sel.ratio}, decay {sel.decay}): " +
         ", ".join(f"{p['id']} (ifd {p['ifd']:.3f}, gain {p['gain']:.3f})" for p in picks) + f" -> {s['selection']}")
