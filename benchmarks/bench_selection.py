@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -135,6 +136,22 @@ def million(n: int, mode: str) -> None:
           f"{sum(map(len, texts)) / n:,.0f} characters", flush=True)
 
 
+def embedding_run(n: int, k: int, dim: int = 576) -> None:
+    """The embedding method at scale, on clustered synthetic unit vectors (200 topics + noise): the
+    cost is the matrix products, which do not depend on where the vectors come from."""
+    from iterit.selection.embedding import lazy_embedding_greedy
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((200, dim)).astype(np.float32)
+    emb = centers[rng.integers(0, 200, n)] + 0.7 * rng.standard_normal((n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ifd = rng.uniform(0.3, 1.0, n)
+    t = time.perf_counter()
+    picks, _ = lazy_embedding_greedy(ifd, emb, k)
+    print(f"embedding method N={n:,} k={len(picks):,} d={dim}: {time.perf_counter() - t:.0f} s, peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.1f} GiB", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,50000")
@@ -143,7 +160,11 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=1_000_000)
     ap.add_argument("--big-mode", default="auto", help="TF-IDF mode of the big run (auto: hashed above 200,000)")
     ap.add_argument("--only-big", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--embedding", action="store_true", help="only the embedding method at --big, k = 5%%")
     args = ap.parse_args()
+    if args.embedding:
+        embedding_run(args.big, args.big // 20)
+        return
     if args.only_big:
         million(args.big, args.big_mode)
         return

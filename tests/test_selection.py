@@ -95,6 +95,32 @@ def test_embedding_greedy_prefers_the_unlike():
     assert picks == [0, 2, 1] and gains[1] == pytest.approx(0.5)
 
 
+def naive_embedding_greedy(ifd, emb, k):
+    picks, gains = [], []
+    max_sim = np.zeros(len(ifd), dtype=np.float32)
+    for _ in range(k):
+        s = ifd * (1.0 - max_sim.astype(np.float64))
+        s[picks] = -np.inf
+        best = int(np.argmax(s))
+        picks.append(best)
+        gains.append(float(s[best]))
+        max_sim = np.maximum(max_sim, emb @ emb[best])
+    return picks, gains
+
+
+@pytest.mark.parametrize("block", [3, 512])
+def test_embedding_greedy_equals_the_plain_greedy(block):
+    rng = np.random.default_rng(5)
+    centers = rng.standard_normal((8, 16)).astype(np.float32)
+    emb = centers[rng.integers(0, 8, 400)] + 0.5 * rng.standard_normal((400, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ifd = rng.uniform(0.3, 1.0, 400)
+    want = naive_embedding_greedy(ifd, emb, 40)
+    got = lazy_embedding_greedy(ifd, emb, 40, block=block, rows_per_product=64)
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
 def test_window_order_hand_worked():
     ifd = np.array([0.9, 1.2, np.nan, 0.5, 0.7, 0.3])
     wo = select_window(ifd, 2, "ifd")
