@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from iterit.config import DEFAULT_SYSTEM_PROMPT, DatasetConfig
 from iterit.errors import IteritError, RowError
-from iterit.io import atomic_open, atomic_write_text, filesystem, join
+from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_parquet
 
 # The fixed vocabulary of reject reasons (DESIGN section 3); later stages add theirs here too.
 REJECT_REASONS = {
@@ -550,6 +550,4 @@ def format_summary(summary: dict) -> str:
 
 def read_samples(path: str) -> pa.Table:
     """The normalised sample table written by ingest."""
-    fs, p = filesystem(path)
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f, schema=SAMPLE_SCHEMA)
+    return read_parquet(path, schema=SAMPLE_SCHEMA)

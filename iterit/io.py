@@ -24,11 +24,6 @@ def join(base: str, *names: str) -> str:
     return "/".join([str(base).rstrip("/"), *names])
 
 
-def makedirs(path: str) -> None:
-    fs, p = filesystem(path)
-    fs.makedirs(p, exist_ok=True)
-
-
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
     """Open `path` for writing under a temporary name; rename into place only if the block succeeds."""
@@ -45,6 +40,15 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(Exception):
             fs.rm(tmp)
         raise
+
+
+def read_parquet(path: str, schema=None):
+    """A whole Parquet file (local or URI) as a pyarrow Table."""
+    import pyarrow.parquet as pq
+
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, schema=schema)
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from iterit.config import Config
-from iterit.io import atomic_open, atomic_write_text, join
+from iterit.io import atomic_open, atomic_write_text, join, read_parquet
 from iterit.scoring.actor import Scorer, template_rows
 
 SCORES_SCHEMA = pa.schema([
@@ -169,8 +169,4 @@ def run_scoring(cfg: Config, samples_path: str, output_dir: str, only_ids: list[
 
 
 def read_scores(path: str) -> pa.Table:
-    from iterit.io import filesystem
-
-    fs, p = filesystem(path)
-    with fs.open(p, "rb") as f:
-        return pq.read_table(f)
+    return read_parquet(path)

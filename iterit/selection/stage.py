@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from iterit.errors import IteritError
-from iterit.io import atomic_open, filesystem, join
+from iterit.io import atomic_open, filesystem, join, read_parquet
 from iterit.selection.window import WindowOrder, select_window
 
 ORDER_SCHEMA = pa.schema([("id", pa.string()), ("position", pa.int64()), ("ifd", pa.float64()),
@@ -24,9 +24,7 @@ def read_score_rows(path: str) -> dict[str, dict]:
         raise IteritError(f"scores not found: {path} (give the scores.parquet of `iterit score`, or JSONL {{id, ifd}})")
     out: dict[str, dict] = {}
     if p.endswith(".parquet"):
-        with fs.open(p, "rb") as f:
-            rows = pq.read_table(f).to_pylist()
-        lines = enumerate(rows, start=1)
+        lines = enumerate(read_parquet(path).to_pylist(), start=1)
     else:
         with fs.open(p, "r", encoding="utf-8") as f:
             lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
