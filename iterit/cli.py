@@ -113,28 +113,24 @@ def select(
     """Order the corpus by a selection method and pick k samples: selection.jsonl and order.parquet."""
     from pydantic import ValidationError
 
-    from iterit.config import SelectionConfig
+    from iterit.config import DatasetConfig, SelectionConfig
     from iterit.data import ingest as run_ingest
     from iterit.io import join
     from iterit.selection.stage import run_selection
 
-    try:
-        sel = SelectionConfig(ratio=float(ratio), decay=decay, method=method)
+    try:  # the config's own checks, so the command line and YAML accept the same values
+        sel = SelectionConfig(ratio=float(ratio), decay=decay, method=method, tfidf=tfidf)
     except (ValueError, ValidationError) as e:
         first = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
-        raise IteritError(f"--ratio {ratio} / --decay {decay} / --method {method}: {first}") from None
-    if tfidf not in ("exact", "hashed", "auto"):
-        raise IteritError(f"--tfidf {tfidf!r}: expected exact, hashed or auto")
+        raise IteritError(f"--ratio {ratio} / --decay {decay} / --method {method} / --tfidf {tfidf}: {first}") from None
     eos = None
     if model:
         from iterit.templates import load_tokenizer
 
         eos = load_tokenizer(model).eos_token
-    from iterit.config import DatasetConfig
-
     ingested = run_ingest([DatasetConfig(path=d) for d in data], join(output, "ingest"))
-    s = run_selection(ingested["samples"], scores, sel.num_selected, method, output, decay=decay, eos_token=eos,
-                      seed=seed, tfidf_mode=tfidf)
+    s = run_selection(ingested["samples"], scores, sel.num_selected, sel.method, output, decay=sel.decay,
+                      eos_token=eos, seed=seed, tfidf_mode=sel.tfidf)
     typer.echo(f"{method}: selected {s['k']:,} of {s['samples']:,} samples ({s['candidates']:,} candidates, "
                f"{s['samples'] - s['scored']:,} without a score) in {s['seconds']:.1f} s\n-> {s['selection']}  {s['order']}")
 

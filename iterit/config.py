@@ -12,14 +12,18 @@ import difflib
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from iterit.errors import IteritError
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+# A path or id where "~" means the user's home, as in a shell.
+HomePath = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 class _Section(BaseModel):
@@ -28,7 +32,7 @@ class _Section(BaseModel):
 
 
 class DatasetConfig(_Section):
-    path: str
+    path: HomePath
     """A file, directory or glob; local or an fsspec URI (s3://, gs://, ...). JSON, JSONL or Parquet,
     optionally compressed (.gz, .bz2, .xz, .zst)."""
     type: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
@@ -45,11 +49,6 @@ class DatasetConfig(_Section):
     """ShareGPT: the list of {from, value} turns."""
     field_messages: str = "messages"
     """OpenAI-style: the list of {role, content} messages."""
-
-    @field_validator("path")
-    @classmethod
-    def _expand_home(cls, v: str) -> str:
-        return os.path.expanduser(v)
 
 
 class SelectionConfig(_Section):
@@ -115,11 +114,11 @@ class ScoringConfig(_Section):
 
 
 class Config(_Section):
-    base_model: str
+    base_model: HomePath
     """HF model folder or hub id of the model being tuned (it also scores the corpus)."""
     datasets: list[DatasetConfig]
     """Training corpora; all files are normalised into one sample table."""
-    output_dir: str = "runs/iterit"
+    output_dir: HomePath = "runs/iterit"
     """Run directory: config, manifest, per-iteration artifacts, checkpoints, models, report."""
     chat_template: str | None = None
     """None: the tokenizer's own template (ChatML if it has none); `chatml`; or a Jinja template string."""
@@ -135,11 +134,6 @@ class Config(_Section):
     """Select-and-train rounds; one learning-rate schedule spans them all."""
     selection: SelectionConfig = SelectionConfig()
     scoring: ScoringConfig = ScoringConfig()
-
-    @field_validator("base_model", "output_dir")
-    @classmethod
-    def _expand_home(cls, v: str) -> str:
-        return os.path.expanduser(v)
 
     @field_validator("datasets")
     @classmethod

@@ -48,7 +48,7 @@ def ensure_ray() -> None:
 
 
 def check_pool_fits(sc, gpus: float, log=print) -> None:
-    """The pool's minimum plus one templating task must fit the cluster, or Ray Data waits forever.
+    """The pool's minimum plus Ray Data's read task must fit the cluster, or Ray Data waits forever.
 
     On a Ray that iterit started on this machine that is an error; on a cluster, a warning (an
     autoscaler may still add the nodes)."""

@@ -41,8 +41,7 @@ def read_score_rows(path: str) -> dict[str, dict]:
 
 
 def run_selection(samples_path: str, scores_path: str, k_of, method: str, output_dir: str, *,
-                  decay: float = 0.1, eos_token: str | None = None, seed: int = 42, tfidf_mode: str = "auto",
-                  log=print) -> dict:
+                  decay: float = 0.1, eos_token: str | None = None, seed: int = 42, tfidf_mode: str = "auto") -> dict:
     """Order every sample of `samples_path` (its file order is the window) and write the picks.
 
     `k_of(n)` gives the budget for n samples (SelectionConfig.num_selected). Samples without a score
