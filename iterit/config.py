@@ -135,6 +135,47 @@ class Config(_Section):
     selection: SelectionConfig = SelectionConfig()
     scoring: ScoringConfig = ScoringConfig()
 
+    # Training (axolotl / LLaMA-Factory names). Paper defaults: micro-batch 1 x 32, lr 2e-5, cosine.
+    micro_batch_size: int = Field(1, ge=1)
+    """Sequences per worker per forward/backward."""
+    gradient_accumulation_steps: int = Field(32, ge=1)
+    """Micro-batches per optimizer step on each worker (global batch = micro x accum x workers)."""
+    learning_rate: float = Field(2e-5, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the one schedule that spans every iteration's optimizer steps."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Warmup steps as a fraction of the total steps of all iterations."""
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping (0: off)."""
+    deepspeed: int | str = 3
+    """A ZeRO stage (0, 1, 2 or 3) or the path of a DeepSpeed JSON config (its batch keys are set by iterit)."""
+    offload_optimizer: bool = False
+    """ZeRO-2/3: keep the optimizer state in CPU memory (DeepSpeed's CPU Adam)."""
+    bf16: Literal["auto", True, False] = "auto"
+    """Train in bfloat16: auto = on GPU yes, on CPU no (fp32 there is exact and as fast)."""
+    train_on: Literal["final_response", "all_assistant"] = "final_response"
+    """Loss mask: the final response's span as scored (default), or every assistant turn."""
+    lora_r: int | None = Field(None, ge=1)
+    """LoRA rank (peft); None trains every weight."""
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_target_modules: list[str] | str = "all-linear"
+    lora_export: Literal["merged", "adapter"] = "merged"
+    """Each iteration's exported model: LoRA merged into full weights, or the adapter alone."""
+    ray_num_workers: int = Field(1, ge=1)
+    """Training workers (one per GPU)."""
+    use_gpu: bool | None = None
+    """Train on GPUs; None: yes when the cluster has any."""
+    resources_per_worker: dict[str, float] | None = None
+    """Ray resources per training worker, e.g. {CPU: 8, GPU: 1}; None: Ray Train's default."""
+    max_failures: int = Field(1, ge=-1)
+    """Worker-group restarts per iteration from the last checkpoint (-1: unlimited)."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Also checkpoint every N optimizer steps inside an iteration (0: only at its end)."""
+    storage_path: HomePath | None = None
+    """Where Ray Train keeps checkpoints (shared storage for multi-node: NFS or s3://). None: OUTPUT_DIR/checkpoints."""
+
     @field_validator("datasets")
     @classmethod
     def _non_empty(cls, v: list[DatasetConfig]) -> list[DatasetConfig]:
@@ -146,6 +187,8 @@ class Config(_Section):
     def _check_method(self) -> Config:
         if self.selection.method == "full" and self.iterations != 1:
             raise ValueError("selection.method=full trains on everything: set iterations: 1")
+        if isinstance(self.deepspeed, int) and self.deepspeed not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed={self.deepspeed}: a ZeRO stage is 0, 1, 2 or 3 (or give a JSON file)")
         return self
 
 
