@@ -135,6 +135,69 @@ def select(
                f"{s['samples'] - s['scored']:,} without a score) in {s['seconds']:.1f} s\n-> {s['selection']}  {s['order']}")
 
 
+@app.command()
+def run(
+    config: Annotated[Optional[str], typer.Argument(help="YAML config of a fresh run (see configs/).")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory.")] = None,
+    set: SetOpt = None,
+) -> None:
+    """The whole loop: ingest, then per iteration score -> select -> train -> export; then the report."""
+    from iterit.config import load_config
+    from iterit.loop import run as run_loop
+
+    if bool(config) == bool(resume):
+        raise IteritError("give a CONFIG for a fresh run or --resume RUN for a stopped one (not both)")
+    if resume and set:
+        raise IteritError("--set cannot change a run being resumed: its saved config.yaml decides")
+    out = run_loop(load_config(config, set) if config else None, resume=resume, log=typer.echo)
+    typer.echo(format_iterations(out["iterations"]) + f"\nrun: {out['run_dir']}\nreport: {out['report']}")
+
+
+def format_iterations(rows: list[dict]) -> str:
+    lines = ["iteration  scored  selected  mean IFD selected  train steps  mean train loss"]
+    for r in rows:
+        ifd = f"{r['mean_ifd_selected']:.3f}" if r["mean_ifd_selected"] is not None else "-"
+        loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "-"
+        lines.append(f"{r['iteration']:>9}  {r['scored']:>6,}  {r['k']:>8,}  {ifd:>17}  {r['steps']:>11}  {loss:>15}")
+    return "\n".join(lines)
+
+
+@app.command()
+def report(run_dir: Annotated[str, typer.Argument(help="A run directory (output_dir of a run).")]) -> None:
+    """Write RUN/report/: report.md, report.html and PNG plots of every stage of the run."""
+    from iterit.report import write_report
+
+    out = write_report(run_dir)
+    typer.echo(f"report: {out['report']}\nhtml: {out['html']}\nplots: {len(out['plots'])} in {run_dir}/report")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option("--model", help="HF model folder (e.g. RUN/model/iter_2) or hub id.")],
+    output: Annotated[str, typer.Option("--output", help="Output directory (eval.json, predictions).")],
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Held-out conversations: response loss and perplexity.")] = None,
+    gsm8k: Annotated[Optional[str], typer.Option("--gsm8k", help="GSM8K-style JSONL (question, answer with '#### N'): exact match.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N GSM8K rows.")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="sequence_len for the loss.")] = 2048,
+    set: SetOpt = None,
+) -> None:
+    """Evaluate a model: held-out response loss / perplexity (scoring's span) and GSM8K exact match."""
+    from iterit.config import apply_overrides, config_from_dict
+    from iterit.evaluation import run_eval
+
+    tree = {"base_model": model, "datasets": [{"path": d} for d in (data or ["-"])], "output_dir": output,
+            "sequence_len": max_length}
+    cfg = config_from_dict(apply_overrides(tree, list(set or [])), "command line")
+    out = run_eval(cfg, data or None, output, gsm8k=gsm8k, limit=limit, log=typer.echo)
+    if "loss" in out:
+        typer.echo(f"held-out: loss {out['loss']['loss']:.4f}, perplexity {out['loss']['ppl']:.2f} "
+                   f"over {out['loss']['n']:,} samples / {out['loss']['tokens']:,} tokens")
+    if "gsm8k" in out:
+        g = out["gsm8k"]
+        typer.echo(f"gsm8k: exact match {g['exact_match']:.1%} ({g['correct']} of {g['n']})")
+    typer.echo(f"-> {output}/eval.json")
+
+
 @app.command("prepare-demo")
 def prepare_demo(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the assets are ready.")] = False,
@@ -154,10 +217,11 @@ def prepare_demo(
 
 @app.command()
 def demo(set: SetOpt = None) -> None:
-    """Run every stage that exists on the bundled demo model and corpus, on this machine's CPU."""
+    """The whole loop (3 iterations) on the bundled demo model and corpus, on local Ray on this CPU."""
     from iterit.demo import run_demo
 
-    run_demo(set, log=typer.echo)
+    out = run_demo(set, log=typer.echo)
+    typer.echo(format_iterations(out["iterations"]) + f"\nrun: {out['run_dir']}\nreport: {out['report']}")
 
 
 @app.command("config")

@@ -49,6 +49,8 @@ class DatasetConfig(_Section):
     """ShareGPT: the list of {from, value} turns."""
     field_messages: str = "messages"
     """OpenAI-style: the list of {role, content} messages."""
+    max_samples: int | None = Field(None, ge=1)
+    """Read only the first N rows of this dataset (as LLaMA-Factory's max_samples): demos, dry runs."""
 
 
 class SelectionConfig(_Section):

@@ -467,10 +467,14 @@ def iter_samples(
     # Duplicate detection is the one thing that grows with the corpus: ~100 bytes per id
     # (the id and its first (file, row), packed in one int).
     seen: dict[str, int] = {}
+    taken: Counter = Counter()  # rows read per dataset, for max_samples
     for file_index, (ds, uri) in enumerate(inputs):
         st = FileStats(uri)
         stats.append(st)
         for row, rec in read_records(uri):
+            if ds.max_samples is not None and taken[id(ds)] >= ds.max_samples:
+                break
+            taken[id(ds)] += 1
             st.read += 1
             sid = None
             try:

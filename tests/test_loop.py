@@ -1,0 +1,154 @@
+"""The iterative run on the tiny model: artifacts of every stage, the manifest, and a driver killed
+(SIGKILL) during iteration 1's scoring and again during its training, resumed to the same selections."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import WORDS
+
+
+@pytest.fixture(scope="module")
+def loop_corpus(tmp_path_factory) -> Path:
+    rng = random.Random(5)
+    rows = [{"id": f"q{i}", "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
+             "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30)))} for i in range(60)]
+    rows.append({"id": "bad"})  # one reject at ingest
+    p = tmp_path_factory.mktemp("loop") / "corpus.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def _config(tiny_model_dir, corpus, run_dir) -> dict:
+    return {
+        "base_model": tiny_model_dir, "datasets": [{"path": str(corpus)}], "output_dir": str(run_dir),
+        "sequence_len": 64, "iterations": 2, "seed": 7,
+        "selection": {"ratio": 6, "update_ratio": 2},
+        "scoring": {"torch_threads": 1, "batch_size": 16, "template_cpus": 0.5},
+        "ray_num_workers": 1, "deepspeed": 0, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3, "resources_per_worker": {"CPU": 1},
+    }
+
+
+def _selections(run_dir: Path) -> dict:
+    out = {}
+    for e in range(2):
+        picks = [json.loads(line) for line in open(run_dir / f"iter_{e}" / "selection.jsonl")]
+        order = pq.read_table(run_dir / f"iter_{e}" / "order.parquet").to_pydict()
+        out[e] = ([p["id"] for p in picks], order["id"], order["status"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, tiny_model_dir, loop_corpus, tmp_path_factory):
+    from iterit.config import config_from_dict
+    from iterit.loop import run
+
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    out = run(config_from_dict(_config(tiny_model_dir, loop_corpus, run_dir)), log=lambda *_: None)
+    return run_dir, out
+
+
+def test_run_writes_every_artifact(uninterrupted):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, out = uninterrupted
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    stages = manifest["stages"]
+    assert [s for s in stages] == ["ingest", "iter_0/score", "iter_0/select", "iter_0/train",
+                                   "iter_1/score", "iter_1/select", "iter_1/train", "report"]
+    assert all(s["status"] == "done" and s["seconds"] >= 0 for s in stages.values())
+    assert manifest["seed"] == 7 and manifest["versions"]["torch"]
+    assert (stages["ingest"]["result"]["accepted"], stages["ingest"]["result"]["rejected"]) == (60, 1)
+    # iteration 0 scores all 60, iteration 1 re-scores the window W = 6 x 2 = 12
+    assert stages["iter_0/score"]["result"]["rows"] == 60 and stages["iter_1/score"]["result"]["rows"] == 12
+    sel = _selections(run_dir)
+    for e in range(2):
+        picks, order, status = sel[e]
+        assert len(picks) == 6 and order[:6] == picks and status[:6] == ["selected"] * 6
+        assert sorted(order) == sorted(f"q{i}" for i in range(60))  # the full order, every id once
+    assert status.count("tail") == 48  # iteration 1 left the tail as it was
+    assert sel[1][1][12:] == sel[0][1][12:]
+    assert set(sel[1][1][:12]) == set(sel[0][1][:12])
+    # training: one continuous step count and schedule over both iterations
+    metrics = [json.loads(line) for e in range(2) for line in open(run_dir / f"iter_{e}" / "train_metrics.jsonl")]
+    assert [m["step"] for m in metrics] == list(range(1, 7)) and {m["iteration"] for m in metrics} == {0, 1}
+    assert stages["iter_1/train"]["result"]["total_steps"] == 6
+    for e in range(2):
+        AutoModelForCausalLM.from_pretrained(run_dir / "model" / f"iter_{e}")
+    assert (run_dir / "report" / "report.md").exists() and out["report"].endswith("report.md")
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == 7
+
+
+def test_a_run_directory_is_not_overwritten(uninterrupted, tiny_model_dir, loop_corpus):
+    from iterit.config import config_from_dict
+    from iterit.errors import IteritError
+    from iterit.loop import run
+
+    run_dir, _ = uninterrupted
+    with pytest.raises(IteritError, match="--resume"):
+        run(config_from_dict(_config(tiny_model_dir, loop_corpus, run_dir)), log=lambda *_: None)
+
+
+def _driver(args: list[str], address: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "iterit", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_when_running(proc: subprocess.Popen, manifest: Path, stage: str, delay: float, timeout: float = 240) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            pytest.fail(f"the driver exited ({proc.returncode}) before {stage} started")
+        try:
+            rec = json.loads(manifest.read_text())["stages"].get(stage)
+        except (FileNotFoundError, json.JSONDecodeError):
+            rec = None
+        if rec and rec["status"] == "running":
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"{stage} did not start within {timeout} s")
+
+
+def test_killed_driver_resumes_to_the_same_selections(uninterrupted, ray_local, tiny_model_dir, loop_corpus, tmp_path):
+    from iterit.loop import run
+
+    address = ray_local.get_runtime_context().gcs_address
+    run_dir = tmp_path / "run"
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(tiny_model_dir, loop_corpus, run_dir)))
+    manifest = run_dir / "manifest.json"
+
+    _kill_when_running(_driver(["run", str(cfg_path)], address), manifest, "iter_1/score", delay=1.0)
+    stages = json.loads(manifest.read_text())["stages"]
+    assert stages["iter_0/train"]["status"] == "done" and stages["iter_1/score"]["status"] == "running"
+
+    _kill_when_running(_driver(["run", "--resume", str(run_dir)], address), manifest, "iter_1/train", delay=4.0)
+    stages = json.loads(manifest.read_text())["stages"]
+    assert stages["iter_1/score"]["status"] == "done" and stages["iter_1/train"]["status"] == "running"
+    first_finished = {k: v["finished"] for k, v in stages.items() if v["status"] == "done"}
+
+    run(resume=str(run_dir), log=lambda *_: None)
+    stages = json.loads(manifest.read_text())["stages"]
+    assert all(s["status"] == "done" for s in stages.values())
+    # finished stages were not redone
+    assert all(stages[k]["finished"] == t for k, t in first_finished.items())
+    assert _selections(run_dir) == _selections(uninterrupted[0])
+    steps = [json.loads(line)["step"] for e in range(2) for line in open(run_dir / f"iter_{e}" / "train_metrics.jsonl")]
+    assert steps == list(range(1, 7))
