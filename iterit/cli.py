@@ -198,6 +198,30 @@ def evaluate(
     typer.echo(f"-> {output}/eval.json")
 
 
+@app.command()
+def compare(
+    config: Annotated[str, typer.Argument(help="YAML config: model, data, budget (selection.ratio), iterations.")],
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: iterit,ifd,random,longest,embedding,full.")],
+    heldout: Annotated[Optional[list[str]], typer.Option("--heldout", help="Held-out conversations (repeatable): response loss and perplexity.")] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated seeds, e.g. 42,43,44 (default: the config's seed).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="Output directory (default: OUTPUT_DIR/compare of the config).")] = None,
+    gsm8k: Annotated[Optional[str], typer.Option("--gsm8k", help="GSM8K-style JSONL: also exact match of every model.")] = None,
+    gsm8k_limit: Annotated[Optional[int], typer.Option("--gsm8k-limit", help="Only the first N GSM8K rows.")] = None,
+    set: SetOpt = None,
+) -> None:
+    """Run every method on the same model, data, budget and seeds; table and plot of held-out loss per iteration."""
+    from iterit.compare import compare as run_compare, parse_methods, parse_seeds, to_markdown
+    from iterit.config import load_config
+    from iterit.io import join
+
+    cfg = load_config(config, set)
+    data = run_compare(cfg, parse_methods(methods, cfg), parse_seeds(seeds, cfg.seed), heldout or [], output=output,
+                       gsm8k=gsm8k, gsm8k_limit=gsm8k_limit, log=typer.echo)
+    out = data["output"]
+    typer.echo(to_markdown(data) + f"\ncomparison: {join(out, 'compare.md')}\nnumbers: {join(out, 'compare.json')}\n"
+               f"plot: {join(out, 'compare.png')}")
+
+
 @app.command("prepare-demo")
 def prepare_demo(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the assets are ready.")] = False,

@@ -288,7 +288,7 @@ def _datasets(data_paths: str | Sequence[str | DatasetConfig]) -> list[DatasetCo
 
 
 def evaluate_loss(cfg: Config, data_paths: str | Sequence[str | DatasetConfig], output_dir: str, log=print) -> dict:
-    """Held-out response loss and perplexity of cfg.base_model over the scoring span -> OUTPUT/eval.json.
+    """Held-out response loss and perplexity of cfg.base_model over the scoring span -> OUTPUT/loss.json.
 
     Ingests into OUTPUT/ingest and scores into OUTPUT (scores.parquet, rejects.jsonl with every reject)."""
     from iterit.data import ingest
@@ -311,7 +311,8 @@ def evaluate_loss(cfg: Config, data_paths: str | Sequence[str | DatasetConfig], 
         "model": cfg.base_model, "sequence_len": cfg.sequence_len, "scores": scored["scores"],
         "rejects": scored["rejects"], "seconds": round(time.perf_counter() - t0, 2),
     }
-    atomic_write_text(join(output_dir, "eval.json"), json.dumps(result, indent=2) + "\n")
+    # loss.json, not eval.json: run_eval writes eval.json (loss and gsm8k together) into the same folder.
+    atomic_write_text(join(output_dir, "loss.json"), json.dumps(result, indent=2) + "\n")
     log(f"held-out loss {result['loss']:.4f} (ppl {result['ppl']:.2f}) over {result['n']:,} samples, "
         f"{result['tokens']:,} response tokens; {result['rejected']:,} rejected")
     return result

@@ -28,10 +28,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from iterit.config import Config, load_config, save_config
+from iterit.config import Config, save_config
 from iterit.errors import IteritError
 from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_parquet
 from iterit.selection.window import reorder, select_window
+from iterit.tracking import Tracker, run_key
 
 MANIFEST_FORMAT = 1
 
@@ -193,10 +194,13 @@ def train_stage(cfg: Config, run_dir: str, e: int, samples_path: str, manifest: 
     from iterit.training.trainer import train
 
     picks = read_picks(run_dir, e)
-    k = cfg.selection.num_selected(manifest.done("ingest")["accepted"])
+    # The schedule is sized by the planned k; `full` trains on every candidate, which is its k.
+    k = len(picks) if cfg.selection.method == "full" else cfg.selection.num_selected(manifest.done("ingest")["accepted"])
     prev = manifest.done(f"iter_{e - 1}/train") if e else None
+    # Ray Train resumes a fit whose (storage_path, name) it has seen: a name unique to this run
+    # keeps runs that share a storage_path apart.
     out = train(cfg, run_dir, {e: picks}, samples_path, k=k, resume_from=prev["checkpoint"] if prev else None,
-                name=f"iter_{e}", log=log)
+                name=f"{run_key(run_dir if '://' in run_dir else os.path.abspath(run_dir))}-iter_{e}", log=log)
     return {**out["iterations"][e], "checkpoint": out["checkpoint"], "fit_seconds": out["fit_seconds"],
             "total_steps": out["total_steps"], "samples": len(picks)}
 
@@ -211,6 +215,7 @@ def preflight(cfg: Config, run_dir: str, log=print) -> None:
 
     from iterit.scoring import pipeline
     from iterit.templates import load_tokenizer
+    from iterit.tracking import check_available
     from iterit.training.trainer import check_shared_storage, storage_path, use_gpu
 
     load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code)  # the model is reachable
@@ -227,9 +232,23 @@ def preflight(cfg: Config, run_dir: str, log=print) -> None:
             if pipeline._LOCAL_RAY:
                 raise IteritError(msg + ": lower ray_num_workers or resources_per_worker")
             log(f"warning: {msg}; training waits until the autoscaler adds them")
-    if cfg.micro_batch_size * cfg.ray_num_workers > 0 and cfg.use_gpu and not have.get("GPU"):
+    if cfg.use_gpu and not have.get("GPU"):
         log("warning: use_gpu is true but the cluster has no GPU yet")
     check_shared_storage([storage_path(cfg, run_dir), run_dir if "://" in run_dir else os.path.abspath(run_dir)])
+    check_available(cfg.report_to)
+
+
+def read_run_config(run_dir: str) -> Config:
+    """RUN/config.yaml (local or an fsspec URI): the config a resumed run goes on with."""
+    import yaml
+
+    from iterit.config import config_from_dict
+
+    fs, p = filesystem(join(run_dir, "config.yaml"))
+    if not fs.exists(p):
+        raise IteritError(f"{run_dir} has no config.yaml: it is not a run directory that can be resumed")
+    with fs.open(p, "r") as f:
+        return config_from_dict(yaml.safe_load(f.read()) or {}, join(run_dir, "config.yaml"))
 
 
 def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict:
@@ -241,9 +260,7 @@ def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict
     if resume:
         run_dir = resume
         manifest = Manifest.load(run_dir)
-        cfg = load_config(join(run_dir, "config.yaml")) if "://" not in run_dir else cfg
-        if cfg is None:
-            raise IteritError(f"cannot read {run_dir}/config.yaml")
+        cfg = read_run_config(run_dir)
     else:
         run_dir = cfg.output_dir
         fs, p = filesystem(join(run_dir, "manifest.json"))
@@ -267,6 +284,7 @@ def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict
     log(f"ingest: {ing['accepted']:,} of {ing['read']:,} rows accepted; k = {k:,} per iteration, "
         f"window W = {cfg.selection.window(ing['accepted']):,}")
     eos = load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code).eos_token
+    tracker = Tracker(cfg.report_to, run_dir, cfg.model_dump(mode="json"))
     rows = []
     for e in range(cfg.iterations):
         s = manifest.run(f"iter_{e}/score", lambda: score_stage(cfg, run_dir, e, samples, log), log)
@@ -277,10 +295,15 @@ def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict
         tr = manifest.run(f"iter_{e}/train", lambda: train_stage(cfg, run_dir, e, samples, manifest, log), log)
         log(f"[iter_{e}/train] {tr['steps']} steps, loss {tr['final_loss']:.4f}, {tr['tokens_per_s']:,.0f} tokens/s "
             f"-> {tr['model']}")
+        tracker.log({"score/scored": s["scored"], "score/rejected": s["rejected"], "score/tokens_per_s": s["tokens_per_s"],
+                     "select/seconds": sel["seconds"], "select/mean_ifd_selected": sel["mean_ifd_selected"],
+                     "train/mean_loss": tr["mean_loss"], "train/iteration_tokens_per_s": tr["tokens_per_s"]},
+                    e, axis="iteration")
         rows.append({"iteration": e, "scored": s["scored"], "k": sel["k"], "mean_ifd_selected": sel["mean_ifd_selected"],
                      "train_loss": tr["mean_loss"], "steps": tr["steps"]})
     from iterit.report import write_report
 
     rep = manifest.run("report", lambda: write_report(run_dir), log)
+    tracker.close()
     return {"run_dir": run_dir, "iterations": rows, "report": rep["report"],
             "seconds": round(time.perf_counter() - t0, 1)}

@@ -4,6 +4,7 @@ recovered from its truncated JSON, GSM8K test."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from iterit.config import DatasetConfig
@@ -56,23 +57,40 @@ def test_prepare_demo_is_idempotent(demo_assets):
 
 
 def test_demo_run_on_the_held_out_split(demo_assets, tmp_path, ray_local):
+    """The demo's whole loop on the real model, cut to one iteration over 24 held-out conversations."""
     from iterit.demo import run_demo
-    from iterit.scoring.pipeline import read_scores
 
-    out = run_demo([f"datasets.0.path={demo_assets['heldout']}", f"output_dir={tmp_path / 'run'}",
-                    "selection.ratio=2"], log=lambda *_: None, score_samples=6)
-    ing, tok, score = out["ingest"], out["tokens"], out["score"]
-    assert (ing["read"], ing["accepted"], ing["rejected"]) == (200, 200, 0)
-    assert tok["templated"] + tok["response_truncated"] == 200
-    assert 0 < tok["response_tokens_p50"] <= tok["response_tokens_p90"] <= 512 == tok["sequence_len"]
-    assert (score["scored"], score["rejected"]) == (6, 0)  # the subset is drawn from samples that fit
-    scores = read_scores(score["scores"])
-    assert scores.num_rows == 6 and all(0 < x < 10 for x in scores.column("ifd").to_pylist())
-    # selection over the 6 scored, k = 2 (a count): the picks are candidates (IFD < 1), gains > 0
-    picks = [json.loads(line) for line in open(out["select"]["selection"])]
-    ifd = dict(zip(scores.column("id").to_pylist(), scores.column("ifd").to_pylist()))
-    assert len(picks) == out["select"]["k"] == min(2, sum(x < 1 for x in ifd.values()))
-    assert all(ifd[p["id"]] == p["ifd"] < 1 and p["gain"] > 0 for p in picks)
-    assert (tmp_path / "run" / "config.yaml").exists()
-    assert read_samples(ing["samples"]).num_rows == 200
-    assert json.loads((tmp_path / "run" / "ingest" / "tokens.json").read_text()) == tok
+    run_dir = tmp_path / "run"
+    out = run_demo([f"datasets.0.path={demo_assets['heldout']}", f"output_dir={run_dir}", "iterations=1",
+                    "selection.ratio=4"], log=lambda *_: None, samples=24)
+    tok = out["tokens"]
+    assert tok["templated"] + tok["response_truncated"] == 200 and tok["sequence_len"] == 256
+    assert 0 < tok["response_tokens_p50"] <= tok["response_tokens_p90"] <= 256
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    stages = manifest["stages"]
+    assert stages["ingest"]["result"]["accepted"] == 24  # only conversations that fit reach the loop
+    assert stages["iter_0/score"]["result"]["scored"] == 24  # so none is rejected at scoring
+    picks = [json.loads(line) for line in open(run_dir / "iter_0" / "selection.jsonl")]
+    assert len(picks) == 4 and all(0 < p["ifd"] < 1 and p["gain"] > 0 for p in picks)
+    metrics = [json.loads(line) for line in open(run_dir / "iter_0" / "train_metrics.jsonl")]
+    assert len(metrics) == 1 and metrics[0]["tokens"] > 0 and np.isfinite(metrics[0]["loss"])
+    assert (run_dir / "model" / "iter_0" / "model.safetensors").exists()
+    assert (run_dir / "report" / "report.md").exists() and out["report"].endswith("report.md")
+    assert [r["k"] for r in out["iterations"]] == [4]
+
+
+def test_demo_yaml_has_the_demo_settings():
+    """configs/demo.yaml is `iterit demo`'s config on the raw corpus: every setting but paths agrees."""
+    from pathlib import Path
+
+    from iterit.config import load_config
+    from iterit.demo import DEMO_READ_ROWS, demo_config
+
+    info = {"model": "m", "train": "t.jsonl"}
+    ours = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml").model_dump()
+    demo = demo_config(info, ["scoring.torch_threads=2"]).model_dump()
+    for cfg in (ours, demo):
+        for key in ("base_model", "output_dir"):
+            cfg.pop(key)
+        cfg["datasets"][0].pop("path")
+    assert ours == demo and ours["datasets"][0]["max_samples"] == DEMO_READ_ROWS

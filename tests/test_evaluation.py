@@ -57,7 +57,7 @@ def test_heldout_loss_is_the_token_weighted_reference_span_loss(ray_local, tiny_
     assert got["mean_sample_loss"] == pytest.approx(unweighted, rel=1e-4)
     assert (got["n"], got["tokens"], got["read"]) == (19, sum(lengths), 20)
     assert got["rejected"] == 1 and got["rejected_by_reason"] == {"response_truncated": 1}
-    assert json.loads((out / "eval.json").read_text()) == got
+    assert json.loads((out / "loss.json").read_text()) == got
     assert "embedding" not in pq.read_schema(out / "scores.parquet").names  # embeddings off
     assert (out / "ingest" / "samples.parquet").exists()
 

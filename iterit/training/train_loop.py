@@ -122,6 +122,9 @@ def train_loop_per_worker(c: dict) -> None:
                                   "".join(json.dumps(m) + "\n" for m in state["metrics"]))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    from iterit.tracking import Tracker
+
+    tracker = Tracker(c.get("report_to") if rank == 0 else None, c["run_dir"])
     device = engine.device
     for e in c["iterations"]:
         if state["iteration"] is not None and (state["iteration"] > e or (state["iteration"] == e and state["done"])):
@@ -158,6 +161,8 @@ def train_loop_per_worker(c: dict) -> None:
                  "seconds": round(now - t_last, 4)}
             t_last = now
             state["metrics"].append(m)
+            tracker.log({"train/loss": m["loss"], "train/lr": m["lr"],
+                         "train/tokens_per_s": m["tokens"] / max(1e-9, m["seconds"])}, m["step"])
             if rank == 0 and (now - t_report >= c["progress_every"]):
                 print(f"train iteration {e} step {m['step']}/{c['total_steps']} loss {m['loss']:.4f} "
                       f"lr {m['lr']:.3g} {m['tokens'] / max(1e-9, m['seconds']):,.0f} tokens/s", flush=True)
@@ -168,3 +173,4 @@ def train_loop_per_worker(c: dict) -> None:
         export_model(engine, c, e, rank)
         state["done"] = True
         save(e, {"iteration": e, "step": state["global_step"], "done": True})
+    tracker.close()

@@ -201,7 +201,7 @@ def train(cfg: Config, run_dir: str, subsets: dict[int, list[str]], samples_path
         "grad_accum": cfg.gradient_accumulation_steps, "checkpoint_every": cfg.checkpoint_every,
         "iterations": iterations, "run_dir": run_dir, "seed": cfg.seed, "pad_id": tok.pad_token_id,
         "resume_from": resume_from, "progress_every": 10.0,
-        "torch_threads": None if gpu else cfg.scoring.torch_threads,
+        "torch_threads": None if gpu else cfg.scoring.torch_threads, "report_to": cfg.report_to,
     }
     if os.environ.get(CRASH_ENV):  # tests: forwarded to the workers, whose environment is Ray's
         loop_config["crash"] = os.environ[CRASH_ENV]

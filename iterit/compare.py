@@ -1,0 +1,362 @@
+"""Selection methods side by side: the same model, data, budget and seeds for each, judged by held-out loss.
+
+    iterit compare configs/demo.yaml --methods iterit,ifd,random,longest,full --seeds 42,43,44 \\
+        --heldout data/heldout.jsonl [--gsm8k data/gsm8k.jsonl --gsm8k-limit 200] [--output DIR]
+
+    OUT/shared/               ingest and iteration 0's scoring, run once (loop's own stages): they depend
+                              on the base model and data only, not on the method or the seed
+    OUT/shared/eval/base.json held-out loss (and GSM8K) of the base model, the common starting point
+    OUT/seed_<s>/<method>/    one ordinary run directory per (seed, method), so `iterit report` works on it:
+                              seeded with copies of the shared ingest/ and iter_0 scores and a manifest
+                              that records those two stages as done ("shared_from"); loop.run(resume=...)
+                              then skips them and does the rest
+    RUN/eval/iter_<e>.json    held-out loss (and GSM8K) of RUN/model/iter_<e>
+    OUT/compare.md, compare.json, compare.png
+
+`full` trains on every scored sample for one iteration (iterations: 1, selection.ratio: 1.0 so the LR
+schedule is sized for N samples, not k). Stopped and started again, a compare redoes nothing finished:
+the shared stages and every run resume from their manifests, and an evaluation whose json exists is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import statistics
+from typing import Sequence
+
+import yaml
+
+from iterit.config import Config, config_from_dict, save_config
+from iterit.errors import IteritError
+from iterit.io import atomic_open, atomic_write_text, filesystem, join
+from iterit.selection.window import METHODS
+
+SHARED = ("ingest", "iter_0/score")  # the stages every run of a compare has in common
+
+
+def parse_methods(text: str, cfg: Config) -> list[str]:
+    methods = list(dict.fromkeys(m.strip() for m in (text or "").split(",") if m.strip()))
+    if not methods:
+        raise IteritError(f"--methods is empty: give a comma-separated list of {', '.join(METHODS)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise IteritError(f"--methods: unknown method {unknown[0]!r}; expected some of {', '.join(METHODS)}")
+    if "embedding" in methods and not cfg.scoring.embeddings:
+        raise IteritError("--methods embedding needs response embeddings: drop scoring.embeddings: false "
+                          "(or --set scoring.embeddings=true)")
+    return methods
+
+
+def parse_seeds(text: str | None, default: int) -> list[int]:
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in text.split(",") if s.strip())) if text else [default]
+    except ValueError:
+        raise IteritError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 42,43,44") from None
+    if not seeds:
+        raise IteritError("--seeds is empty: give comma-separated integers, e.g. --seeds 42,43,44")
+    return seeds
+
+
+def run_config(base: Config, out: str, seed: int, method: str) -> Config:
+    """The base config with this run's directory, seed and method; validated like a YAML config."""
+    tree = base.model_dump(mode="json")
+    tree.update(output_dir=join(out, f"seed_{seed}", method), seed=seed)
+    tree["selection"]["method"] = method
+    if method == "full":  # everything, once; ratio 1.0 so train_stage sizes the schedule for N, not k
+        tree["iterations"], tree["selection"]["ratio"] = 1, 1.0
+    if base.storage_path:  # Ray Train resumes silently from a same-named fit: one checkpoint folder per run
+        tag = hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:8]
+        tree["storage_path"] = join(base.storage_path, f"compare-{tag}", f"seed_{seed}", method)
+    return config_from_dict(tree, f"compare run seed {seed} method {method}")
+
+
+def _read_json(path: str):
+    fs, p = filesystem(path)
+    if not fs.exists(p):
+        return None
+    with fs.open(p, "r") as f:
+        return json.load(f)
+
+
+def _check_same(run_dir: str, cfg: Config) -> None:
+    """A directory made by an earlier compare must have been made with this config, else its results lie."""
+    fs, p = filesystem(join(run_dir, "config.yaml"))
+    if not fs.exists(p):
+        return
+    with fs.open(p, "r") as f:
+        saved = config_from_dict(yaml.safe_load(f), p).model_dump(mode="json")
+    new = cfg.model_dump(mode="json")
+    diff = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+    if diff:
+        raise IteritError(f"{run_dir} was made with another config (differs in {', '.join(diff)}): "
+                          "compare into a new --output, or rerun with the same config and --set")
+
+
+def shared_stages(base: Config, shared: str, log=print) -> dict:
+    """Ingest and iteration 0's scoring in OUT/shared, with loop's stage functions and manifest."""
+    from iterit.data import ingest
+    from iterit.loop import MANIFEST_FORMAT, Manifest, _now, _versions, score_stage
+
+    save_config(base, join(shared, "config.yaml"))
+    fs, p = filesystem(join(shared, "manifest.json"))
+    manifest = Manifest.load(shared) if fs.exists(p) else Manifest(shared, {
+        "format": MANIFEST_FORMAT, "run_dir": shared, "created": _now(), "versions": _versions(), "stages": {}})
+    ing = manifest.run("ingest", lambda: ingest(base.datasets, join(shared, "ingest"), base.system_prompt), log)
+    manifest.run("iter_0/score", lambda: score_stage(base, shared, 0, ing["samples"], log), log)
+    return manifest.data
+
+
+def _copy(src: str, dst: str, shared: str, run_dir: str) -> None:
+    """Copy a shared file; summary json files get their paths pointed at the run's own copies."""
+    fs, p = filesystem(src)
+    with fs.open(p, "rb") as f:
+        data = f.read()
+    if src.endswith(".json"):
+        data = json.dumps(_repoint(json.loads(data), shared, run_dir), indent=2).encode() + b"\n"
+    with atomic_open(dst, "wb") as f:
+        f.write(data)
+
+
+def _repoint(obj, shared: str, run_dir: str):
+    if isinstance(obj, dict):
+        return {k: _repoint(v, shared, run_dir) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_repoint(v, shared, run_dir) for v in obj]
+    return run_dir + obj[len(shared):] if isinstance(obj, str) and obj.startswith(shared + "/") else obj
+
+
+def seed_run(cfg: Config, shared: str, shared_manifest: dict) -> None:
+    """A fresh run directory that starts where the shared stages ended; the manifest is written last,
+    so a directory without one is an interrupted seeding and is seeded again."""
+    from iterit.loop import MANIFEST_FORMAT, Manifest, _now, _versions
+
+    run_dir = cfg.output_dir
+    fs, root = filesystem(shared)
+    for src in fs.find(root.rstrip("/") + "/ingest") + fs.find(root.rstrip("/") + "/iter_0"):
+        rel = src[len(root.rstrip("/")) + 1:]
+        if ".tmp-" not in rel:  # an atomic write that did not finish
+            _copy(join(shared, rel), join(run_dir, rel), shared, run_dir)
+    save_config(cfg, join(run_dir, "config.yaml"))
+    stages = {}
+    for name in SHARED:  # done here, at no cost: the time is the shared directory's, counted once
+        rec = shared_manifest["stages"][name]
+        stages[name] = {"status": "done", "started": _now(), "finished": _now(), "seconds": 0.0,
+                        "result": _repoint(rec["result"], shared, run_dir), "shared_from": shared,
+                        "shared_seconds": rec["seconds"]}
+    Manifest(run_dir, {"format": MANIFEST_FORMAT, "run_dir": run_dir, "seed": cfg.seed, "created": _now(),
+                       "iterations": cfg.iterations, "versions": _versions(), "stages": stages}).save()
+
+
+def evaluate(cfg: Config, model: str, path: str, heldout: list[str], gsm8k: str | None, limit: int | None,
+             log=print) -> dict:
+    """Held-out loss (and GSM8K) of `model` -> `path` (json); a part already there for the same inputs is kept."""
+    from iterit.evaluation import evaluate_gsm8k, evaluate_loss
+
+    work = path.removesuffix(".json")  # evaluate_loss's ingest, scores and its own eval.json
+    result = _read_json(path) or {"model": model}
+    before = json.dumps(result, sort_keys=True)
+    mcfg = cfg.model_copy(update={"base_model": model})
+    if result.get("heldout") != list(heldout):
+        result.update(heldout=list(heldout), loss=evaluate_loss(mcfg, list(heldout), work, log))
+    if gsm8k and (result.get("gsm8k_file"), result.get("gsm8k_limit")) != (gsm8k, limit):
+        result.update(gsm8k_file=gsm8k, gsm8k_limit=limit,
+                      gsm8k=evaluate_gsm8k(mcfg, gsm8k, work, limit=limit, log=log))
+    if json.dumps(result, sort_keys=True) != before:
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers from the run directories, the table and the plot
+
+
+def _stats(values: list[float]) -> dict:
+    """mean and the sample std (n - 1; None for one seed) of per-seed values."""
+    vals = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(vals) if vals else None,
+            "std": statistics.stdev(vals) if len(vals) > 1 else None, "values": values}
+
+
+def _jsonl(path: str) -> list[dict]:
+    fs, p = filesystem(path)
+    if not fs.exists(p):
+        return []
+    with fs.open(p, "r") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def collect_run(run_dir: str, method: str, seed: int) -> dict:
+    from iterit.loop import Manifest
+
+    m = Manifest.load(run_dir).data
+    iters = m["iterations"]
+    evals = {e: _read_json(join(run_dir, "eval", f"iter_{e}.json")) or {} for e in range(iters)}
+    tokens = [sum(r["tokens"] for r in _jsonl(join(run_dir, f"iter_{e}", "train_metrics.jsonl"))) for e in range(iters)]
+    own = {k: st.get("seconds", 0.0) for k, st in m["stages"].items() if "shared_from" not in st}
+    return {
+        "method": method, "seed": seed, "run_dir": run_dir, "iterations": iters,
+        "samples_per_iteration": [len(_jsonl(join(run_dir, f"iter_{e}", "selection.jsonl"))) for e in range(iters)],
+        "tokens_per_iteration": tokens, "tokens": sum(tokens), "stage_seconds": own,
+        "seconds": round(sum(own.values()), 2),
+        "eval_seconds": round(sum((ev.get("loss") or {}).get("seconds", 0) + (ev.get("gsm8k") or {}).get("seconds", 0)
+                                  for ev in evals.values()), 2),
+        "loss": [(evals[e].get("loss") or {}).get("loss") for e in range(iters)],
+        "ppl": [(evals[e].get("loss") or {}).get("ppl") for e in range(iters)],
+        "gsm8k": [(evals[e].get("gsm8k") or {}).get("exact_match") for e in range(iters)],
+    }
+
+
+def summarise(runs: list[dict], methods: list[str]) -> dict:
+    out = {}
+    for method in methods:
+        rs = [r for r in runs if r["method"] == method]
+        iters = rs[0]["iterations"]
+        out[method] = {
+            "iterations": iters, "seeds": [r["seed"] for r in rs],
+            "samples_per_iteration": rs[0]["samples_per_iteration"],
+            "final_loss": _stats([r["loss"][-1] for r in rs]), "final_ppl": _stats([r["ppl"][-1] for r in rs]),
+            "final_gsm8k": _stats([r["gsm8k"][-1] for r in rs]),
+            "loss_per_iteration": [_stats([r["loss"][e] for r in rs]) for e in range(iters)],
+            "gsm8k_per_iteration": [_stats([r["gsm8k"][e] for r in rs]) for e in range(iters)],
+            "tokens": _stats([r["tokens"] for r in rs]),
+            "seconds": round(sum(r["seconds"] for r in rs), 2),
+            "eval_seconds": round(sum(r["eval_seconds"] for r in rs), 2),
+        }
+    return out
+
+
+def _pm(s: dict, spec: str = ".4f") -> str:
+    if s["mean"] is None:
+        return "-"
+    return format(s["mean"], spec) + (f" ± {s['std']:{spec}}" if s["std"] is not None else " ± -")
+
+
+def _num(x, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def to_markdown(data: dict) -> str:
+    summ, base, shared = data["summary"], data["base"], data["shared"]
+    width = max(s["iterations"] for s in summ.values())
+    lines = ["# Selection methods compared", "",
+             f"Base model `{data['base_model']}`; N = {shared['accepted']:,} accepted samples; budget "
+             f"ratio {data['ratio']} (k = {shared['k']:,} per iteration); {data['iterations']} iterations; "
+             f"seeds {', '.join(map(str, data['seeds']))}; held-out: {', '.join(data['heldout'])} "
+             f"({base['loss']['n']:,} samples, {base['loss']['tokens']:,} response tokens). Mean ± sample std "
+             "over seeds ('-' with one seed).", "",
+             "## Held-out response loss after the last iteration", "",
+             "| method | iterations | samples per iteration | loss | perplexity | loss per seed | "
+             "tokens trained (mean per seed) | wall-clock s (all seeds) |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| base model | 0 | - | {_num(base['loss']['loss'])} | {_num(base['loss']['ppl'], '.2f')} | - | - | - |"]
+    for method, s in summ.items():
+        per_seed = ", ".join(f"{seed}: {_num(v)}" for seed, v in zip(s["seeds"], s["final_loss"]["values"]))
+        iters = f"{s['iterations']} (overridden: full trains on everything once)" if method == "full" else s["iterations"]
+        lines.append(f"| {method} | {iters} | {', '.join(f'{n:,}' for n in s['samples_per_iteration'])} | "
+                     f"{_pm(s['final_loss'])} | {_pm(s['final_ppl'], '.2f')} | {per_seed} | "
+                     f"{_num(s['tokens']['mean'], ',.0f')} | {s['seconds']:,.1f} |")
+    cols = " | ".join(f"after iter {e}" for e in range(width))
+    lines += ["", "## Held-out loss per iteration", "", f"| method | base | {cols} |", "|---" * (width + 2) + "|"]
+    for method, s in summ.items():
+        cells = [_pm(x) for x in s["loss_per_iteration"]] + ["-"] * (width - s["iterations"])
+        lines.append(f"| {method} | {_num(base['loss']['loss'])} | {' | '.join(cells)} |")
+    if "gsm8k" in base:
+        lines += ["", f"## GSM8K exact match ({base['gsm8k']['n']:,} questions)", "",
+                  f"| method | base | {cols} |", "|---" * (width + 2) + "|"]
+        for method, s in summ.items():
+            cells = [_pm(x, ".3f") for x in s["gsm8k_per_iteration"]] + ["-"] * (width - s["iterations"])
+            lines.append(f"| {method} | {base['gsm8k']['exact_match']:.3f} | {' | '.join(cells)} |")
+    lines += ["", "## Time", "",
+              f"Shared by every run, counted once ({shared['dir']}): ingest {shared['ingest_seconds']:,.1f} s, "
+              f"iteration 0 scoring {shared['score_seconds']:,.1f} s; base-model evaluation "
+              f"{data['base_eval_seconds']:,.1f} s.", "",
+              "| method | run stages s (all seeds) | evaluation s (all seeds) |", "|---|---|---|"]
+    lines += [f"| {m} | {s['seconds']:,.1f} | {s['eval_seconds']:,.1f} |" for m, s in summ.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict) -> bytes:
+    """Held-out loss vs iteration: the base at x = 0 (and dashed), iteration e at x = e + 1."""
+    from matplotlib.figure import Figure  # the Agg canvas; no pyplot state
+
+    fig = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    base = data["base"]["loss"]["loss"]
+    ax.axhline(base, color="gray", linestyle="--", linewidth=1, label="base model")
+    width = 0
+    for method, s in data["summary"].items():
+        ys = [x["mean"] for x in s["loss_per_iteration"]]
+        err = [x["std"] or 0.0 for x in s["loss_per_iteration"]]
+        width = max(width, len(ys))
+        if method == "full":  # one epoch over everything: a point, not a trajectory
+            ax.errorbar([1], ys, yerr=err, fmt="*", markersize=12, capsize=4, label="full (all samples, 1 epoch)")
+        else:
+            ax.errorbar(range(len(ys) + 1), [base] + ys, yerr=[0.0] + err, marker="o", capsize=4, label=method)
+    ax.set_xticks(range(width + 1), ["base"] + [f"iter {e}" for e in range(width)])
+    ax.set(xlabel="model", ylabel="held-out response loss (nats/token)",
+           title=f"Held-out loss per method (mean ± std over {len(data['seeds'])} seed(s))")
+    ax.legend(fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# The whole comparison
+
+
+def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], heldout: Sequence[str],
+            output: str | None = None, gsm8k: str | None = None, gsm8k_limit: int | None = None, log=print) -> dict:
+    """Run every (seed, method), evaluate every model, write OUT/compare.{md,json,png}. Returns the json's dict."""
+    from iterit.data import expand_paths
+    from iterit.loop import Manifest, preflight, run
+    from iterit.scoring.pipeline import ensure_ray
+
+    if not heldout:
+        raise IteritError("compare needs held-out data to judge the methods: pass --heldout FILE (repeatable)")
+    for path in [*heldout, *([gsm8k] if gsm8k else [])]:  # a bad path fails now, not after hours of training
+        expand_paths(path)
+    out = output or join(cfg.output_dir, "compare")
+    shared = join(out, "shared")
+    base = cfg.model_copy(update={"output_dir": shared})
+    runs = {(s, m): run_config(cfg, out, s, m) for s in seeds for m in methods}
+    for rc in [base, *runs.values()]:  # before any work: a changed config must not mix with old results
+        _check_same(rc.output_dir, rc)
+    ensure_ray()
+    preflight(base, shared, log)
+    sm = shared_stages(base, shared, log)
+    for (seed, method), rc in runs.items():
+        fs, p = filesystem(join(rc.output_dir, "manifest.json"))
+        if not fs.exists(p):
+            seed_run(rc, shared, sm)
+        elif Manifest.load(rc.output_dir).done("report") is not None:
+            continue  # finished earlier
+        log(f"[compare] seed {seed}, method {method}: {rc.output_dir}")
+        run(rc, resume=rc.output_dir, log=log)
+    base_eval = evaluate(base, base.base_model, join(shared, "eval", "base.json"), heldout, gsm8k, gsm8k_limit, log)
+    for rc in runs.values():
+        for e in range(rc.iterations):
+            evaluate(base, join(rc.output_dir, "model", f"iter_{e}"), join(rc.output_dir, "eval", f"iter_{e}.json"),
+                     heldout, gsm8k, gsm8k_limit, log)
+    collected = [collect_run(rc.output_dir, m, s) for (s, m), rc in runs.items()]
+    st = sm["stages"]
+    accepted = st["ingest"]["result"]["accepted"]
+    data = {
+        "output": out, "base_model": cfg.base_model, "methods": list(methods), "seeds": list(seeds),
+        "heldout": list(heldout), "gsm8k": gsm8k, "gsm8k_limit": gsm8k_limit, "ratio": cfg.selection.ratio,
+        "iterations": cfg.iterations,
+        "shared": {"dir": shared, "accepted": accepted, "k": cfg.selection.num_selected(accepted),
+                   "scored": st["iter_0/score"]["result"]["scored"], "ingest_seconds": st["ingest"]["seconds"],
+                   "score_seconds": st["iter_0/score"]["seconds"]},
+        "base": {k: base_eval[k] for k in ("loss", "gsm8k") if k == "loss" or gsm8k},  # not an old call's GSM8K
+        "base_eval_seconds": round(base_eval["loss"]["seconds"] + (base_eval.get("gsm8k") or {}).get("seconds", 0), 2),
+        "runs": collected, "summary": summarise(collected, list(methods)),
+    }
+    atomic_write_text(join(out, "compare.json"), json.dumps(data, indent=2) + "\n")
+    atomic_write_text(join(out, "compare.md"), to_markdown(data))
+    with atomic_open(join(out, "compare.png"), "wb") as f:
+        f.write(plot(data))
+    return data

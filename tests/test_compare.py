@@ -1,0 +1,208 @@
+"""`iterit compare` on the tiny model: methods iterit, random and full, one seed, two iterations. The table,
+numbers and plot agree with the run directories; iteration 0's scoring ran once and is shared; full
+trains on every sample once; a second compare redoes nothing; bad input is one clear line."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import WORDS
+
+METHODS = ["iterit", "random", "full"]
+SEED = 7
+QUIET = dict(log=lambda *_: None)
+
+
+def _rows(rng, n, prefix):
+    return [{"id": f"{prefix}{i}", "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
+             "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30)))} for i in range(n)]
+
+
+def _config(tiny_model_dir, corpus, out) -> dict:
+    # As test_loop's: k = 6 of 60 per iteration, window 12, 3 optimizer steps per iteration.
+    return {
+        "base_model": tiny_model_dir, "datasets": [{"path": str(corpus)}], "output_dir": str(out),
+        "sequence_len": 64, "iterations": 2, "seed": SEED,
+        "selection": {"ratio": 6, "update_ratio": 2},
+        "scoring": {"torch_threads": 1, "batch_size": 16, "template_cpus": 0.5},
+        "ray_num_workers": 1, "deepspeed": 0, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3, "resources_per_worker": {"CPU": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_model_dir) -> dict:
+    d = tmp_path_factory.mktemp("compare")
+    rng = random.Random(11)
+    (d / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(rng, 60, "q")))
+    (d / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(rng, 10, "h")))
+    (d / "config.yaml").write_text(yaml.safe_dump(_config(tiny_model_dir, d / "corpus.jsonl", d / "runs")))
+    return {"dir": d, "config": d / "config.yaml", "heldout": d / "heldout.jsonl", "out": d / "runs" / "compare"}
+
+
+def _cli(argv) -> int:
+    from iterit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code
+
+
+@pytest.fixture(scope="module")
+def compared(ray_local, files) -> Path:
+    """The whole compare through the command line, into the default OUTPUT_DIR/compare."""
+    t0 = time.perf_counter()
+    assert _cli(["compare", str(files["config"]), "--methods", ",".join(METHODS), "--heldout",
+                 str(files["heldout"])]) == 0
+    print(f"compare took {time.perf_counter() - t0:.0f} s")
+    return files["out"]
+
+
+def _run(out: Path, method: str) -> Path:
+    return out / f"seed_{SEED}" / method
+
+
+def _manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_table_and_plot_appear(compared):
+    md = (compared / "compare.md").read_text()
+    for method in METHODS:
+        assert f"| {method} |" in md
+    assert "| base model | 0 |" in md and "overridden: full trains on everything once" in md
+    assert "## Held-out loss per iteration" in md and "after iter 1" in md
+    assert (compared / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for method in METHODS:  # ordinary run directories: the loop's own report is there
+        assert (_run(compared, method) / "report" / "report.md").exists()
+
+
+def test_numbers_agree_with_the_run_directories(compared):
+    data = json.loads((compared / "compare.json").read_text())
+    assert data["methods"] == METHODS and data["seeds"] == [SEED]
+    base = json.loads((compared / "shared" / "eval" / "base.json").read_text())
+    assert data["base"]["loss"] == base["loss"] and base["loss"]["n"] == 10
+    for r in data["runs"]:
+        run_dir = Path(r["run_dir"])
+        iters = 1 if r["method"] == "full" else 2
+        assert r["iterations"] == iters and run_dir == _run(compared, r["method"])
+        for e in range(iters):
+            assert r["samples_per_iteration"][e] == len(_lines(run_dir / f"iter_{e}" / "selection.jsonl"))
+            assert r["tokens_per_iteration"][e] == sum(m["tokens"] for m in
+                                                       _lines(run_dir / f"iter_{e}" / "train_metrics.jsonl")) > 0
+            ev = json.loads((run_dir / "eval" / f"iter_{e}.json").read_text())
+            assert ev["model"] == str(run_dir / "model" / f"iter_{e}")
+            assert r["loss"][e] == ev["loss"]["loss"] and r["ppl"][e] == ev["loss"]["ppl"]
+        stages = _manifest(run_dir)["stages"]
+        assert r["seconds"] == pytest.approx(sum(s["seconds"] for s in stages.values()), abs=0.05)
+        s = data["summary"][r["method"]]
+        assert s["final_loss"]["mean"] == r["loss"][-1] and s["final_loss"]["std"] is None  # one seed
+        assert s["tokens"]["mean"] == r["tokens"] == sum(r["tokens_per_iteration"])
+    assert data["summary"]["iterit"]["samples_per_iteration"] == [6, 6]
+    # trained models differ from the base and from each other
+    losses = {r["method"]: r["loss"][-1] for r in data["runs"]}
+    assert len({*losses.values(), data["base"]["loss"]["loss"]}) == 4
+
+
+def test_iteration_0_is_scored_once_and_shared(compared):
+    shared = _manifest(compared / "shared")["stages"]
+    assert list(shared) == ["ingest", "iter_0/score"] and shared["iter_0/score"]["seconds"] > 0
+    want = (compared / "shared" / "iter_0" / "scores.parquet").read_bytes()
+    for method in METHODS:
+        run_dir = _run(compared, method)
+        assert (run_dir / "iter_0" / "scores.parquet").read_bytes() == want
+        stages = _manifest(run_dir)["stages"]
+        for name in ("ingest", "iter_0/score"):  # recorded done, at no cost, pointing at the run's own copies
+            assert stages[name]["shared_from"] == str(compared / "shared") and stages[name]["seconds"] == 0.0
+            assert stages[name]["shared_seconds"] == shared[name]["seconds"]
+        assert stages["ingest"]["result"]["samples"] == str(run_dir / "ingest" / "samples.parquet")
+        assert stages["iter_0/score"]["result"]["scores"] == str(run_dir / "iter_0" / "scores.parquet")
+        for name in ("iter_0/select", "iter_0/train"):  # and the rest ran in the run itself
+            assert stages[name]["status"] == "done" and "shared_from" not in stages[name]
+        assert stages["iter_0/train"]["seconds"] > 0
+    # only iterations after the first re-score, with the run's own model
+    assert _manifest(_run(compared, "iterit"))["stages"]["iter_1/score"]["result"]["rows"] == 12
+
+
+def test_full_trains_on_every_sample_once(compared):
+    run_dir = _run(compared, "full")
+    stages = _manifest(run_dir)["stages"]
+    assert [s for s in stages if s.startswith("iter_")] == ["iter_0/score", "iter_0/select", "iter_0/train"]
+    scored = pq.read_table(run_dir / "iter_0" / "scores.parquet").num_rows
+    assert scored == 60 and len(_lines(run_dir / "iter_0" / "selection.jsonl")) == 60
+    # the LR schedule is sized for the 60 samples trained (30 steps), not for k = 6
+    train = stages["iter_0/train"]["result"]
+    assert train["steps"] == train["total_steps"] == 30
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["iterations"] == 1
+
+
+def test_a_second_compare_redoes_nothing(compared, files):
+    from iterit.compare import compare
+    from iterit.config import load_config
+
+    def snapshot():
+        dirs = [compared / "shared"] + [_run(compared, m) for m in METHODS]
+        finished = {(str(d), k): v["finished"] for d in dirs for k, v in _manifest(d)["stages"].items()}
+        evals = {str(p): p.stat().st_mtime_ns for p in compared.rglob("eval/*.json")}
+        return finished, evals
+
+    before = snapshot()
+    assert len(before[1]) == 1 + 2 + 2 + 1  # base, iterit x 2, random x 2, full
+    t0 = time.perf_counter()
+    data = compare(load_config(files["config"]), METHODS, [SEED], [str(files["heldout"])], **QUIET)
+    assert time.perf_counter() - t0 < 30
+    assert snapshot() == before
+    assert data == json.loads((compared / "compare.json").read_text())
+
+
+def test_a_changed_config_is_refused_on_the_same_output(compared, files):
+    from iterit.compare import compare
+    from iterit.config import load_config
+    from iterit.errors import IteritError
+
+    with pytest.raises(IteritError, match="made with another config .*learning_rate"):
+        compare(load_config(files["config"], ["learning_rate=0.01"]), METHODS, [SEED], [str(files["heldout"])],
+                **QUIET)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--methods", "iterit,bogus", "--heldout", "H"], "error: --methods: unknown method 'bogus'"),
+    (["--methods", " , ", "--heldout", "H"], "error: --methods is empty"),
+    (["--methods", "iterit"], "error: compare needs held-out data"),
+    (["--methods", "embedding", "--heldout", "H", "--set", "scoring.embeddings=false"], "error: --methods embedding"),
+    (["--methods", "iterit", "--heldout", "H", "--seeds", "4x"], "error: --seeds '4x'"),
+    (["--methods", "iterit", "--heldout", "/nonexistent/h.jsonl"], "error: data path not found"),
+])
+def test_errors_are_one_clear_line(files, extra, message, capsys):
+    argv = ["compare", str(files["config"]), *[str(files["heldout"]) if a == "H" else a for a in extra]]
+    assert _cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_the_table_shows_spread_and_gsm8k(compared):
+    """Two seeds' worth of numbers and GSM8K results, rendered without running anything."""
+    from iterit.compare import _stats, to_markdown
+
+    assert _stats([1.0, 2.0, 4.0])["std"] == pytest.approx(statistics.stdev([1.0, 2.0, 4.0]))
+    data = json.loads((compared / "compare.json").read_text())
+    data["base"]["gsm8k"] = {"exact_match": 0.25, "n": 4}
+    for s in data["summary"].values():
+        s["final_loss"] = _stats([1.5, 1.7])
+        s["seeds"] = [7, 8]
+        s["gsm8k_per_iteration"] = [_stats([0.5, 0.25]) for _ in range(s["iterations"])]
+    md = to_markdown(data)
+    assert "1.6000 ± 0.1414" in md and "7: 1.5000, 8: 1.7000" in md
+    assert "## GSM8K exact match (4 questions)" in md and "| 0.250 | 0.375 ± 0.177 |" in md
