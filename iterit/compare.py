@@ -13,9 +13,8 @@
     RUN/eval/iter_<e>.json    held-out loss (and GSM8K) of RUN/model/iter_<e>
     OUT/compare.md, compare.json, compare.png
 
-`full` trains on every scored sample for one iteration (iterations: 1, selection.ratio: 1.0 so the LR
-schedule is sized for N samples, not k). Stopped and started again, a compare redoes nothing finished:
-the shared stages and every run resume from their manifests, and an evaluation whose json exists is read.
+`full` trains on every scored sample for one iteration (iterations: 1). Stopped and started again, a
+compare redoes nothing finished: the shared stages and every run resume from their manifests, and an evaluation whose json exists is read.
 """
 
 from __future__ import annotations
@@ -65,8 +64,8 @@ def run_config(base: Config, out: str, seed: int, method: str) -> Config:
     tree = base.model_dump(mode="json")
     tree.update(output_dir=join(out, f"seed_{seed}", method), seed=seed)
     tree["selection"]["method"] = method
-    if method == "full":  # everything, once; ratio 1.0 so train_stage sizes the schedule for N, not k
-        tree["iterations"], tree["selection"]["ratio"] = 1, 1.0
+    if method == "full":  # everything, once (the loop sizes its schedule by the picks, all of N)
+        tree["iterations"] = 1
     if base.storage_path:  # Ray Train resumes silently from a same-named fit: one checkpoint folder per run
         tag = hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:8]
         tree["storage_path"] = join(base.storage_path, f"compare-{tag}", f"seed_{seed}", method)
@@ -155,7 +154,7 @@ def evaluate(cfg: Config, model: str, path: str, heldout: list[str], gsm8k: str 
     """Held-out loss (and GSM8K) of `model` -> `path` (json); a part already there for the same inputs is kept."""
     from iterit.evaluation import evaluate_gsm8k, evaluate_loss
 
-    work = path.removesuffix(".json")  # evaluate_loss's ingest, scores and its own eval.json
+    work = path.removesuffix(".json")  # evaluate_loss's ingest, scores and loss.json
     result = _read_json(path) or {"model": model}
     before = json.dumps(result, sort_keys=True)
     mcfg = cfg.model_copy(update={"base_model": model})

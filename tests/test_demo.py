@@ -57,19 +57,19 @@ def test_prepare_demo_is_idempotent(demo_assets):
 
 
 def test_demo_run_on_the_held_out_split(demo_assets, tmp_path, ray_local):
-    """The demo's whole loop on the real model, cut to one iteration over 24 held-out conversations."""
+    """The demo's whole loop on the real model, cut to one iteration over 12 held-out conversations."""
     from iterit.demo import run_demo
 
     run_dir = tmp_path / "run"
     out = run_demo([f"datasets.0.path={demo_assets['heldout']}", f"output_dir={run_dir}", "iterations=1",
-                    "selection.ratio=4"], log=lambda *_: None, samples=24)
+                    "selection.ratio=4"], log=lambda *_: None, samples=12)
     tok = out["tokens"]
     assert tok["templated"] + tok["response_truncated"] == 200 and tok["sequence_len"] == 256
     assert 0 < tok["response_tokens_p50"] <= tok["response_tokens_p90"] <= 256
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stages = manifest["stages"]
-    assert stages["ingest"]["result"]["accepted"] == 24  # only conversations that fit reach the loop
-    assert stages["iter_0/score"]["result"]["scored"] == 24  # so none is rejected at scoring
+    assert stages["ingest"]["result"]["accepted"] == 12  # only conversations that fit reach the loop
+    assert stages["iter_0/score"]["result"]["scored"] == 12  # so none is rejected at scoring
     picks = [json.loads(line) for line in open(run_dir / "iter_0" / "selection.jsonl")]
     assert len(picks) == 4 and all(0 < p["ifd"] < 1 and p["gain"] > 0 for p in picks)
     metrics = [json.loads(line) for line in open(run_dir / "iter_0" / "train_metrics.jsonl")]

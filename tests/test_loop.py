@@ -56,7 +56,8 @@ def uninterrupted(ray_local, tiny_model_dir, loop_corpus, tmp_path_factory):
     from iterit.loop import run
 
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    out = run(config_from_dict(_config(tiny_model_dir, loop_corpus, run_dir)), log=lambda *_: None)
+    tree = {**_config(tiny_model_dir, loop_corpus, run_dir), "report_to": "tensorboard"}
+    out = run(config_from_dict(tree), log=lambda *_: None)
     return run_dir, out
 
 
@@ -89,6 +90,22 @@ def test_run_writes_every_artifact(uninterrupted):
         AutoModelForCausalLM.from_pretrained(run_dir / "model" / f"iter_{e}")
     assert (run_dir / "report" / "report.md").exists() and out["report"].endswith("report.md")
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == 7
+
+
+def test_run_mirrors_its_numbers_to_tensorboard(uninterrupted):
+    from test_tracking import read_scalars
+
+    run_dir, _ = uninterrupted
+    scalars = read_scalars(run_dir / "tensorboard")
+    metrics = [json.loads(line) for e in range(2) for line in open(run_dir / f"iter_{e}" / "train_metrics.jsonl")]
+    # rank 0 of every fit: one point per optimizer step, on the global step that runs across iterations
+    assert scalars["train/loss"] == [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in metrics]
+    assert [s for s, _ in scalars["train/lr"]] == list(range(1, 7))
+    # the driver: one point per iteration for each stage's result
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert scalars["score/scored"] == [(e, float(stages[f"iter_{e}/score"]["result"]["scored"])) for e in range(2)]
+    assert scalars["select/mean_ifd_selected"] == [
+        (e, pytest.approx(stages[f"iter_{e}/select"]["result"]["mean_ifd_selected"], rel=1e-6)) for e in range(2)]
 
 
 def test_a_run_directory_is_not_overwritten(uninterrupted, tiny_model_dir, loop_corpus):

@@ -85,6 +85,10 @@ def scoring_dataset(cfg: Config, samples_path: str, only_ids: list[str] | None =
         wanted = pa.array(only_ids, pa.string())
         ds = ds.map_batches(lambda t: t.filter(pc.is_in(t.column("id"), value_set=wanted)),
                             batch_format="pyarrow", num_cpus=sc.template_cpus)
+    # A pool actor takes whole blocks, and a Parquet row group (4,096 rows) or a small file is one
+    # block: without this split one actor scores it all while the others idle. Blocks of batch_size
+    # rows spread the work over every actor (and templating over every CPU).
+    ds = ds.repartition(target_num_rows_per_block=sc.batch_size)
     ds = ds.map_batches(
         template_rows, batch_format="pyarrow", batch_size=sc.batch_size, num_cpus=sc.template_cpus,
         fn_kwargs=dict(model=cfg.base_model, chat_template=cfg.chat_template,
