@@ -200,7 +200,7 @@ def train_stage(cfg: Config, run_dir: str, e: int, samples_path: str, manifest: 
     # Ray Train resumes a fit whose (storage_path, name) it has seen: a name unique to this run
     # keeps runs that share a storage_path apart.
     out = train(cfg, run_dir, {e: picks}, samples_path, k=k, resume_from=prev["checkpoint"] if prev else None,
-                name=f"{run_key(run_dir if '://' in run_dir else os.path.abspath(run_dir))}-iter_{e}", log=log)
+                name=f"{run_key(run_dir)}-iter_{e}", log=log)
     return {**out["iterations"][e], "checkpoint": out["checkpoint"], "fit_seconds": out["fit_seconds"],
             "total_steps": out["total_steps"], "samples": len(picks)}
 

@@ -25,8 +25,11 @@ MODULE = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
 
 
 def run_key(run_dir: str) -> str:
-    """A stable id for the tracking run of an iterit run directory (the same on every node, every resume)."""
-    return "iterit-" + hashlib.sha1(run_dir.rstrip("/").encode()).hexdigest()[:12]
+    """A stable id for the tracking run of an iterit run directory (the same on every node, every resume).
+
+    Local paths count as absolute: the driver may hold "runs/x" while its workers get "/home/u/runs/x"."""
+    path = run_dir if "://" in run_dir else os.path.abspath(run_dir)
+    return "iterit-" + hashlib.sha1(path.rstrip("/").encode()).hexdigest()[:12]
 
 
 def check_available(report_to: str | None) -> None:

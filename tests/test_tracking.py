@@ -92,6 +92,12 @@ def test_wandb_points_carry_their_own_axis(tmp_path, monkeypatch):
     assert fake.calls[3][0] == "finish"
 
 
+def test_run_key_is_the_same_for_relative_and_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_key("runs/x") == run_key(str(tmp_path / "runs" / "x")) == run_key(str(tmp_path / "runs" / "x") + "/")
+    assert run_key("s3://b/runs/x") != run_key("s3://b/runs/y")
+
+
 def test_missing_package_fails_before_work(monkeypatch):
     import importlib.util
 
