@@ -26,7 +26,6 @@ import os
 import statistics
 from typing import Sequence
 
-import yaml
 
 from iterit.config import Config, config_from_dict, save_config
 from iterit.errors import IteritError
@@ -82,11 +81,12 @@ def _read_json(path: str):
 
 def _check_same(run_dir: str, cfg: Config) -> None:
     """A directory made by an earlier compare must have been made with this config, else its results lie."""
+    from iterit.loop import read_run_config
+
     fs, p = filesystem(join(run_dir, "config.yaml"))
     if not fs.exists(p):
         return
-    with fs.open(p, "r") as f:
-        saved = config_from_dict(yaml.safe_load(f), p).model_dump(mode="json")
+    saved = read_run_config(run_dir).model_dump(mode="json")
     new = cfg.model_dump(mode="json")
     diff = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
     if diff:
