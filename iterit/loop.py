@@ -4,7 +4,8 @@
                                 the initial order)
     for e in 0 .. iterations-1:
       iter_e/score              e = 0: all N with the base model; e > 0: the first W = k x update_ratio
-                                ids of the current order with RUN/model/iter_{e-1}
+                                ids of the current order with RUN/model/iter_{e-1} (random and
+                                longest, which do not read scores, keep iteration 0's for the window)
       iter_e/select             re-order those W (picks, then others, then candidates by IFD), k picks;
                                 RUN/iter_e/order.parquet is the full order after e (tail: status "tail")
       iter_e/train              one epoch over the k picks (Ray Train + DeepSpeed), resuming the
@@ -176,16 +177,42 @@ def select_stage(cfg: Config, run_dir: str, e: int, samples_path: str, eos: str 
             "mean_ifd_selected": float(np.mean([window_ifd[i] for i in order[: len(wo.picks)]])) if wo.picks else None}
 
 
+# Methods whose order does not read the model's scores (only which samples were scored at all): later
+# iterations keep iteration 0's scores for their window instead of running the model again.
+SCORE_FREE = ("random", "longest")
+
+
+def reuse_scores(run_dir: str, e: int, window: list[str]) -> dict:
+    """iter_e/scores.parquet = iteration 0's rows of the window's ids, with no model run."""
+    import pyarrow.compute as pc
+
+    t0 = time.perf_counter()
+    table = read_parquet(join(run_dir, "iter_0", "scores.parquet"))
+    table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(window, pa.string())))
+    out = join(run_dir, f"iter_{e}")
+    with atomic_open(join(out, "scores.parquet")) as f:
+        pq.write_table(table, f, compression="zstd")
+    atomic_write_text(join(out, "rejects.jsonl"), "")  # iteration 0's rejects.jsonl holds them all
+    summary = {"rows": len(window), "scored": table.num_rows, "rejected": 0, "rejected_by_reason": {},
+               "tokens": 0, "padding_fraction": 0.0, "seconds": round(time.perf_counter() - t0, 2),
+               "samples_per_s": 0.0, "tokens_per_s": 0.0, "reused_from": "iter_0",
+               "scores": join(out, "scores.parquet"), "rejects": join(out, "rejects.jsonl")}
+    atomic_write_text(join(out, "score_summary.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def score_stage(cfg: Config, run_dir: str, e: int, samples_path: str, log) -> dict:
     from iterit.scoring.pipeline import run_scoring
     from iterit.training.export import is_exported, model_dir
 
     if e == 0:
         return run_scoring(cfg, samples_path, join(run_dir, "iter_0"), log=log)
+    window = read_order(run_dir, e - 1)[: cfg.selection.window(len(_corpus(samples_path)[0]))]
+    if cfg.selection.method in SCORE_FREE:
+        return reuse_scores(run_dir, e, window)
     model = model_dir(run_dir, e - 1)
     if not is_exported(model):
         raise IteritError(f"{model} is missing or incomplete: iteration {e - 1}'s training did not finish its export")
-    window = read_order(run_dir, e - 1)[: cfg.selection.window(len(_corpus(samples_path)[0]))]
     return run_scoring(cfg.model_copy(update={"base_model": model}), samples_path, join(run_dir, f"iter_{e}"),
                        only_ids=window, log=log)
 
@@ -288,7 +315,11 @@ def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict
     rows = []
     for e in range(cfg.iterations):
         s = manifest.run(f"iter_{e}/score", lambda: score_stage(cfg, run_dir, e, samples, log), log)
-        log(f"[iter_{e}/score] {s['scored']:,} scored, {s['rejected']:,} rejected, {s['tokens_per_s']:,.0f} tokens/s")
+        if s.get("reused_from"):
+            log(f"[iter_{e}/score] {s['scored']:,} of the window keep {s['reused_from']}'s scores ({cfg.selection.method} "
+                "does not read them)")
+        else:
+            log(f"[iter_{e}/score] {s['scored']:,} scored, {s['rejected']:,} rejected, {s['tokens_per_s']:,.0f} tokens/s")
         sel = manifest.run(f"iter_{e}/select", lambda: select_stage(cfg, run_dir, e, samples, eos), log)
         log(f"[iter_{e}/select] {sel['k']:,} of {sel['window']:,} picked ({sel['candidates']:,} candidates) "
             f"in {sel['seconds']:.1f} s")

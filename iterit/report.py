@@ -241,7 +241,8 @@ def plot_rows(run: Run):
     for it in run.iters:
         s = it.summary or {}
         if "scored" in s:
-            bars.append((f"iter {it.e} {'scored' if it.e == 0 else 're-scored (window)'}", s["scored"], "tab:blue"))
+            what = "scored" if it.e == 0 else "window (iter 0 scores kept)" if s.get("reused_from") else "re-scored (window)"
+            bars.append((f"iter {it.e} {what}", s["scored"], "tab:blue"))
         bars += [(f"iter {it.e} scoring reject: {r}", n, "tab:orange")
                  for r, n in (s.get("rejected_by_reason") or {}).items()]
     if not bars:
@@ -257,7 +258,9 @@ def plot_rows(run: Run):
 
 
 def plot_ifd_distribution(run: Run):
-    series = [(it.e, it.ifd[np.isfinite(it.ifd)]) for it in run.iters if it.ifd is not None and len(it.ifd)]
+    # A window whose scores were kept from iteration 0 (random, longest) would only repeat iteration 0's.
+    series = [(it.e, it.ifd[np.isfinite(it.ifd)]) for it in run.iters
+              if it.ifd is not None and len(it.ifd) and not (it.summary or {}).get("reused_from")]
     if not series or not sum(len(x) for _, x in series):
         return "no scores yet"
     lo, hi = np.quantile(np.concatenate([x for _, x in series]), [0.005, 0.995])

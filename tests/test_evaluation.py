@@ -44,11 +44,12 @@ def test_heldout_loss_is_the_token_weighted_reference_span_loss(ray_local, tiny_
     # The reference: every sample templated and scored alone (full logits, batch size 1).
     samples = read_samples(ingest([DatasetConfig(path=str(mixed_corpus))], str(tmp_path / "ref"))["samples"])
     model = load_model(tiny_model_dir, "float32")
-    losses, lengths = [], []
+    losses, lengths, cond_texts = [], [], []
     for t in template_batch(tiny_tokenizer, samples.column("messages").to_pylist(), MAX_LEN):
         if not isinstance(t, RowError):
             losses.append(reference_scores(model, t)[0])
             lengths.append(t.span_len)
+            cond_texts.append(t)
     want = sum(c * n for c, n in zip(losses, lengths)) / sum(lengths)
     assert got["loss"] == pytest.approx(want, rel=1e-4)
     assert got["ppl"] == pytest.approx(math.exp(want), rel=1e-4)
@@ -58,7 +59,12 @@ def test_heldout_loss_is_the_token_weighted_reference_span_loss(ray_local, tiny_
     assert (got["n"], got["tokens"], got["read"]) == (19, sum(lengths), 20)
     assert got["rejected"] == 1 and got["rejected_by_reason"] == {"response_truncated": 1}
     assert json.loads((out / "loss.json").read_text()) == got
-    assert "embedding" not in pq.read_schema(out / "scores.parquet").names  # embeddings off
+    scores = pq.read_table(out / "scores.parquet")
+    assert "embedding" not in scores.column_names  # embeddings off
+    # The conditional pass only: no prior pass was run, so no IFD; the work counted is the cond texts'.
+    assert np.isnan(scores.column("loss_prior").to_numpy()).all() and np.isnan(scores.column("ifd").to_numpy()).all()
+    summary = json.loads((out / "score_summary.json").read_text())
+    assert summary["tokens"] == sum(len(t.cond_ids) for t in cond_texts)
     assert (out / "ingest" / "samples.parquet").exists()
 
 
@@ -198,3 +204,44 @@ def test_run_eval_combines_both_into_eval_json(monkeypatch, tiny_model_dir, tmp_
     assert json.loads((tmp_path / "eval.json").read_text()) == got
     with pytest.raises(IteritError, match="nothing to evaluate"):
         run_eval(cfg, [], str(tmp_path))
+
+
+# ---- lm-evaluation-harness (optional): a recording stand-in for the package
+
+
+def test_lm_eval_tasks_run_through_the_harness_and_land_in_eval_json(monkeypatch, tiny_model_dir, tmp_path):
+    import sys
+    import types
+
+    calls = []
+
+    def simple_evaluate(**kwargs):
+        calls.append(kwargs)
+        return {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25,
+                                      "exact_match_stderr,strict-match": 0.1, "flag": True}}}
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate,
+                                                                      __version__="0.4.13"))
+    cfg = eval_config(tiny_model_dir, tmp_path)
+    got = run_eval(cfg, None, str(tmp_path), limit=5, lm_eval_tasks=["gsm8k"], num_fewshot=0, **QUIET)
+    (call,) = calls
+    assert call["model"] == "hf" and call["tasks"] == ["gsm8k"] and call["limit"] == 5 and call["num_fewshot"] == 0
+    assert call["model_args"] == {"pretrained": tiny_model_dir, "dtype": "float32", "trust_remote_code": False}
+    assert call["device"] == "cpu"
+    assert call["apply_chat_template"] is True  # the tiny tokenizer carries a (ChatML) template of its own
+    lm = got["lm_eval"]
+    assert lm["tasks"] == {"gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1}}
+    assert lm["lm_eval_version"] == "0.4.13"
+    assert json.loads((tmp_path / "lm_eval.json").read_text()) == lm
+    assert json.loads((tmp_path / "eval.json").read_text())["lm_eval"] == lm
+
+
+def test_lm_eval_without_the_package_names_the_extra(monkeypatch, tiny_model_dir, tmp_path):
+    import sys
+
+    from iterit.evaluation import evaluate_lm_eval, parse_tasks
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    with pytest.raises(IteritError, match=r'pip install "iterit\[lm-eval\]"'):
+        evaluate_lm_eval(eval_config(tiny_model_dir, tmp_path), ["gsm8k"], str(tmp_path))
+    assert parse_tasks(" gsm8k, arc_easy,,gsm8k ") == ["gsm8k", "arc_easy"]

@@ -169,3 +169,59 @@ def test_killed_driver_resumes_to_the_same_selections(uninterrupted, ray_local, 
     assert _selections(run_dir) == _selections(uninterrupted[0])
     steps = [json.loads(line)["step"] for e in range(2) for line in open(run_dir / f"iter_{e}" / "train_metrics.jsonl")]
     assert steps == list(range(1, 7))
+
+
+@pytest.mark.parametrize("method", ["random", "longest"])
+def test_methods_that_ignore_scores_keep_iteration_0s_for_the_window(method, tmp_path):
+    """random and longest order a window without reading its IFD: a later iteration takes iteration 0's
+    rows of the window and runs no model (there is none here to run)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from iterit.config import config_from_dict
+    from iterit.loop import score_stage, select_stage
+
+    run_dir = tmp_path / "run"
+    ids = [f"s{i}" for i in range(12)]
+    (run_dir / "ingest").mkdir(parents=True)
+    (run_dir / "iter_0").mkdir()
+    messages = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a " * (i + 1)}] for i in range(12)]
+    pq.write_table(pa.table({"id": ids, "messages": messages}), run_dir / "ingest" / "samples.parquet")
+    scores = pa.table({"id": ids, "ifd": np.linspace(0.5, 0.95, 12), "loss_cond": np.ones(12), "loss_prior": np.ones(12),
+                       "n_prompt_tokens": pa.array([3] * 12, pa.int32()),
+                       "n_response_tokens": pa.array(range(1, 13), pa.int32())})
+    pq.write_table(scores, run_dir / "iter_0" / "scores.parquet")
+    cfg = config_from_dict({"base_model": str(tmp_path / "no-model"), "datasets": [{"path": "unused"}],
+                            "output_dir": str(run_dir), "selection": {"method": method, "ratio": 2, "update_ratio": 2}})
+    samples = str(run_dir / "ingest" / "samples.parquet")
+    select_stage(cfg, str(run_dir), 0, samples, eos=None)
+    window = pq.read_table(run_dir / "iter_0" / "order.parquet").column("id").to_pylist()[:4]
+
+    summary = score_stage(cfg, str(run_dir), 1, samples, log=lambda *_: None)
+    assert summary["reused_from"] == "iter_0" and (summary["scored"], summary["tokens"]) == (4, 0)
+    kept = pq.read_table(run_dir / "iter_1" / "scores.parquet")
+    assert sorted(kept.column("id").to_pylist()) == sorted(window)
+    want = {r["id"]: r for r in scores.to_pylist()}
+    assert all(r == want[r["id"]] for r in kept.to_pylist())  # iteration 0's rows, unchanged
+    assert json.loads((run_dir / "iter_1" / "score_summary.json").read_text()) == summary
+    sel = select_stage(cfg, str(run_dir), 1, samples, eos=None)
+    assert sel["k"] == 2 and sel["window"] == 4
+
+
+def test_methods_that_read_scores_rescore_with_the_last_model(tmp_path):
+    from iterit.config import config_from_dict
+    from iterit.errors import IteritError
+    from iterit.loop import score_stage
+
+    run_dir = tmp_path / "run"
+    (run_dir / "iter_0").mkdir(parents=True)
+    (run_dir / "ingest").mkdir()
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"id": ["a", "b"], "messages": [[{"role": "assistant", "content": "x"}]] * 2}),
+                   run_dir / "ingest" / "samples.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "position": [0, 1]}), run_dir / "iter_0" / "order.parquet")
+    cfg = config_from_dict({"base_model": "unused", "datasets": [{"path": "unused"}], "output_dir": str(run_dir),
+                            "selection": {"method": "iterit", "ratio": 1}})
+    with pytest.raises(IteritError, match="iter_0 is missing or incomplete"):
+        score_stage(cfg, str(run_dir), 1, str(run_dir / "ingest" / "samples.parquet"), log=print)

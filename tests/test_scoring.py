@@ -59,6 +59,17 @@ def test_batched_scores_equal_the_per_sample_reference(tiny_model, templated):
     np.testing.assert_allclose(again.embedding[::-1], got.embedding, atol=1e-5)
 
 
+def test_conditional_pass_only_runs_half_the_sequences(tiny_model, templated):
+    _, by_id = templated
+    samples = [t for t in by_id.values() if not isinstance(t, RowError)]
+    both = score_templated(tiny_model, samples, token_budget=512, pad_id=0)
+    cond = score_templated(tiny_model, samples, token_budget=512, pad_id=0, prior=False)
+    np.testing.assert_allclose(cond.loss_cond, both.loss_cond, rtol=1e-5)
+    assert np.isnan(cond.loss_prior).all() and cond.embedding is None
+    assert cond.real_tokens == sum(len(t.cond_ids) for t in samples)
+    assert both.real_tokens == cond.real_tokens + sum(len(t.prior_ids) for t in samples)
+
+
 def test_embedding_is_the_mean_of_the_prior_span(tiny_model, templated):
     _, by_id = templated
     t = by_id["alpaca"]

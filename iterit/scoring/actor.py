@@ -81,13 +81,14 @@ class Scorer:
     """Ray Data callable class: one model replica per actor, loaded once."""
 
     def __init__(self, model: str, dtype: str, token_budget: int, embeddings: bool, attn_implementation: str,
-                 trust_remote_code: bool, torch_threads: int | None = None):
+                 trust_remote_code: bool, torch_threads: int | None = None, prior: bool = True):
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
         self.model = load_model(model, dtype, attn_implementation, trust_remote_code)
-        self.token_budget, self.embeddings = token_budget, embeddings
+        self.token_budget, self.prior = token_budget, prior
+        self.embeddings = embeddings and prior  # embeddings pool the prior pass
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from iterit.scoring.losses import score_templated
@@ -110,7 +111,8 @@ class Scorer:
         emb = None
         computed = np.zeros(n, dtype=np.float64)
         if samples:
-            s = score_templated(self.model, samples, self.token_budget, pad_id=0, embeddings=self.embeddings)
+            s = score_templated(self.model, samples, self.token_budget, pad_id=0, embeddings=self.embeddings,
+                                prior=self.prior)
             loss_cond[live], loss_prior[live] = s.loss_cond, s.loss_prior
             computed[live] = s.computed_tokens / len(samples)  # each row's share of the padded work
             if s.embedding is not None:
@@ -118,7 +120,7 @@ class Scorer:
                 emb[live] = s.embedding
         ifd = np.exp(loss_cond - loss_prior)
         for i in live:
-            if not (np.isfinite(loss_cond[i]) and np.isfinite(loss_prior[i]) and np.isfinite(ifd[i])):
+            if not (np.isfinite(loss_cond[i]) and (not self.prior or (np.isfinite(loss_prior[i]) and np.isfinite(ifd[i])))):
                 reject[i] = "nonfinite_loss"
                 detail[i] = f"loss_cond={loss_cond[i]}, loss_prior={loss_prior[i]}"
         starts = np.asarray(batch.column("cond_start"), dtype=np.int32)
@@ -126,8 +128,8 @@ class Scorer:
             "id": batch.column("id"), "source": batch.column("source"), "row": batch.column("row"),
             "ifd": ifd, "loss_cond": loss_cond, "loss_prior": loss_prior,
             "n_prompt_tokens": starts, "n_response_tokens": np.asarray(batch.column("span_len"), dtype=np.int32),
-            "real_tokens": np.array([len(c) + len(p) for c, p in zip(cols["cond_ids"], cols["prior_ids"])],
-                                    dtype=np.int64),
+            "real_tokens": np.array([len(c) + (len(p) if self.prior else 0)
+                                     for c, p in zip(cols["cond_ids"], cols["prior_ids"])], dtype=np.int64),
             "computed_tokens": computed, "reject": reject, "detail": detail,
         }
         if self.embeddings:

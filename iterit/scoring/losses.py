@@ -124,19 +124,24 @@ def span_nll_and_hidden(
 
 
 def score_templated(model, samples: list[Templated], token_budget: int, pad_id: int,
-                    embeddings: bool = True) -> Scores:
+                    embeddings: bool = True, prior: bool = True) -> Scores:
     """Both passes of every sample, micro-batched under `token_budget`. Inference only.
 
+    `prior=False` runs the conditional pass only (held-out loss needs nothing else): loss_prior is
+    NaN and there are no embeddings, for about half the work.
     On CUDA out-of-memory a micro-batch is split in two and retried, down to one sequence.
     """
     n = len(samples)
+    embeddings = embeddings and prior  # the embedding pools the prior pass's span
     seqs, starts, lens, owner, is_prior = [], [], [], [], []
     for i, t in enumerate(samples):
-        seqs += [t.cond_ids, t.prior_ids]
-        starts += [t.cond_start, t.prior_start]
-        lens += [t.span_len, t.span_len]
-        owner += [i, i]
-        is_prior += [False, True]
+        passes = ((t.cond_ids, t.cond_start, False), (t.prior_ids, t.prior_start, True))[: 2 if prior else 1]
+        for ids, start, is_p in passes:
+            seqs.append(ids)
+            starts.append(start)
+            lens.append(t.span_len)
+            owner.append(i)
+            is_prior.append(is_p)
     loss = np.full((2, n), np.nan)
     emb = None
     computed = real = 0

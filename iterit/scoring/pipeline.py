@@ -73,8 +73,9 @@ def check_pool_fits(sc, gpus: float, log=print) -> None:
 
 
 def scoring_dataset(cfg: Config, samples_path: str, only_ids: list[str] | None = None,
-                    actor_env: dict[str, str] | None = None, log=print):
-    """The lazy Ray Dataset of scored rows (nothing runs until it is iterated)."""
+                    actor_env: dict[str, str] | None = None, log=print, prior: bool = True):
+    """The lazy Ray Dataset of scored rows (nothing runs until it is iterated). `prior=False`: the
+    conditional pass only (held-out loss), no IFD and no embeddings."""
     import ray
 
     sc = cfg.scoring
@@ -109,20 +110,22 @@ def scoring_dataset(cfg: Config, samples_path: str, only_ids: list[str] | None =
         num_gpus=gpus, num_cpus=sc.cpus_per_actor,
         fn_constructor_kwargs=dict(model=cfg.base_model, dtype=sc.dtype, token_budget=sc.token_budget,
                                    embeddings=sc.embeddings, attn_implementation=sc.attn_implementation,
-                                   trust_remote_code=cfg.trust_remote_code, torch_threads=sc.torch_threads),
+                                   trust_remote_code=cfg.trust_remote_code, torch_threads=sc.torch_threads,
+                                   prior=prior),
         runtime_env={"env_vars": dict(actor_env)} if actor_env else None,
     )
 
 
 def run_scoring(cfg: Config, samples_path: str, output_dir: str, only_ids: list[str] | None = None,
                 actor_env: dict[str, str] | None = None, rejects_prefix: str | None = None,
-                log=print, progress_every: float = 10.0) -> dict:
+                log=print, progress_every: float = 10.0, prior: bool = True) -> dict:
     """Score every sample (or `only_ids`) into OUTPUT/scores.parquet; rejects into OUTPUT/rejects.jsonl.
 
     `rejects_prefix`: a rejects.jsonl (from ingest) copied first, so one file holds every reject.
+    `prior=False`: the conditional pass only; ifd and loss_prior are NaN, no embedding column.
     """
-    ds = scoring_dataset(cfg, samples_path, only_ids, actor_env, log)
-    schema = SCORES_SCHEMA.append(EMBEDDING_FIELD) if cfg.scoring.embeddings else SCORES_SCHEMA
+    ds = scoring_dataset(cfg, samples_path, only_ids, actor_env, log, prior=prior)
+    schema = SCORES_SCHEMA.append(EMBEDDING_FIELD) if cfg.scoring.embeddings and prior else SCORES_SCHEMA
     t0 = last = time.perf_counter()
     n_scored = n_rows = real = 0
     computed = 0.0
