@@ -29,7 +29,7 @@ from typing import Sequence
 
 from iterit.config import Config, config_from_dict, save_config
 from iterit.errors import IteritError
-from iterit.io import atomic_open, atomic_write_text, filesystem, join
+from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_jsonl
 from iterit.selection.window import METHODS
 
 SHARED = ("ingest", "iter_0/score")  # the stages every run of a compare has in common
@@ -179,25 +179,24 @@ def _stats(values: list[float]) -> dict:
             "std": statistics.stdev(vals) if len(vals) > 1 else None, "values": values}
 
 
-def _jsonl(path: str) -> list[dict]:
-    fs, p = filesystem(path)
-    if not fs.exists(p):
-        return []
-    with fs.open(p, "r") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def collect_run(run_dir: str, method: str, seed: int) -> dict:
     from iterit.loop import Manifest
 
     m = Manifest.load(run_dir).data
     iters = m["iterations"]
     evals = {e: _read_json(join(run_dir, "eval", f"iter_{e}.json")) or {} for e in range(iters)}
-    tokens = [sum(r["tokens"] for r in _jsonl(join(run_dir, f"iter_{e}", "train_metrics.jsonl"))) for e in range(iters)]
+    tokens = [sum(r["tokens"] for r in read_jsonl(join(run_dir, f"iter_{e}", "train_metrics.jsonl"))) for e in range(iters)]
     own = {k: st.get("seconds", 0.0) for k, st in m["stages"].items() if "shared_from" not in st}
+    selections = [read_jsonl(join(run_dir, f"iter_{e}", "selection.jsonl")) for e in range(iters)]
+    picks = [[r["id"] for r in sel] for sel in selections]
+    tokens_of = _response_tokens(join(run_dir, "iter_0", "scores.parquet"), {i for p in picks for i in p})
     return {
         "method": method, "seed": seed, "run_dir": run_dir, "iterations": iters,
-        "samples_per_iteration": [len(_jsonl(join(run_dir, f"iter_{e}", "selection.jsonl"))) for e in range(iters)],
+        "samples_per_iteration": [len(p) for p in picks], "picks": picks,
+        "distinct_samples": len({i for p in picks for i in p}),
+        # what the selection saw: the IFD of the picks under the model that scored them
+        "picks_mean_ifd": [_mean([r["ifd"] for r in sel]) for sel in selections],
+        "picks_mean_response_tokens": [_mean([tokens_of.get(i) for i in p]) for p in picks],
         "tokens_per_iteration": tokens, "tokens": sum(tokens), "stage_seconds": own,
         "seconds": round(sum(own.values()), 2),
         "eval_seconds": round(sum((ev.get("loss") or {}).get("seconds", 0) + (ev.get("gsm8k") or {}).get("seconds", 0)
@@ -206,6 +205,43 @@ def collect_run(run_dir: str, method: str, seed: int) -> dict:
         "ppl": [(evals[e].get("loss") or {}).get("ppl") for e in range(iters)],
         "gsm8k": [(evals[e].get("gsm8k") or {}).get("exact_match") for e in range(iters)],
     }
+
+
+def _mean(values) -> float | None:
+    vals = [float(v) for v in values if v is not None and v == v]  # v == v: not NaN
+    return statistics.fmean(vals) if vals else None
+
+
+def _response_tokens(scores_path: str, ids: set[str]) -> dict[str, int]:
+    """id -> n_response_tokens (the scored span) of the given ids, from a scores Parquet."""
+    from iterit.io import read_parquet
+
+    fs, p = filesystem(scores_path)
+    if not ids or not fs.exists(p):
+        return {}
+    t = read_parquet(scores_path).select(["id", "n_response_tokens"])
+    return {i: n for i, n in zip(t.column("id").to_pylist(), t.column("n_response_tokens").to_pylist()) if i in ids}
+
+
+def selection_overlap(runs: list[dict], methods: list[str]) -> list[dict]:
+    """Jaccard |A & B| / |A | B| of two methods' picks in each iteration, per seed and their mean, for
+    every pair of methods that select (full trains on everything, so it is left out)."""
+    by = {(r["method"], r["seed"]): r["picks"] for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    selecting = [m for m in methods if m != "full"]
+    out = []
+    for i, a in enumerate(selecting):
+        for b in selecting[i + 1:]:
+            width = min(len(by[(a, seeds[0])]), len(by[(b, seeds[0])]))
+            per_iter = []
+            for e in range(width):
+                vals = []
+                for seed in seeds:
+                    pa_, pb = set(by[(a, seed)][e]), set(by[(b, seed)][e])
+                    vals.append(len(pa_ & pb) / len(pa_ | pb) if pa_ | pb else 1.0)
+                per_iter.append(_stats(vals))
+            out.append({"methods": [a, b], "jaccard_per_iteration": per_iter})
+    return out
 
 
 def summarise(runs: list[dict], methods: list[str]) -> dict:
@@ -221,6 +257,10 @@ def summarise(runs: list[dict], methods: list[str]) -> dict:
             "loss_per_iteration": [_stats([r["loss"][e] for r in rs]) for e in range(iters)],
             "gsm8k_per_iteration": [_stats([r["gsm8k"][e] for r in rs]) for e in range(iters)],
             "tokens": _stats([r["tokens"] for r in rs]),
+            "distinct_samples": _stats([r["distinct_samples"] for r in rs]),
+            "picks_mean_ifd": [_stats([r["picks_mean_ifd"][e] for r in rs]) for e in range(iters)],
+            "picks_mean_response_tokens": [_stats([r["picks_mean_response_tokens"][e] for r in rs])
+                                           for e in range(iters)],
             "seconds": round(sum(r["seconds"] for r in rs), 2),
             "eval_seconds": round(sum(r["eval_seconds"] for r in rs), 2),
         }
@@ -268,6 +308,25 @@ def to_markdown(data: dict) -> str:
         for method, s in summ.items():
             cells = [_pm(x, ".3f") for x in s["gsm8k_per_iteration"]] + ["-"] * (width - s["iterations"])
             lines.append(f"| {method} | {base['gsm8k']['exact_match']:.3f} | {' | '.join(cells)} |")
+    lines += ["", "## What each method picked", "",
+              "Mean over seeds, per iteration: the IFD of the picks under the model that scored them, and their "
+              "response length (the scored span, in tokens). Distinct: samples trained at least once over all "
+              "iterations.", "",
+              "| method | mean IFD of picks | mean response tokens of picks | distinct samples trained |",
+              "|---|---|---|---|"]
+    for method, s in summ.items():
+        ifd = ", ".join(_num(x["mean"], ".3f") for x in s["picks_mean_ifd"])
+        toks = ", ".join(_num(x["mean"], ".0f") for x in s["picks_mean_response_tokens"])
+        lines.append(f"| {method} | {ifd} | {toks} | {_num(s['distinct_samples']['mean'], ',.1f')} |")
+    if data.get("overlap"):
+        cols = " | ".join(f"iter {e}" for e in range(width))
+        lines += ["", "## How much the selections agree", "",
+                  "Jaccard |A ∩ B| / |A ∪ B| of two methods' picks in the same iteration, mean ± std over seeds.", "",
+                  f"| methods | {cols} |", "|---" * (width + 1) + "|"]
+        for o in data["overlap"]:
+            cells = [_pm(x, ".2f") for x in o["jaccard_per_iteration"]]
+            cells += ["-"] * (width - len(cells))
+            lines.append(f"| {' vs '.join(o['methods'])} | {' | '.join(cells)} |")
     lines += ["", "## Time", "",
               f"Shared by every run, counted once ({shared['dir']}): ingest {shared['ingest_seconds']:,.1f} s, "
               f"iteration 0 scoring {shared['score_seconds']:,.1f} s; base-model evaluation "
@@ -352,7 +411,8 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], heldout: 
                    "score_seconds": st["iter_0/score"]["seconds"]},
         "base": {k: base_eval[k] for k in ("loss", "gsm8k") if k == "loss" or gsm8k},  # not an old call's GSM8K
         "base_eval_seconds": round(base_eval["loss"]["seconds"] + (base_eval.get("gsm8k") or {}).get("seconds", 0), 2),
-        "runs": collected, "summary": summarise(collected, list(methods)),
+        "summary": summarise(collected, list(methods)), "overlap": selection_overlap(collected, list(methods)),
+        "runs": [{k: v for k, v in r.items() if k != "picks"} for r in collected],  # ids stay in the run dirs
     }
     atomic_write_text(join(out, "compare.json"), json.dumps(data, indent=2) + "\n")
     atomic_write_text(join(out, "compare.md"), to_markdown(data))

@@ -175,6 +175,9 @@ class Config(_Section):
     """Worker-group restarts per iteration from the last checkpoint (-1: unlimited)."""
     checkpoint_every: int = Field(0, ge=0)
     """Also checkpoint every N optimizer steps inside an iteration (0: only at its end)."""
+    keep_checkpoints: Literal["last", "all"] = "last"
+    """last: delete an iteration's DeepSpeed checkpoint once the next iteration's training is done (a
+    full model with its optimizer state is ~12 bytes per parameter); all: keep every iteration's."""
     report_to: Literal["tensorboard", "mlflow", "wandb"] | None = None
     """Also log metrics to an experiment tracker (training steps from rank 0, stage results from the
     driver); None: only the run directory."""

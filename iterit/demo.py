@@ -19,10 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
-import pyarrow as pa
-
-from iterit.config import Config, DatasetConfig, config_from_dict, apply_overrides, save_config
-from iterit.data import format_summary, ingest, normalise, read_records, read_samples
+from iterit.config import Config, DatasetConfig, config_from_dict, apply_overrides
+from iterit.data import ingest, normalise, read_records, read_samples
 from iterit.errors import IteritError, RowError
 from iterit.io import atomic_open, atomic_write_text, join
 

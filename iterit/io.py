@@ -51,6 +51,17 @@ def read_parquet(path: str, schema=None):
         return pq.read_table(f, schema=schema)
 
 
+def read_jsonl(path: str, missing_ok: bool = True) -> list[dict]:
+    """Every record of a JSONL file (local or URI); [] for a missing file when missing_ok."""
+    import json
+
+    fs, p = filesystem(path)
+    if missing_ok and not fs.exists(p):
+        return []
+    with fs.open(p, "r", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def atomic_write_text(path: str, text: str) -> None:
     with atomic_open(str(path), "w") as f:
         f.write(text)

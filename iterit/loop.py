@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from iterit.config import Config, save_config
 from iterit.errors import IteritError
-from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_parquet
+from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_jsonl, read_parquet
 from iterit.selection.window import reorder, select_window
 from iterit.tracking import Tracker, run_key
 
@@ -145,9 +145,7 @@ def read_order(run_dir: str, e: int) -> list[str]:
 
 
 def read_picks(run_dir: str, e: int) -> list[str]:
-    fs, p = filesystem(join(run_dir, f"iter_{e}", "selection.jsonl"))
-    with fs.open(p, "r") as f:
-        return [json.loads(line)["id"] for line in f if line.strip()]
+    return [r["id"] for r in read_jsonl(join(run_dir, f"iter_{e}", "selection.jsonl"), missing_ok=False)]
 
 
 def select_stage(cfg: Config, run_dir: str, e: int, samples_path: str, eos: str | None) -> dict:
@@ -230,6 +228,16 @@ def train_stage(cfg: Config, run_dir: str, e: int, samples_path: str, manifest: 
                 name=f"{run_key(run_dir)}-iter_{e}", log=log)
     return {**out["iterations"][e], "checkpoint": out["checkpoint"], "fit_seconds": out["fit_seconds"],
             "total_steps": out["total_steps"], "samples": len(picks)}
+
+
+def prune_checkpoint(path: str | None, keep: str | None, log=print) -> None:
+    """Delete a superseded checkpoint directory (local or URI); a missing one is already pruned."""
+    if not path or path == keep:
+        return
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+        log(f"removed the superseded checkpoint {path} (keep_checkpoints: all keeps it)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,6 +332,8 @@ def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict
         log(f"[iter_{e}/select] {sel['k']:,} of {sel['window']:,} picked ({sel['candidates']:,} candidates) "
             f"in {sel['seconds']:.1f} s")
         tr = manifest.run(f"iter_{e}/train", lambda: train_stage(cfg, run_dir, e, samples, manifest, log), log)
+        if e and cfg.keep_checkpoints == "last":  # iteration e resumes from e - 1's no more: it is done
+            prune_checkpoint(manifest.done(f"iter_{e - 1}/train")["checkpoint"], keep=tr["checkpoint"], log=log)
         log(f"[iter_{e}/train] {tr['steps']} steps, loss {tr['final_loss']:.4f}, {tr['tokens_per_s']:,.0f} tokens/s "
             f"-> {tr['model']}")
         tracker.log({"score/scored": s["scored"], "score/rejected": s["rejected"], "score/tokens_per_s": s["tokens_per_s"],

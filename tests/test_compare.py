@@ -108,6 +108,18 @@ def test_numbers_agree_with_the_run_directories(compared):
         assert s["final_loss"]["mean"] == r["loss"][-1] and s["final_loss"]["std"] is None  # one seed
         assert s["tokens"]["mean"] == r["tokens"] == sum(r["tokens_per_iteration"])
     assert data["summary"]["iterit"]["samples_per_iteration"] == [6, 6]
+    # what was picked: the IFD the selection saw, the response lengths, the distinct samples trained
+    for r in data["runs"]:
+        run_dir = Path(r["run_dir"])
+        sels = [_lines(run_dir / f"iter_{e}" / "selection.jsonl") for e in range(r["iterations"])]
+        assert r["picks_mean_ifd"] == pytest.approx([statistics.fmean(x["ifd"] for x in sel) for sel in sels])
+        assert r["distinct_samples"] == len({x["id"] for sel in sels for x in sel})
+        scores = pq.read_table(run_dir / "iter_0" / "scores.parquet").to_pydict()
+        tokens = dict(zip(scores["id"], scores["n_response_tokens"]))
+        assert r["picks_mean_response_tokens"] == pytest.approx(
+            [statistics.fmean(tokens[x["id"]] for x in sel) for sel in sels])
+        assert "picks" not in r  # the ids stay in the run directories
+    assert data["overlap"] == []  # full selects nothing: no pair of selecting methods here
     # trained models differ from the base and from each other
     losses = {r["method"]: r["loss"][-1] for r in data["runs"]}
     assert len({*losses.values(), data["base"]["loss"]["loss"]}) == 3
@@ -198,6 +210,27 @@ def test_the_table_shows_spread_and_gsm8k(compared):
         s["final_loss"] = _stats([1.5, 1.7])
         s["seeds"] = [7, 8]
         s["gsm8k_per_iteration"] = [_stats([0.5, 0.25]) for _ in range(s["iterations"])]
+    data["overlap"] = [{"methods": ["iterit", "ifd"], "jaccard_per_iteration": [_stats([1.0, 0.5])]}]
     md = to_markdown(data)
     assert "1.6000 ± 0.1414" in md and "7: 1.5000, 8: 1.7000" in md
+    assert "## How much the selections agree" in md and "| iterit vs ifd | 0.75 ± 0.35 | - |" in md
+    assert "## What each method picked" in md
     assert "## GSM8K exact match (4 questions)" in md and "| 0.250 | 0.375 ± 0.177 |" in md
+
+
+def test_selection_overlap_is_the_jaccard_of_the_picks_per_iteration():
+    from iterit.compare import selection_overlap
+
+    runs = [
+        {"method": "iterit", "seed": 1, "picks": [["a", "b"], ["a", "c"]]},
+        {"method": "ifd", "seed": 1, "picks": [["a", "b"], ["d", "e"]]},
+        {"method": "iterit", "seed": 2, "picks": [["a", "b"], ["b", "c"]]},
+        {"method": "ifd", "seed": 2, "picks": [["b", "c"], ["b", "c"]]},
+        {"method": "full", "seed": 1, "picks": [["a", "b", "c", "d", "e"]]},
+        {"method": "full", "seed": 2, "picks": [["a", "b", "c", "d", "e"]]},
+    ]
+    (o,) = selection_overlap(runs, ["iterit", "ifd", "full"])
+    assert o["methods"] == ["iterit", "ifd"]
+    it0, it1 = o["jaccard_per_iteration"]
+    assert it0["values"] == [1.0, pytest.approx(1 / 3)] and it1["values"] == [0.0, 1.0]
+    assert it1["mean"] == 0.5 and it1["std"] == pytest.approx(statistics.stdev([0.0, 1.0]))

@@ -94,3 +94,30 @@ def test_demo_yaml_has_the_demo_settings():
             cfg.pop(key)
         cfg["datasets"][0].pop("path")
     assert ours == demo and ours["datasets"][0]["max_samples"] == DEMO_READ_ROWS
+
+
+def test_prepare_demo_writes_the_demo_corpus(demo_assets, tmp_path, capsys):
+    """`iterit prepare-demo --corpus DIR` (what configs/compare-cpu.yaml reads): the first conversations
+    of the demo's rows whose response fits in 256 tokens, ids kept, every one with room for a response."""
+    from iterit.cli import main
+    from iterit.demo import DEMO_SAMPLES, demo_config
+    from iterit.templates import load_tokenizer, template_batch
+
+    out = tmp_path / "corpus"
+    with pytest.raises(SystemExit) as e:
+        main(["prepare-demo", "--corpus", str(out), "--samples", "15"])
+    assert e.value.code == 0
+    rows = [json.loads(line) for line in open(out / "demo_corpus.jsonl", encoding="utf-8")]
+    assert len(rows) == 15 and len({r["id"] for r in rows}) == 15
+    tok = load_tokenizer(demo_assets["model"])
+    assert not any(isinstance(t, Exception) for t in template_batch(tok, [r["messages"] for r in rows], 256))
+    train_ids = ids_of(demo_assets["train"])
+    positions = [train_ids.index(r["id"]) for r in rows]
+    assert positions == sorted(positions)  # in corpus order: the first ones that fit
+    assert json.loads((out / "tokens.json").read_text())["sequence_len"] == 256 == demo_config(demo_assets).sequence_len
+    # the command's default size is the demo's
+    import inspect
+
+    from iterit import cli
+
+    assert inspect.signature(cli.prepare_demo).parameters["samples"].default == DEMO_SAMPLES

@@ -86,6 +86,9 @@ def test_run_writes_every_artifact(uninterrupted):
     metrics = [json.loads(line) for e in range(2) for line in open(run_dir / f"iter_{e}" / "train_metrics.jsonl")]
     assert [m["step"] for m in metrics] == list(range(1, 7)) and {m["iteration"] for m in metrics} == {0, 1}
     assert stages["iter_1/train"]["result"]["total_steps"] == 6
+    # keep_checkpoints: last: iteration 0's checkpoint went once iteration 1 had trained from it
+    assert not os.path.exists(stages["iter_0/train"]["result"]["checkpoint"])
+    assert os.path.isdir(stages["iter_1/train"]["result"]["checkpoint"])
     for e in range(2):
         AutoModelForCausalLM.from_pretrained(run_dir / "model" / f"iter_{e}")
     assert (run_dir / "report" / "report.md").exists() and out["report"].endswith("report.md")
@@ -225,3 +228,20 @@ def test_methods_that_read_scores_rescore_with_the_last_model(tmp_path):
                             "selection": {"method": "iterit", "ratio": 1}})
     with pytest.raises(IteritError, match="iter_0 is missing or incomplete"):
         score_stage(cfg, str(run_dir), 1, str(run_dir / "ingest" / "samples.parquet"), log=print)
+
+
+def test_prune_checkpoint_removes_only_a_superseded_directory(tmp_path):
+    from iterit.loop import prune_checkpoint
+
+    old, new = tmp_path / "fit0" / "checkpoint_a", tmp_path / "fit1" / "checkpoint_b"
+    for d in (old, new):
+        d.mkdir(parents=True)
+        (d / "state.pt").write_bytes(b"x" * 10)
+    said = []
+    prune_checkpoint(str(new), keep=str(new), log=said.append)  # the one still needed
+    prune_checkpoint(None, keep=str(new), log=said.append)
+    assert new.exists() and not said
+    prune_checkpoint(str(old), keep=str(new), log=said.append)
+    assert not old.exists() and new.exists() and len(said) == 1 and "keep_checkpoints: all" in said[0]
+    prune_checkpoint(str(old), keep=str(new), log=said.append)  # already gone: nothing to do
+    assert len(said) == 1

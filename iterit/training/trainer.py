@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from iterit.config import Config
 from iterit.errors import IteritError
-from iterit.io import filesystem, join, read_parquet
+from iterit.io import filesystem, join, read_jsonl, read_parquet
 from iterit.training.examples import steps_per_iteration, training_examples, warmup_steps
 from iterit.training.train_loop import CRASH_ENV, train_loop_per_worker
 
@@ -155,11 +155,7 @@ def _exists(paths: list[str]) -> list[bool]:
 
 
 def read_metrics(run_dir: str, e: int) -> list[dict]:
-    fs, p = filesystem(join(run_dir, f"iter_{e}", "train_metrics.jsonl"))
-    if not fs.exists(p):
-        return []
-    with fs.open(p, "r") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(join(run_dir, f"iter_{e}", "train_metrics.jsonl"))
 
 
 def train(cfg: Config, run_dir: str, subsets: dict[int, list[str]], samples_path: str, *, k: int,
