@@ -40,7 +40,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# The CPU-scale comparison of docs/RESULTS.md (~50 min on 2 cores): 5 methods x 3 seeds.
+# The CPU-scale comparison of docs/RESULTS.md (about an hour on 2 cores): 5 methods x 3 seeds.
 ITERIT_HOME ?= $(HOME)/.cache/iterit
 results: install
 	$(VENV)/bin/iterit prepare-demo --corpus runs/demo/corpus

@@ -244,6 +244,58 @@ def selection_overlap(runs: list[dict], methods: list[str]) -> list[dict]:
     return out
 
 
+def heldout_losses(run_dir: str, e: int) -> dict[str, tuple[float, int]]:
+    """id -> (span loss, span tokens) of each held-out conversation under RUN/model/iter_e."""
+    from iterit.io import read_parquet
+
+    path = join(run_dir, "eval", f"iter_{e}", "scores.parquet")
+    fs, p = filesystem(path)
+    if not fs.exists(p):
+        return {}
+    t = read_parquet(path).select(["id", "loss_cond", "n_response_tokens"])
+    return {i: (c, n) for i, c, n in zip(*(t.column(k).to_pylist() for k in t.column_names))}
+
+
+def paired_bootstrap(runs: list[dict], methods: list[str], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Each method's final held-out loss minus the first method's, with a 95% interval from resampling
+    the held-out conversations (the same resample for both, so the spread is that of the difference).
+
+    Per conversation the loss is averaged over seeds; a resample's loss is token-weighted, as the
+    held-out loss is. The seeds' spread says how much training order moves a result; this interval
+    says how much the choice of held-out conversations does, which at a few dozen is the larger."""
+    import numpy as np
+
+    per_method = {}
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        tables = [heldout_losses(r["run_dir"], r["iterations"] - 1) for r in rs]
+        if not tables or not all(tables):
+            return {}
+        ids = sorted(set.intersection(*(set(t) for t in tables)))
+        per_method[m] = {i: (float(np.mean([t[i][0] for t in tables])), tables[0][i][1]) for i in ids}
+    ref = methods[0]
+    ids = sorted(set.intersection(*(set(v) for v in per_method.values())))
+    if not ids:
+        return {}
+    w = np.array([per_method[ref][i][1] for i in ids], dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))  # (B, n)
+    weights = w[picks]
+
+    def loss(m):
+        x = np.array([per_method[m][i][0] for i in ids])
+        return float(np.sum(w * x) / np.sum(w)), np.sum(weights * x[picks], axis=1) / np.sum(weights, axis=1)
+
+    ref_point, ref_boot = loss(ref)
+    out = {"reference": ref, "conversations": len(ids), "resamples": n_boot, "methods": {}}
+    for m in methods[1:]:
+        point, boot = loss(m)
+        diff = boot - ref_boot
+        lo, hi = np.quantile(diff, [0.025, 0.975])
+        out["methods"][m] = {"difference": point - ref_point, "low": float(lo), "high": float(hi),
+                             "fraction_lower": float(np.mean(diff < 0))}
+    return out
+
+
 def summarise(runs: list[dict], methods: list[str]) -> dict:
     out = {}
     for method in methods:
@@ -327,6 +379,18 @@ def to_markdown(data: dict) -> str:
             cells = [_pm(x, ".2f") for x in o["jaccard_per_iteration"]]
             cells += ["-"] * (width - len(cells))
             lines.append(f"| {' vs '.join(o['methods'])} | {' | '.join(cells)} |")
+    boot = data.get("paired")
+    if boot and boot.get("methods"):
+        ref = boot["reference"]
+        lines += ["", f"## Against {ref}, paired over the held-out conversations", "",
+                  f"Final held-out loss minus {ref}'s (each conversation's loss averaged over seeds; negative: "
+                  f"better than {ref}), with a 95% interval from {boot['resamples']:,} resamples of the "
+                  f"{boot['conversations']:,} held-out conversations, and the share of resamples in which the "
+                  f"method's loss is the lower.", "",
+                  f"| method | loss - {ref}'s | 95% interval | resamples lower |", "|---|---|---|---|"]
+        for m, b in boot["methods"].items():
+            lines.append(f"| {m} | {b['difference']:+.4f} | [{b['low']:+.4f}, {b['high']:+.4f}] | "
+                         f"{b['fraction_lower']:.0%} |")
     lines += ["", "## Time", "",
               f"Shared by every run, counted once ({shared['dir']}): ingest {shared['ingest_seconds']:,.1f} s, "
               f"iteration 0 scoring {shared['score_seconds']:,.1f} s; base-model evaluation "
@@ -412,6 +476,7 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], heldout: 
         "base": {k: base_eval[k] for k in ("loss", "gsm8k") if k == "loss" or gsm8k},  # not an old call's GSM8K
         "base_eval_seconds": round(base_eval["loss"]["seconds"] + (base_eval.get("gsm8k") or {}).get("seconds", 0), 2),
         "summary": summarise(collected, list(methods)), "overlap": selection_overlap(collected, list(methods)),
+        "paired": paired_bootstrap(collected, list(methods)),
         "runs": [{k: v for k, v in r.items() if k != "picks"} for r in collected],  # ids stay in the run dirs
     }
     atomic_write_text(join(out, "compare.json"), json.dumps(data, indent=2) + "\n")

@@ -215,6 +215,11 @@ def test_the_table_shows_spread_and_gsm8k(compared):
     assert "1.6000 ± 0.1414" in md and "7: 1.5000, 8: 1.7000" in md
     assert "## How much the selections agree" in md and "| iterit vs ifd | 0.75 ± 0.35 | - |" in md
     assert "## What each method picked" in md
+    data["paired"] = {"reference": "iterit", "conversations": 25, "resamples": 2000,
+                      "methods": {"full": {"difference": -0.05, "low": -0.07, "high": -0.03, "fraction_lower": 1.0}}}
+    md = to_markdown(data)
+    assert "## Against iterit, paired over the held-out conversations" in md
+    assert "| full | -0.0500 | [-0.0700, -0.0300] | 100% |" in md
     assert "## GSM8K exact match (4 questions)" in md and "| 0.250 | 0.375 ± 0.177 |" in md
 
 
@@ -234,3 +239,38 @@ def test_selection_overlap_is_the_jaccard_of_the_picks_per_iteration():
     it0, it1 = o["jaccard_per_iteration"]
     assert it0["values"] == [1.0, pytest.approx(1 / 3)] and it1["values"] == [0.0, 1.0]
     assert it1["mean"] == 0.5 and it1["std"] == pytest.approx(statistics.stdev([0.0, 1.0]))
+
+
+def test_paired_bootstrap_is_the_token_weighted_difference_over_resampled_conversations(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from iterit.compare import paired_bootstrap
+
+    rng = np.random.default_rng(3)
+    ids = [f"h{i}" for i in range(30)]
+    tokens = rng.integers(5, 50, size=30)
+    base = rng.uniform(1.0, 2.0, size=30)
+    # b is a's loss minus 0.1 on every conversation: lower in every resample
+    shift = {"a": 0.0, "b": -0.1, "c": 0.0}
+    runs = []
+    for m in ("a", "b", "c"):
+        for seed in (1, 2):
+            d = tmp_path / f"{m}{seed}" / "eval" / "iter_1"
+            d.mkdir(parents=True)
+            noise = rng.normal(0, 0.05, size=30) if m == "c" else np.zeros(30)
+            pq.write_table(pa.table({"id": ids, "loss_cond": base + shift[m] + noise,
+                                     "n_response_tokens": pa.array(tokens, pa.int32())}), d / "scores.parquet")
+            runs.append({"method": m, "seed": seed, "run_dir": str(tmp_path / f"{m}{seed}"), "iterations": 2})
+    got = paired_bootstrap(runs, ["a", "b", "c"], n_boot=500)
+    assert got["reference"] == "a" and got["conversations"] == 30 and got["resamples"] == 500
+    b = got["methods"]["b"]
+    assert b["difference"] == pytest.approx(-0.1) and b["low"] == pytest.approx(-0.1) and b["high"] == pytest.approx(-0.1)
+    assert b["fraction_lower"] == 1.0
+    c = got["methods"]["c"]  # seed-averaged noise: a small difference whose interval straddles 0
+    cond = [pq.read_table(tmp_path / f"c{s}" / "eval" / "iter_1" / "scores.parquet").column("loss_cond").to_numpy()
+            for s in (1, 2)]
+    want = float(np.sum(tokens * ((cond[0] + cond[1]) / 2 - base)) / np.sum(tokens))
+    assert c["difference"] == pytest.approx(want) and c["low"] < want < c["high"] and c["low"] < 0 < c["high"]
+    assert paired_bootstrap(runs, ["a", "b", "c"], n_boot=500) == got  # seeded: the same every time
+    assert paired_bootstrap([{**r, "run_dir": str(tmp_path / "none")} for r in runs], ["a", "b"]) == {}
