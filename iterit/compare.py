@@ -189,14 +189,15 @@ def collect_run(run_dir: str, method: str, seed: int) -> dict:
     own = {k: st.get("seconds", 0.0) for k, st in m["stages"].items() if "shared_from" not in st}
     selections = [read_jsonl(join(run_dir, f"iter_{e}", "selection.jsonl")) for e in range(iters)]
     picks = [[r["id"] for r in sel] for sel in selections]
-    tokens_of = _response_tokens(join(run_dir, "iter_0", "scores.parquet"), {i for p in picks for i in p})
+    tokens_of = _by_id(join(run_dir, "iter_0", "scores.parquet"), ["n_response_tokens"])
     return {
         "method": method, "seed": seed, "run_dir": run_dir, "iterations": iters,
         "samples_per_iteration": [len(p) for p in picks], "picks": picks,
         "distinct_samples": len({i for p in picks for i in p}),
         # what the selection saw: the IFD of the picks under the model that scored them
         "picks_mean_ifd": [_mean([r["ifd"] for r in sel]) for sel in selections],
-        "picks_mean_response_tokens": [_mean([tokens_of.get(i) for i in p]) for p in picks],
+        "picks_mean_response_tokens": [_mean([tokens_of[i][0] if i in tokens_of else None for i in p])
+                                       for p in picks],
         "tokens_per_iteration": tokens, "tokens": sum(tokens), "stage_seconds": own,
         "seconds": round(sum(own.values()), 2),
         "eval_seconds": round(sum((ev.get("loss") or {}).get("seconds", 0) + (ev.get("gsm8k") or {}).get("seconds", 0)
@@ -212,15 +213,15 @@ def _mean(values) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _response_tokens(scores_path: str, ids: set[str]) -> dict[str, int]:
-    """id -> n_response_tokens (the scored span) of the given ids, from a scores Parquet."""
+def _by_id(scores_path: str, columns: list[str]) -> dict[str, tuple]:
+    """id -> the values of `columns` for every row of a scores Parquet; {} when there is none."""
     from iterit.io import read_parquet
 
     fs, p = filesystem(scores_path)
-    if not ids or not fs.exists(p):
+    if not fs.exists(p):
         return {}
-    t = read_parquet(scores_path).select(["id", "n_response_tokens"])
-    return {i: n for i, n in zip(t.column("id").to_pylist(), t.column("n_response_tokens").to_pylist()) if i in ids}
+    t = read_parquet(scores_path).select(["id", *columns])
+    return dict(zip(t.column("id").to_pylist(), zip(*(t.column(c).to_pylist() for c in columns))))
 
 
 def selection_overlap(runs: list[dict], methods: list[str]) -> list[dict]:
@@ -246,14 +247,7 @@ def selection_overlap(runs: list[dict], methods: list[str]) -> list[dict]:
 
 def heldout_losses(run_dir: str, e: int) -> dict[str, tuple[float, int]]:
     """id -> (span loss, span tokens) of each held-out conversation under RUN/model/iter_e."""
-    from iterit.io import read_parquet
-
-    path = join(run_dir, "eval", f"iter_{e}", "scores.parquet")
-    fs, p = filesystem(path)
-    if not fs.exists(p):
-        return {}
-    t = read_parquet(path).select(["id", "loss_cond", "n_response_tokens"])
-    return {i: (c, n) for i, c, n in zip(*(t.column(k).to_pylist() for k in t.column_names))}
+    return _by_id(join(run_dir, "eval", f"iter_{e}", "scores.parquet"), ["loss_cond", "n_response_tokens"])
 
 
 def paired_bootstrap(runs: list[dict], methods: list[str], n_boot: int = 2000, seed: int = 0) -> dict:

@@ -298,9 +298,9 @@ def evaluate_loss(cfg: Config, data_paths: str | Sequence[str | DatasetConfig], 
     t0 = time.perf_counter()
     ingested = ingest(_datasets(data_paths), join(output_dir, "ingest"), cfg.system_prompt)
     ensure_ray()
-    no_embeddings = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"embeddings": False})})
-    # The loss is loss_cond's: the prior pass (IFD's denominator) would double the work for nothing.
-    scored = run_scoring(no_embeddings, ingested["samples"], output_dir, rejects_prefix=ingested["rejects"], log=log,
+    # The loss is loss_cond's: the prior pass (IFD's denominator, and the embeddings' input) would
+    # double the work for nothing.
+    scored = run_scoring(cfg, ingested["samples"], output_dir, rejects_prefix=ingested["rejects"], log=log,
                          prior=False)
     by_reason = Counter(ingested["rejected_by_reason"]) + Counter(scored["rejected_by_reason"])
     table = read_scores(scored["scores"])

@@ -87,8 +87,7 @@ class Scorer:
 
             torch.set_num_threads(torch_threads)
         self.model = load_model(model, dtype, attn_implementation, trust_remote_code)
-        self.token_budget, self.prior = token_budget, prior
-        self.embeddings = embeddings and prior  # embeddings pool the prior pass
+        self.token_budget, self.embeddings, self.prior = token_budget, embeddings, prior
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from iterit.scoring.losses import score_templated
@@ -120,7 +119,8 @@ class Scorer:
                 emb[live] = s.embedding
         ifd = np.exp(loss_cond - loss_prior)
         for i in live:
-            if not (np.isfinite(loss_cond[i]) and (not self.prior or (np.isfinite(loss_prior[i]) and np.isfinite(ifd[i])))):
+            checked = (loss_cond[i], loss_prior[i], ifd[i]) if self.prior else (loss_cond[i],)
+            if not np.all(np.isfinite(checked)):
                 reject[i] = "nonfinite_loss"
                 detail[i] = f"loss_cond={loss_cond[i]}, loss_prior={loss_prior[i]}"
         starts = np.asarray(batch.column("cond_start"), dtype=np.int32)

@@ -109,7 +109,8 @@ def scoring_dataset(cfg: Config, samples_path: str, only_ids: list[str] | None =
                                            max_tasks_in_flight_per_actor=2 if gpus > 0 else 1),
         num_gpus=gpus, num_cpus=sc.cpus_per_actor,
         fn_constructor_kwargs=dict(model=cfg.base_model, dtype=sc.dtype, token_budget=sc.token_budget,
-                                   embeddings=sc.embeddings, attn_implementation=sc.attn_implementation,
+                                   embeddings=sc.embeddings and prior,  # embeddings pool the prior pass
+                                   attn_implementation=sc.attn_implementation,
                                    trust_remote_code=cfg.trust_remote_code, torch_threads=sc.torch_threads,
                                    prior=prior),
         runtime_env={"env_vars": dict(actor_env)} if actor_env else None,
