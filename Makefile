@@ -37,7 +37,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/iterit demo
 
+# Lint and format check first (seconds), then the suite.
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 # The CPU-scale comparison of docs/RESULTS.md (about an hour on 2 cores): 5 methods x 3 seeds.

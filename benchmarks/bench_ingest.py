@@ -47,7 +47,10 @@ def build_corpus(path: Path, gigabytes: float) -> int:
     with open(path, "w", encoding="utf-8") as f:
         while written < target:
             rec = rows[n % len(rows)]
-            line = json.dumps({"id": f"bench-{n}", "conversations": rec["conversations"]}, ensure_ascii=False) + "\n"
+            line = (
+                json.dumps({"id": f"bench-{n}", "conversations": rec["conversations"]}, ensure_ascii=False)
+                + "\n"
+            )
             f.write(line)
             written += len(line.encode())
             n += 1
@@ -78,11 +81,15 @@ def main() -> None:
         out_mb = os.path.getsize(Path(tmp) / "out" / "samples.parquet") / 1e6
     print(f"{'':8} {'seconds':>8} {'MB/s':>7} {'rows/s':>9} {'peak RSS MB':>12}")
     for name, r in (("floor", floor), ("ingest", ing)):
-        print(f"{name:8} {r['seconds']:8.1f} {size_mb / r['seconds']:7.1f} {r['rows'] / r['seconds']:9,.0f} "
-              f"{r['peak_rss_mb']:12,.0f}")
-    print(f"ingest / floor time: {ing['seconds'] / floor['seconds']:.2f}x; "
-          f"peak RSS / input size: {ing['peak_rss_mb'] / size_mb:.3f}; "
-          f"accepted {ing['accepted']:,} of {ing['rows']:,}; samples.parquet {out_mb:,.0f} MB")
+        print(
+            f"{name:8} {r['seconds']:8.1f} {size_mb / r['seconds']:7.1f} {r['rows'] / r['seconds']:9,.0f} "
+            f"{r['peak_rss_mb']:12,.0f}"
+        )
+    print(
+        f"ingest / floor time: {ing['seconds'] / floor['seconds']:.2f}x; "
+        f"peak RSS / input size: {ing['peak_rss_mb'] / size_mb:.3f}; "
+        f"accepted {ing['accepted']:,} of {ing['rows']:,}; samples.parquet {out_mb:,.0f} MB"
+    )
 
 
 if __name__ == "__main__":

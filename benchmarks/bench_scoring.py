@@ -49,7 +49,7 @@ def templated_samples(n: int, max_length: int, seed: int = 0):
     random.Random(seed).shuffle(convs)
     out = []
     for i in range(0, len(convs), 256):
-        chunk = convs[i:i + 256]
+        chunk = convs[i : i + 256]
         for (sid, msgs), t in zip(chunk, template_batch(tok, [m for _, m in chunk], max_length)):
             if not isinstance(t, RowError):
                 out.append((sid, msgs, t))
@@ -79,8 +79,11 @@ def useful_flops(model, samples) -> float:
     """Forward FLOPs that scoring needs: 2 x body parameters per token, 2 x H x V per predicted span token."""
     emb = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight
-    body = sum(p.numel() for p in model.parameters()) - emb - (0 if head is model.get_input_embeddings().weight
-                                                               else head.numel())
+    body = (
+        sum(p.numel() for p in model.parameters())
+        - emb
+        - (0 if head is model.get_input_embeddings().weight else head.numel())
+    )
     tokens = sum(len(t.cond_ids) + len(t.prior_ids) for t in samples)
     span = sum(2 * t.span_len for t in samples)
     return 2.0 * body * tokens + 2.0 * head.numel() * span
@@ -113,8 +116,14 @@ def run_one(config: str, n: int, max_length: int, budget: int) -> dict:
         torch.cuda.synchronize()
     sec = time.perf_counter() - t0
     rate = gemm_rate(torch.bfloat16 if config == "c" else torch.float32, device)
-    result.update(seconds=sec, padding=padding, flops_fraction=useful_flops(model, samples) / sec / rate,
-                  gemm_gflops=rate / 1e9, ifd=[float(x) for x in ifd], device=device)
+    result.update(
+        seconds=sec,
+        padding=padding,
+        flops_fraction=useful_flops(model, samples) / sec / rate,
+        gemm_gflops=rate / 1e9,
+        ifd=[float(x) for x in ifd],
+        device=device,
+    )
     return result
 
 
@@ -132,15 +141,34 @@ def run_ray(rows, model_dir, max_length, budget, result) -> dict:
         half = max(1, len(rows) // 2)
         os.makedirs(f"{tmp}/samples")
         for part, chunk in enumerate((rows[:half], rows[half:])):
-            pq.write_table(pa.Table.from_pylist(
-                [{"id": sid, "messages": m, "source": "bench", "row": i} for i, (sid, m, _) in enumerate(chunk)],
-                schema=SAMPLE_SCHEMA), f"{tmp}/samples/{part}.parquet")
-        cfg = config_from_dict({
-            "base_model": model_dir, "datasets": [{"path": "unused"}], "sequence_len": max_length,
-            # Two actors of one thread each; Ray's reads and templating keep 1 CPU of the 2.
-            "scoring": {"min_actors": 2, "max_actors": 2, "cpus_per_actor": 0.5, "torch_threads": 1,
-                        "template_cpus": 0.25,
-                        "batch_size": max(1, len(rows) // 2), "token_budget": budget, "dtype": "float32"}})
+            pq.write_table(
+                pa.Table.from_pylist(
+                    [
+                        {"id": sid, "messages": m, "source": "bench", "row": i}
+                        for i, (sid, m, _) in enumerate(chunk)
+                    ],
+                    schema=SAMPLE_SCHEMA,
+                ),
+                f"{tmp}/samples/{part}.parquet",
+            )
+        cfg = config_from_dict(
+            {
+                "base_model": model_dir,
+                "datasets": [{"path": "unused"}],
+                "sequence_len": max_length,
+                # Two actors of one thread each; Ray's reads and templating keep 1 CPU of the 2.
+                "scoring": {
+                    "min_actors": 2,
+                    "max_actors": 2,
+                    "cpus_per_actor": 0.5,
+                    "torch_threads": 1,
+                    "template_cpus": 0.25,
+                    "batch_size": max(1, len(rows) // 2),
+                    "token_budget": budget,
+                    "dtype": "float32",
+                },
+            }
+        )
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
         t0 = time.perf_counter()
         summary = run_scoring(cfg, f"{tmp}/samples", tmp, log=lambda *_: None)
@@ -151,8 +179,18 @@ def run_ray(rows, model_dir, max_length, budget, result) -> dict:
 
 
 def child(config: str, args) -> dict:
-    cmd = [sys.executable, os.path.join(HERE, "bench_scoring.py"), "--one", config, "--n", str(args.n),
-           "--max-length", str(args.max_length), "--budget", str(args.budget)]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "bench_scoring.py"),
+        "--one",
+        config,
+        "--n",
+        str(args.n),
+        "--max-length",
+        str(args.max_length),
+        "--budget",
+        str(args.budget),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"configuration {config} failed:\n{out.stderr[-3000:]}")
@@ -178,34 +216,51 @@ def main() -> None:
         print(json.dumps(r))
         return
 
-    names = {"a": "(a) reference, bs=1, fp32", "b": "(b) iterit in-process fp32", "c": "(c) iterit in-process bf16",
-             "d": "(d) Ray Data, 2 actors fp32"}
+    names = {
+        "a": "(a) reference, bs=1, fp32",
+        "b": "(b) iterit in-process fp32",
+        "c": "(c) iterit in-process bf16",
+        "d": "(d) Ray Data, 2 actors fp32",
+    }
     res = {}
     for c in "abcd":
         res[c] = r = child(c, args)
         if c == "a":
-            print(f"{r['samples']} samples, {r['tokens']:,} tokens (both passes), max_length {args.max_length}, "
-                  f"budget {args.budget}, device {r['device']}; GEMM fp32 {r['gemm_gflops']:.0f} GFLOP/s")
-            print(f"{'':30} {'tokens/s':>9} {'samples/s':>9} {'FLOP/GEMM':>9} {'padding':>8} {'peak RSS MB':>11} "
-                  f"{'x (a)':>6}")
+            print(
+                f"{r['samples']} samples, {r['tokens']:,} tokens (both passes), max_length {args.max_length}, "
+                f"budget {args.budget}, device {r['device']}; GEMM fp32 {r['gemm_gflops']:.0f} GFLOP/s"
+            )
+            print(
+                f"{'':30} {'tokens/s':>9} {'samples/s':>9} {'FLOP/GEMM':>9} {'padding':>8} {'peak RSS MB':>11} "
+                f"{'x (a)':>6}"
+            )
         frac = f"{r['flops_fraction']:.0%}" if r["flops_fraction"] is not None else "-"
-        print(f"{names[c]:30} {r['tokens'] / r['seconds']:9,.0f} {r['samples'] / r['seconds']:9.2f} {frac:>9} "
-              f"{r['padding']:8.1%} {r['peak_rss_mb']:11,.0f} {res['a']['seconds'] / r['seconds']:6.2f}", flush=True)
+        print(
+            f"{names[c]:30} {r['tokens'] / r['seconds']:9,.0f} {r['samples'] / r['seconds']:9.2f} {frac:>9} "
+            f"{r['padding']:8.1%} {r['peak_rss_mb']:11,.0f} {res['a']['seconds'] / r['seconds']:6.2f}",
+            flush=True,
+        )
     print(f"GEMM rate bf16 {res['c']['gemm_gflops']:.0f} GFLOP/s (the FLOP/GEMM of (c) is against it)")
-    print(f"(d)/(b) throughput: {res['b']['seconds'] / res['d']['seconds']:.2f} (actor start-up and model load "
-          f"included)")
+    print(
+        f"(d)/(b) throughput: {res['b']['seconds'] / res['d']['seconds']:.2f} (actor start-up and model load "
+        f"included)"
+    )
     ifd_a, ifd_b = np.array(res["a"]["ifd"]), np.array(res["b"]["ifd"])
     print(f"(b) vs (a) IFD: max relative difference {np.max(np.abs(ifd_b - ifd_a) / ifd_a):.2e}")
 
     # Ranking agreement of bf16 with fp32 on more samples (in-process, one process each).
-    rank = {c: child(c, argparse.Namespace(n=args.rank_n, max_length=args.max_length, budget=args.budget))
-            for c in "bc"}
+    rank = {
+        c: child(c, argparse.Namespace(n=args.rank_n, max_length=args.max_length, budget=args.budget))
+        for c in "bc"
+    }
     fb, fc = np.array(rank["b"]["ifd"]), np.array(rank["c"]["ifd"])
     k = max(1, int(0.05 * len(fb)))
     top_b, top_c = set(np.argsort(-fb)[:k]), set(np.argsort(-fc)[:k])
-    print(f"bf16 vs fp32 on {len(fb)} samples: Spearman {spearman(fb, fc):.4f}, top-5% ({k}) overlap "
-          f"{len(top_b & top_c) / k:.0%}, median |IFD difference| {np.median(np.abs(fc - fb)):.4f}; "
-          f"bf16 speed-up {rank['b']['seconds'] / rank['c']['seconds']:.2f}x")
+    print(
+        f"bf16 vs fp32 on {len(fb)} samples: Spearman {spearman(fb, fc):.4f}, top-5% ({k}) overlap "
+        f"{len(top_b & top_c) / k:.0%}, median |IFD difference| {np.median(np.abs(fc - fb)):.4f}; "
+        f"bf16 speed-up {rank['b']['seconds'] / rank['c']['seconds']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,11 @@ def assistant_turns() -> list[str]:
     out = []
     for line in open(prepare_demo(log=lambda *_: None)["train"], encoding="utf-8"):
         for turn in json.loads(line).get("conversations", []):
-            if turn.get("from") in ("gpt", "chatgpt", "bard", "bing") and isinstance(turn.get("value"), str) \
-                    and turn["value"].strip():
+            if (
+                turn.get("from") in ("gpt", "chatgpt", "bard", "bing")
+                and isinstance(turn.get("value"), str)
+                and turn["value"].strip()
+            ):
                 out.append(turn["value"])
     return out
 
@@ -76,15 +79,19 @@ def one_size(n: int, run_reference: bool) -> None:
     t = time.perf_counter()
     picks, _ = lazy_greedy(ifd, x, k, 0.1)
     lazy = time.perf_counter() - t
-    line = (f"N={n:,} k={k:,} nnz={x.nnz:,} terms={x.shape[1]:,}: TF-IDF {tfidf_ours:.1f} s; lazy greedy "
-            f"{lazy:.2f} s")
+    line = (
+        f"N={n:,} k={k:,} nnz={x.nnz:,} terms={x.shape[1]:,}: TF-IDF {tfidf_ours:.1f} s; lazy greedy "
+        f"{lazy:.2f} s"
+    )
     if run_reference:
         t = time.perf_counter()
         ref_picks, _ = reference_greedy(ifd, x_ref, k, 0.1)
         ref = time.perf_counter() - t
-        line += (f"; reference loop {ref:.1f} s; greedy {ref / lazy:,.0f}x, end to end "
-                 f"{(tfidf_ref + ref) / (tfidf_ours + lazy):.1f}x; identical picks: "
-                 f"{'yes' if ref_picks == picks else 'NO'}")
+        line += (
+            f"; reference loop {ref:.1f} s; greedy {ref / lazy:,.0f}x, end to end "
+            f"{(tfidf_ref + ref) / (tfidf_ours + lazy):.1f}x; identical picks: "
+            f"{'yes' if ref_picks == picks else 'NO'}"
+        )
     print(line, flush=True)
     if n == 50_000:
         from iterit.selection.window import select_window
@@ -96,10 +103,13 @@ def one_size(n: int, run_reference: bool) -> None:
         pos_h, pos_e = np.empty(n), np.empty(n)
         pos_h[hashed.order], pos_e[exact.order] = np.arange(n), np.arange(n)
         jac = len(set(hashed.picks) & set(exact.picks)) / len(set(hashed.picks) | set(exact.picks))
-        print(f"hashed vs exact TF-IDF at N={n:,}: Jaccard of selected sets {jac:.3f}, Spearman of the orders "
-              f"{spearman(pos_h, pos_e):.4f}, same first 100 picks in order: "
-              f"{sum(a == b for a, b in zip(hashed.picks[:100], exact.picks[:100]))}/100; hashed end to end "
-              f"{th:.1f} s", flush=True)
+        print(
+            f"hashed vs exact TF-IDF at N={n:,}: Jaccard of selected sets {jac:.3f}, Spearman of the orders "
+            f"{spearman(pos_h, pos_e):.4f}, same first 100 picks in order: "
+            f"{sum(a == b for a, b in zip(hashed.picks[:100], exact.picks[:100]))}/100; hashed end to end "
+            f"{th:.1f} s",
+            flush=True,
+        )
 
 
 def million(n: int, mode: str) -> None:
@@ -131,9 +141,12 @@ def million(n: int, mode: str) -> None:
     wo = select_window(ifd, n // 20, "iterit", responses=texts, eos_token="<|im_end|>", tfidf_mode=mode)
     sec = time.perf_counter() - t
     done.set()
-    print(f"N={n:,} k={len(wo.picks):,} ({mode} TF-IDF): selection {sec:.0f} s (corpus building excluded), "
-          f"peak RSS of the process and its workers together {peak[0] / 1024 ** 3:.1f} GiB; mean response "
-          f"{sum(map(len, texts)) / n:,.0f} characters", flush=True)
+    print(
+        f"N={n:,} k={len(wo.picks):,} ({mode} TF-IDF): selection {sec:.0f} s (corpus building excluded), "
+        f"peak RSS of the process and its workers together {peak[0] / 1024**3:.1f} GiB; mean response "
+        f"{sum(map(len, texts)) / n:,.0f} characters",
+        flush=True,
+    )
 
 
 def embedding_run(n: int, k: int, dim: int = 576) -> None:
@@ -148,8 +161,11 @@ def embedding_run(n: int, k: int, dim: int = 576) -> None:
     ifd = rng.uniform(0.3, 1.0, n)
     t = time.perf_counter()
     picks, _ = lazy_embedding_greedy(ifd, emb, k)
-    print(f"embedding method N={n:,} k={len(picks):,} d={dim}: {time.perf_counter() - t:.0f} s, peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.1f} GiB", flush=True)
+    print(
+        f"embedding method N={n:,} k={len(picks):,} d={dim}: {time.perf_counter() - t:.0f} s, peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.1f} GiB",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -158,7 +174,9 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--skip-1m", action="store_true")
     ap.add_argument("--big", type=int, default=1_000_000)
-    ap.add_argument("--big-mode", default="auto", help="TF-IDF mode of the big run (auto: hashed above 200,000)")
+    ap.add_argument(
+        "--big-mode", default="auto", help="TF-IDF mode of the big run (auto: hashed above 200,000)"
+    )
     ap.add_argument("--only-big", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--embedding", action="store_true", help="only the embedding method at --big, k = 5%%")
     args = ap.parse_args()
@@ -171,8 +189,18 @@ def main() -> None:
     for n in map(int, args.sizes.split(",")):
         one_size(n, not args.skip_reference)
     if not args.skip_1m:
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--only-big", "--big", str(args.big),
-                        "--big-mode", args.big_mode], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--only-big",
+                "--big",
+                str(args.big),
+                "--big-mode",
+                args.big_mode,
+            ],
+            check=True,
+        )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ def prepare(model: str | None, n: int, seq_len: int, out: str) -> dict:
         samples = ingest([DatasetConfig(path=src, type="sharegpt")], os.path.join(out, "ingest"))["samples"]
         table = read_parquet(samples)
         ids, msgs = table.column("id").to_pylist(), table.column("messages").to_pylist()
-        ok = [sid for sid, ex in zip(ids, training_examples(tok, msgs, seq_len)) if not isinstance(ex, RowError)]
+        ok = [
+            sid for sid, ex in zip(ids, training_examples(tok, msgs, seq_len)) if not isinstance(ex, RowError)
+        ]
         if len(ok) >= n or i < lines - 1:
             return {"model": model, "samples": samples, "ids": ok[:n]}
         lines *= 2
@@ -72,13 +74,24 @@ def prepare(model: str | None, n: int, seq_len: int, out: str) -> dict:
 def bench_config(args, run_dir: str, workers: int, zero: int, threads: int):
     from iterit.config import config_from_dict
 
-    return config_from_dict({
-        "base_model": args.model_dir, "datasets": [{"path": "unused.jsonl"}], "output_dir": run_dir,
-        "sequence_len": args.seq_len, "micro_batch_size": args.micro, "gradient_accumulation_steps": args.accum,
-        "ray_num_workers": workers, "deepspeed": zero, "iterations": 1, "bf16": False,
-        "learning_rate": args.lr, "checkpoint_every": 0,
-        # template_cpus=0: the tokenising tasks do not hold a CPU the workers need (as in tests/test_training.py)
-        "scoring": {"torch_threads": threads, "template_cpus": 0}})
+    return config_from_dict(
+        {
+            "base_model": args.model_dir,
+            "datasets": [{"path": "unused.jsonl"}],
+            "output_dir": run_dir,
+            "sequence_len": args.seq_len,
+            "micro_batch_size": args.micro,
+            "gradient_accumulation_steps": args.accum,
+            "ray_num_workers": workers,
+            "deepspeed": zero,
+            "iterations": 1,
+            "bf16": False,
+            "learning_rate": args.lr,
+            "checkpoint_every": 0,
+            # template_cpus=0: the tokenising tasks do not hold a CPU the workers need (as in tests/test_training.py)
+            "scoring": {"torch_threads": threads, "template_cpus": 0},
+        }
+    )
 
 
 class PeakRss:
@@ -113,8 +126,12 @@ class PeakRss:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "tree_rss_mb": self.tree / 2**20, "worker_rss_mb": self.biggest / 2**20, "worker_name": self.biggest_name}
+        return {
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "tree_rss_mb": self.tree / 2**20,
+            "worker_rss_mb": self.biggest / 2**20,
+            "worker_name": self.biggest_name,
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,22 +154,36 @@ def run_reference(args, prep: dict) -> dict:
     by_id = dict(zip(table.column("id").to_pylist(), table.column("messages").to_pylist()))
     order = seeded_order(prep["ids"], cfg.seed, 0)
     examples = training_examples(tok, [by_id[sid] for sid in order], cfg.sequence_len, cfg.train_on)
-    micro = [collate([x for x, _ in examples[i:i + cfg.micro_batch_size]],
-                     [y for _, y in examples[i:i + cfg.micro_batch_size]], tok.pad_token_id)
-             for i in range(0, len(examples), cfg.micro_batch_size)]
-    steps = [micro[i:i + cfg.gradient_accumulation_steps] for i in range(0, len(micro), cfg.gradient_accumulation_steps)]
+    micro = [
+        collate(
+            [x for x, _ in examples[i : i + cfg.micro_batch_size]],
+            [y for _, y in examples[i : i + cfg.micro_batch_size]],
+            tok.pad_token_id,
+        )
+        for i in range(0, len(examples), cfg.micro_batch_size)
+    ]
+    steps = [
+        micro[i : i + cfg.gradient_accumulation_steps]
+        for i in range(0, len(micro), cfg.gradient_accumulation_steps)
+    ]
 
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.base_model, dtype=torch.float32, attn_implementation="sdpa"
+    )
     model.config.use_cache = False
     load_s = time.perf_counter() - t0
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     n_steps = total_steps(cfg, len(prep["ids"]), 1)
-    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=warmup_steps(n_steps, cfg.warmup_ratio),
-                          num_training_steps=n_steps)
+    sched = get_scheduler(
+        cfg.lr_scheduler,
+        opt,
+        num_warmup_steps=warmup_steps(n_steps, cfg.warmup_ratio),
+        num_training_steps=n_steps,
+    )
     metrics = []
     for s, step in enumerate(steps, 1):
         t = time.perf_counter()
@@ -167,11 +198,22 @@ def run_reference(args, prep: dict) -> dict:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        metrics.append({"step": s, "lr": lr, "loss": loss_sum / max(1, n_tok),
-                        "tokens": int(sum(int(b["attention_mask"].sum()) for b in step)),
-                        "seconds": time.perf_counter() - t})
-    return {"metrics": metrics, "load_s": load_s, "threads": torch.get_num_threads(),
-            "setup_s": load_s, "fit_s": None}
+        metrics.append(
+            {
+                "step": s,
+                "lr": lr,
+                "loss": loss_sum / max(1, n_tok),
+                "tokens": int(sum(int(b["attention_mask"].sum()) for b in step)),
+                "seconds": time.perf_counter() - t,
+            }
+        )
+    return {
+        "metrics": metrics,
+        "load_s": load_s,
+        "threads": torch.get_num_threads(),
+        "setup_s": load_s,
+        "fit_s": None,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,13 +237,27 @@ def probe_loop(c: dict) -> None:
     t_model = time.time()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c["learning_rate"], weight_decay=c["weight_decay"])
-    deepspeed.initialize(model=model, model_parameters=params, optimizer=opt, config=c["ds_config"],
-                         lr_scheduler=lambda o: get_scheduler("cosine", o, num_warmup_steps=1, num_training_steps=10))
+    deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        optimizer=opt,
+        config=c["ds_config"],
+        lr_scheduler=lambda o: get_scheduler("cosine", o, num_warmup_steps=1, num_training_steps=10),
+    )
     t_ds = time.time()
     if ray.train.get_context().get_world_rank() == 0:
         with open(c["out"], "w") as f:
-            json.dump({"entry": t_entry, "import": t_import, "model": t_model, "ds": t_ds, "exit": time.time(),
-                       "threads": torch.get_num_threads()}, f)
+            json.dump(
+                {
+                    "entry": t_entry,
+                    "import": t_import,
+                    "model": t_model,
+                    "ds": t_ds,
+                    "exit": time.time(),
+                    "threads": torch.get_num_threads(),
+                },
+                f,
+            )
 
 
 def probe_fit(cfg, workers: int, storage: str, out: str) -> dict:
@@ -210,25 +266,44 @@ def probe_fit(cfg, workers: int, storage: str, out: str) -> dict:
 
     from iterit.training.trainer import deepspeed_config
 
-    c = {"base_model": cfg.base_model, "trust_remote_code": cfg.trust_remote_code, "lora": None,
-         "attn_implementation": cfg.scoring.attn_implementation, "ds_config": deepspeed_config(cfg, workers, False),
-         "learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
-         "torch_threads": cfg.scoring.torch_threads, "out": out}
-    trainer = TorchTrainer(probe_loop, train_loop_config=c,
-                           scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-                           run_config=RunConfig(name="probe", storage_path=storage))
+    c = {
+        "base_model": cfg.base_model,
+        "trust_remote_code": cfg.trust_remote_code,
+        "lora": None,
+        "attn_implementation": cfg.scoring.attn_implementation,
+        "ds_config": deepspeed_config(cfg, workers, False),
+        "learning_rate": cfg.learning_rate,
+        "weight_decay": cfg.weight_decay,
+        "seed": cfg.seed,
+        "torch_threads": cfg.scoring.torch_threads,
+        "out": out,
+    }
+    trainer = TorchTrainer(
+        probe_loop,
+        train_loop_config=c,
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="probe", storage_path=storage),
+    )
     t0 = time.time()
     trainer.fit()
     t_end = time.time()
     with open(out) as f:
         t = json.load(f)
-    return {"worker_group_s": t["entry"] - t0, "imports_s": t["import"] - t["entry"], "model_s": t["model"] - t["import"],
-            "deepspeed_s": t["ds"] - t["model"], "teardown_s": t_end - t["exit"], "fit_s": t_end - t0,
-            "threads": t["threads"]}
+    return {
+        "worker_group_s": t["entry"] - t0,
+        "imports_s": t["import"] - t["entry"],
+        "model_s": t["model"] - t["import"],
+        "deepspeed_s": t["ds"] - t["model"],
+        "teardown_s": t_end - t["exit"],
+        "fit_s": t_end - t0,
+        "threads": t["threads"],
+    }
 
 
 def newest_mtime(path: str) -> float:
-    return max((os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs), default=float("nan"))
+    return max(
+        (os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs), default=float("nan")
+    )
 
 
 def run_ray(args, prep: dict, workers: int, zero: int, threads: int, probe: bool) -> dict:
@@ -245,17 +320,33 @@ def run_ray(args, prep: dict, workers: int, zero: int, threads: int, probe: bool
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         result: dict = {"ray_init_s": time.perf_counter() - t0}
         if probe:
-            result["probe"] = probe_fit(cfg, workers, os.path.join(tmp, "probe"), os.path.join(tmp, "probe.json"))
+            result["probe"] = probe_fit(
+                cfg, workers, os.path.join(tmp, "probe"), os.path.join(tmp, "probe.json")
+            )
         t_start = time.time()
-        out = train(cfg, run_dir, {0: prep["ids"]}, prep["samples"], k=len(prep["ids"]), name="bench",
-                    log=lambda *_: None)
+        out = train(
+            cfg,
+            run_dir,
+            {0: prep["ids"]},
+            prep["samples"],
+            k=len(prep["ids"]),
+            name="bench",
+            log=lambda *_: None,
+        )
         t_end = time.time()
         t0 = time.perf_counter()
         ray.shutdown()
-        result.update(shutdown_s=time.perf_counter() - t0, train_s=t_end - t_start, fit_s=out["fit_seconds"],
-                      metrics=read_metrics(run_dir, 0), t_start=t_start, t_end=t_end,
-                      export_done=os.path.getmtime(os.path.join(run_dir, "model", "iter_0", EXPORT_MARKER)),
-                      checkpoint_done=newest_mtime(out["checkpoint"]), threads=threads)
+        result.update(
+            shutdown_s=time.perf_counter() - t0,
+            train_s=t_end - t_start,
+            fit_s=out["fit_seconds"],
+            metrics=read_metrics(run_dir, 0),
+            t_start=t_start,
+            t_end=t_end,
+            export_done=os.path.getmtime(os.path.join(run_dir, "model", "iter_0", EXPORT_MARKER)),
+            checkpoint_done=newest_mtime(out["checkpoint"]),
+            threads=threads,
+        )
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -280,11 +371,32 @@ def run_one(args) -> dict:
 
 
 def child(config: str, args, prep_path: str) -> dict:
-    cmd = [sys.executable, os.path.join(HERE, "bench_training.py"), "--one", config, "--prep", prep_path,
-           "--seq-len", str(args.seq_len), "--micro", str(args.micro), "--accum", str(args.accum),
-           "--zero", str(args.zero), "--threads", str(args.threads), "--lr", str(args.lr)]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(args.health_check_s),
-           "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "bench_training.py"),
+        "--one",
+        config,
+        "--prep",
+        prep_path,
+        "--seq-len",
+        str(args.seq_len),
+        "--micro",
+        str(args.micro),
+        "--accum",
+        str(args.accum),
+        "--zero",
+        str(args.zero),
+        "--threads",
+        str(args.threads),
+        "--lr",
+        str(args.lr),
+    ]
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(args.health_check_s),
+        "PYTHONWARNINGS": "ignore",
+    }
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -310,8 +422,12 @@ def main() -> None:
     ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage of (b)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of (a) and of (b)'s worker")
     ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (cosine, 3%% warmup)")
-    ap.add_argument("--health-check-s", type=float, default=0.1,
-                    help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default is 2.0; the tests use 0.1)")
+    ap.add_argument(
+        "--health-check-s",
+        type=float,
+        default=0.1,
+        help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default is 2.0; the tests use 0.1)",
+    )
     ap.add_argument("--skip-2w", action="store_true", help="leave out (c), 2 workers under ZeRO-2")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--prep", help=argparse.SUPPRESS)
@@ -326,41 +442,55 @@ def main() -> None:
         prep_path = os.path.join(tmp, "prep.json")
         with open(prep_path, "w") as f:
             json.dump(prep, f)
-        names = {"a": f"(a) plain PyTorch loop, {args.threads} thr",
-                 "b": f"(b) Ray Train + DS ZeRO-{args.zero}, 1 wkr x {args.threads} thr",
-                 "c": "(c) Ray Train + DS ZeRO-2, 2 wkr x 1 thr"}
+        names = {
+            "a": f"(a) plain PyTorch loop, {args.threads} thr",
+            "b": f"(b) Ray Train + DS ZeRO-{args.zero}, 1 wkr x {args.threads} thr",
+            "c": "(c) Ray Train + DS ZeRO-2, 2 wkr x 1 thr",
+        }
         res = {}
         for c in "ab" if args.skip_2w else "abc":
             res[c] = child(c, args, prep_path)
 
     a = res["a"]
-    print(f"model {prep['model']}; {len(prep['ids'])} samples, seq-len {args.seq_len}, micro {args.micro} x accum "
-          f"{args.accum}, fp32, AdamW lr {args.lr:g}; {sum(x['tokens'] for x in a['metrics']):,} tokens in "
-          f"{len(a['metrics'])} steps (1 worker); steady state = steps {WARMUP + 1}.. ; "
-          f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={args.health_check_s:g}")
-    print(f"{'':42} {'steps':>5} {'tokens/s':>9} {'x (a)':>6} {'s/step':>7} {'final loss':>10} {'threads':>7} "
-          f"{'peak RSS MB':>11} {'tree RSS MB':>11}")
+    print(
+        f"model {prep['model']}; {len(prep['ids'])} samples, seq-len {args.seq_len}, micro {args.micro} x accum "
+        f"{args.accum}, fp32, AdamW lr {args.lr:g}; {sum(x['tokens'] for x in a['metrics']):,} tokens in "
+        f"{len(a['metrics'])} steps (1 worker); steady state = steps {WARMUP + 1}.. ; "
+        f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={args.health_check_s:g}"
+    )
+    print(
+        f"{'':42} {'steps':>5} {'tokens/s':>9} {'x (a)':>6} {'s/step':>7} {'final loss':>10} {'threads':>7} "
+        f"{'peak RSS MB':>11} {'tree RSS MB':>11}"
+    )
     for c, r in res.items():
         rate, n = steady(r["metrics"])
         per_step = np.mean([x["seconds"] for x in r["metrics"][WARMUP:] or r["metrics"]])
         peak = r["peak_rss_mb"] if c == "a" else r["worker_rss_mb"]
         tree = "-" if c == "a" else f"{r['tree_rss_mb']:,.0f}"
-        print(f"{names[c]:42} {len(r['metrics']):5} {rate:9,.1f} {rate / steady(a['metrics'])[0]:6.2f} "
-              f"{per_step:7.2f} {r['metrics'][-1]['loss']:10.4f} {r['threads']:7} {peak:11,.0f} {tree:>11}")
-    print("peak RSS: (a) the process; (b), (c) the largest Ray worker process; tree RSS: driver + Ray processes + "
-          "workers (shared pages counted per process)")
+        print(
+            f"{names[c]:42} {len(r['metrics']):5} {rate:9,.1f} {rate / steady(a['metrics'])[0]:6.2f} "
+            f"{per_step:7.2f} {r['metrics'][-1]['loss']:10.4f} {r['threads']:7} {peak:11,.0f} {tree:>11}"
+        )
+    print(
+        "peak RSS: (a) the process; (b), (c) the largest Ray worker process; tree RSS: driver + Ray processes + "
+        "workers (shared pages counted per process)"
+    )
 
     b = res["b"]
     ratio = steady(b["metrics"])[0] / steady(a["metrics"])[0]
-    print(f"(b)/(a) steady-state tokens/s: {ratio:.3f} (target >= {1 / 1.2:.3f}, i.e. within 1.2x) -> "
-          f"{'met' if ratio >= 1 / 1.2 else 'NOT met'}")
+    print(
+        f"(b)/(a) steady-state tokens/s: {ratio:.3f} (target >= {1 / 1.2:.3f}, i.e. within 1.2x) -> "
+        f"{'met' if ratio >= 1 / 1.2 else 'NOT met'}"
+    )
     common = min(len(a["metrics"]), len(b["metrics"]))
     dl = [abs(x["loss"] - y["loss"]) for x, y in zip(a["metrics"][:common], b["metrics"][:common])]
     same_tok = all(x["tokens"] == y["tokens"] for x, y in zip(a["metrics"], b["metrics"]))
     same_lr = max(abs(x["lr"] - y["lr"]) for x, y in zip(a["metrics"][:common], b["metrics"][:common]))
-    print(f"(b) vs (a) over {common} common steps: max |loss difference| {max(dl):.2e} (step "
-          f"{int(np.argmax(dl)) + 1}), same tokens per step: {'yes' if same_tok else 'NO'}, "
-          f"max |lr difference| {same_lr:.1e}")
+    print(
+        f"(b) vs (a) over {common} common steps: max |loss difference| {max(dl):.2e} (step "
+        f"{int(np.argmax(dl)) + 1}), same tokens per step: {'yes' if same_tok else 'NO'}, "
+        f"max |lr difference| {same_lr:.1e}"
+    )
     print("per-step loss (a): " + " ".join(f"{x['loss']:.4f}" for x in a["metrics"]))
     print("per-step loss (b): " + " ".join(f"{x['loss']:.4f}" for x in b["metrics"]))
     print("per-step seconds (a): " + " ".join(f"{x['seconds']:.2f}" for x in a["metrics"]))
@@ -372,22 +502,30 @@ def main() -> None:
     fit_start = b["t_start"] + (b["train_s"] - b["fit_s"])  # train() builds the datasets before fit()
     startup = p["worker_group_s"] + p["imports_s"] + p["model_s"] + p["deepspeed_s"]
     last_step_end = fit_start + startup + steps_s  # estimated: the probe's start-up stands in for the fit's
-    print(f"(b) fixed costs: train() {b['train_s']:.1f} s = driver set-up {b['train_s'] - b['fit_s']:.1f} s + fit "
-          f"{b['fit_s']:.1f} s; fit - summed step seconds {steps_s:.1f} s = {b['fit_s'] - steps_s:.1f} s of start-up "
-          f"and tail (plain loop: model load {a['load_s']:.1f} s)")
-    print(f"  start-up (probe fit, same config, loop = imports + build_model + deepspeed.initialize): worker group "
-          f"{p['worker_group_s']:.1f} s, imports {p['imports_s']:.1f} s, model load {p['model_s']:.1f} s, "
-          f"deepspeed.initialize {p['deepspeed_s']:.1f} s; teardown {p['teardown_s']:.1f} s; probe fit {p['fit_s']:.1f} s")
-    print(f"  tail (file times): last step -> export marker ~{b['export_done'] - last_step_end:.1f} s, -> checkpoint "
-          f"persisted {b['checkpoint_done'] - b['export_done']:.1f} s, -> fit returned "
-          f"{b['t_end'] - b['checkpoint_done']:.1f} s; ray.init {b['ray_init_s']:.1f} s, ray.shutdown "
-          f"{b['shutdown_s']:.1f} s")
+    print(
+        f"(b) fixed costs: train() {b['train_s']:.1f} s = driver set-up {b['train_s'] - b['fit_s']:.1f} s + fit "
+        f"{b['fit_s']:.1f} s; fit - summed step seconds {steps_s:.1f} s = {b['fit_s'] - steps_s:.1f} s of start-up "
+        f"and tail (plain loop: model load {a['load_s']:.1f} s)"
+    )
+    print(
+        f"  start-up (probe fit, same config, loop = imports + build_model + deepspeed.initialize): worker group "
+        f"{p['worker_group_s']:.1f} s, imports {p['imports_s']:.1f} s, model load {p['model_s']:.1f} s, "
+        f"deepspeed.initialize {p['deepspeed_s']:.1f} s; teardown {p['teardown_s']:.1f} s; probe fit {p['fit_s']:.1f} s"
+    )
+    print(
+        f"  tail (file times): last step -> export marker ~{b['export_done'] - last_step_end:.1f} s, -> checkpoint "
+        f"persisted {b['checkpoint_done'] - b['export_done']:.1f} s, -> fit returned "
+        f"{b['t_end'] - b['checkpoint_done']:.1f} s; ray.init {b['ray_init_s']:.1f} s, ray.shutdown "
+        f"{b['shutdown_s']:.1f} s"
+    )
     if "c" in res:
         c = res["c"]
         rc = steady(c["metrics"])[0]
-        print(f"(c)/(b) tokens/s: {rc / steady(b['metrics'])[0]:.2f}; (c) fit {c['fit_s']:.1f} s - summed steps "
-              f"{sum(x['seconds'] for x in c['metrics']):.1f} s; (c) trains a global batch of 2 x micro x accum, so "
-              f"its losses are not comparable step by step; 1 CPU and torch_threads=1 per worker")
+        print(
+            f"(c)/(b) tokens/s: {rc / steady(b['metrics'])[0]:.2f}; (c) fit {c['fit_s']:.1f} s - summed steps "
+            f"{sum(x['seconds'] for x in c['metrics']):.1f} s; (c) trains a global batch of 2 x micro x accum, so "
+            f"its losses are not comparable step by step; 1 CPU and torch_threads=1 per worker"
+        )
     print(f"whole benchmark {time.perf_counter() - t_all:.0f} s")
 
 

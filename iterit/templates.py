@@ -88,8 +88,10 @@ def _response_start(tok, messages: list[dict], text: str) -> int:
     response = messages[-1]["content"]
     probe = render(tok, messages[:-1] + [{"role": "assistant", "content": _SENTINEL}])
     cut = probe.find(_SENTINEL)
-    if cut >= 0 and text.startswith(probe[:cut]) and (
-        text.startswith(response, cut) or text.startswith(response.strip(), cut)
+    if (
+        cut >= 0
+        and text.startswith(probe[:cut])
+        and (text.startswith(response, cut) or text.startswith(response.strip(), cut))
     ):
         return cut
     for needle in (response, response.strip()):
@@ -118,7 +120,9 @@ def template_batch(tok, conversations: list[list[dict]], max_length: int) -> lis
         cond_texts.append(cond)
         prior_texts.append(prior)
         cond_chars.append(_response_start(tok, messages, cond))
-        prior_chars.append(_response_start(tok, [{"role": "assistant", "content": messages[-1]["content"]}], prior))
+        prior_chars.append(
+            _response_start(tok, [{"role": "assistant", "content": messages[-1]["content"]}], prior)
+        )
     fast = getattr(tok, "is_fast", False)
     enc_cond = tok(cond_texts, add_special_tokens=False, return_offsets_mapping=fast)
     enc_prior = tok(prior_texts, add_special_tokens=False, return_offsets_mapping=fast)
@@ -126,13 +130,17 @@ def template_batch(tok, conversations: list[list[dict]], max_length: int) -> lis
     for i in range(len(conversations)):
         cond_ids, prior_ids = enc_cond["input_ids"][i], enc_prior["input_ids"][i]
         cs = _token_start(tok, cond_texts[i], cond_chars[i], enc_cond["offset_mapping"][i] if fast else None)
-        ps = _token_start(tok, prior_texts[i], prior_chars[i], enc_prior["offset_mapping"][i] if fast else None)
+        ps = _token_start(
+            tok, prior_texts[i], prior_chars[i], enc_prior["offset_mapping"][i] if fast else None
+        )
         span = min(min(max_length, len(cond_ids)) - cs, len(prior_ids) - ps)
         if span <= 0:
-            out.append(RowError(
-                "response_truncated",
-                f"the prompt fills {cs} of sequence_len={max_length} tokens; no response token is left",
-            ))
+            out.append(
+                RowError(
+                    "response_truncated",
+                    f"the prompt fills {cs} of sequence_len={max_length} tokens; no response token is left",
+                )
+            )
             continue
         out.append(Templated(cond_ids[: cs + span], cs, prior_ids[: ps + span], ps, span))
     return out

@@ -20,7 +20,11 @@ import os
 
 from iterit.errors import IteritError
 
-INSTALL = {"tensorboard": "pip install tensorboardX", "mlflow": "pip install mlflow", "wandb": "pip install wandb"}
+INSTALL = {
+    "tensorboard": "pip install tensorboardX",
+    "mlflow": "pip install mlflow",
+    "wandb": "pip install wandb",
+}
 MODULE = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
 
 
@@ -39,7 +43,9 @@ def check_available(report_to: str | None) -> None:
     import importlib.util
 
     if importlib.util.find_spec(MODULE[report_to]) is None:
-        raise IteritError(f"report_to: {report_to} needs the package {MODULE[report_to]}: {INSTALL[report_to]}")
+        raise IteritError(
+            f"report_to: {report_to} needs the package {MODULE[report_to]}: {INSTALL[report_to]}"
+        )
 
 
 class Tracker:
@@ -69,8 +75,13 @@ class Tracker:
         elif report_to == "wandb":
             import wandb
 
-            wandb.init(project=os.environ.get("WANDB_PROJECT", "iterit"), id=run_key(run_dir), resume="allow",
-                       name=os.path.basename(run_dir.rstrip("/")), config=config)
+            wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "iterit"),
+                id=run_key(run_dir),
+                resume="allow",
+                name=os.path.basename(run_dir.rstrip("/")),
+                config=config,
+            )
 
     def log(self, metrics: dict[str, float], step: int, axis: str = "step") -> None:
         """`axis` names what `step` counts ("step": the global optimizer step; "iteration")."""

@@ -25,7 +25,9 @@ def _training_text(n: int = 3000) -> list[str]:
     lines = []
     for _ in range(n):
         sent = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14)))
-        lines.append(f"<|im_start|>user\n{sent.capitalize()}?<|im_end|>\n<|im_start|>assistant\n{sent}.<|im_end|>\n")
+        lines.append(
+            f"<|im_start|>user\n{sent.capitalize()}?<|im_end|>\n<|im_start|>assistant\n{sent}.<|im_end|>\n"
+        )
     return lines
 
 
@@ -47,16 +49,28 @@ def tiny_model_dir(tmp_path_factory) -> str:
     )
     bpe.train_from_iterator(_training_text(), trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
-        unk_token=None, additional_special_tokens=["<|im_start|>"],
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>"],
     )
     tok.chat_template = CHATML_TEMPLATE
     tok.save_pretrained(out)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(out)
     return str(out)
@@ -115,25 +129,37 @@ def hostile_corpus(tmp_path) -> tuple[Path, dict]:
     """A directory of bad files, and the expected counts per file: read, accepted, reasons."""
     d = tmp_path / "hostile"
     d.mkdir()
-    (d / "rows.jsonl").write_bytes(_jsonl([
-        GOOD_ALPACA,                                                            # 0 ok
-        b'{"instruction": "cut off", "output": ',                               # 1 invalid_json
-        {"instruction": 5, "output": "five"},                                   # 2 wrong_type
-        {"instruction": "no answer"},                                           # 3 missing_field
-        {"instruction": "blank", "output": "  \n "},                            # 4 empty_response
-        {"id": "dup", "instruction": "first", "output": "kept"},                # 5 ok
-        {"id": "dup", "instruction": "second", "output": "dropped"},            # 6 duplicate_id
-        b'{"instruction": "caf\xe9", "output": "latin-1 bytes"}',               # 7 bad_encoding
-        {"instruction": "long", "output": BIG_OUTPUT},                          # 8 ok, 10 MB line
-        b"[1, 2, 3]",                                                           # 9 wrong_type
-        b"",                                                                    # blank line: not a row
-        {"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "beep"}]},  # 11 bad_role
-        {"conversations": [{"from": "human", "value": "anyone?"}]},             # 12 no_response
-        {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
-                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "thanks"}]},  # 13 ok
-        {"text": "not a known format"},                                         # 14 missing_field
-        {"messages": "not a list"},                                             # 15 wrong_type
-    ]))
+    (d / "rows.jsonl").write_bytes(
+        _jsonl(
+            [
+                GOOD_ALPACA,  # 0 ok
+                b'{"instruction": "cut off", "output": ',  # 1 invalid_json
+                {"instruction": 5, "output": "five"},  # 2 wrong_type
+                {"instruction": "no answer"},  # 3 missing_field
+                {"instruction": "blank", "output": "  \n "},  # 4 empty_response
+                {"id": "dup", "instruction": "first", "output": "kept"},  # 5 ok
+                {"id": "dup", "instruction": "second", "output": "dropped"},  # 6 duplicate_id
+                b'{"instruction": "caf\xe9", "output": "latin-1 bytes"}',  # 7 bad_encoding
+                {"instruction": "long", "output": BIG_OUTPUT},  # 8 ok, 10 MB line
+                b"[1, 2, 3]",  # 9 wrong_type
+                b"",  # blank line: not a row
+                {
+                    "conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "beep"}]
+                },  # 11 bad_role
+                {"conversations": [{"from": "human", "value": "anyone?"}]},  # 12 no_response
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be terse."},
+                        {"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "4"},
+                        {"role": "user", "content": "thanks"},
+                    ]
+                },  # 13 ok
+                {"text": "not a known format"},  # 14 missing_field
+                {"messages": "not a list"},  # 15 wrong_type
+            ]
+        )
+    )
     # A pretty-printed JSON array with one element that is not JSON, and one of the wrong shape.
     (d / "array.json").write_text(
         '[\n  {"instruction": "a", "output": "A"},\n  {"instruction": "b", "output": },\n'
@@ -141,8 +167,20 @@ def hostile_corpus(tmp_path) -> tuple[Path, dict]:
     )
     (d / "empty.jsonl").write_bytes(b"")
     expected = {
-        "rows.jsonl": (15, 4, {"invalid_json": 1, "wrong_type": 3, "missing_field": 2, "empty_response": 1,
-                               "duplicate_id": 1, "bad_encoding": 1, "bad_role": 1, "no_response": 1}),
+        "rows.jsonl": (
+            15,
+            4,
+            {
+                "invalid_json": 1,
+                "wrong_type": 3,
+                "missing_field": 2,
+                "empty_response": 1,
+                "duplicate_id": 1,
+                "bad_encoding": 1,
+                "bad_role": 1,
+                "no_response": 1,
+            },
+        ),
         "array.json": (5, 3, {"invalid_json": 1, "wrong_type": 1}),
         "empty.jsonl": (0, 0, {}),
     }
@@ -162,20 +200,41 @@ def mixed_corpus(tmp_path_factory) -> Path:
         return " ".join(rng.choice(WORDS) for _ in range(n))
 
     rows = [
-        {"id": "alpaca", "instruction": "Explain why the sum is two.", "output": "Because one and one make two."},
-        {"id": "with-input", "instruction": "Write the function.", "input": "def f(x): return x",
-         "output": "The function returns the value."},
-        {"id": "sharegpt", "conversations": [
-            {"from": "human", "value": "What is the file?"}, {"from": "gpt", "value": "It is the data."},
-            {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "Then we list the number."}]},
-        {"id": "messages-system", "messages": [
-            {"role": "system", "content": "You explain code."}, {"role": "user", "content": "Why the error?"},
-            {"role": "assistant", "content": "The file is not there, so the function fails."}]},
+        {
+            "id": "alpaca",
+            "instruction": "Explain why the sum is two.",
+            "output": "Because one and one make two.",
+        },
+        {
+            "id": "with-input",
+            "instruction": "Write the function.",
+            "input": "def f(x): return x",
+            "output": "The function returns the value.",
+        },
+        {
+            "id": "sharegpt",
+            "conversations": [
+                {"from": "human", "value": "What is the file?"},
+                {"from": "gpt", "value": "It is the data."},
+                {"from": "human", "value": "And then?"},
+                {"from": "gpt", "value": "Then we list the number."},
+            ],
+        },
+        {
+            "id": "messages-system",
+            "messages": [
+                {"role": "system", "content": "You explain code."},
+                {"role": "user", "content": "Why the error?"},
+                {"role": "assistant", "content": "The file is not there, so the function fails."},
+            ],
+        },
         {"id": "cut-response", "instruction": "Give a long answer.", "output": text(120)},
         {"id": "no-room", "instruction": text(150), "output": "Short."},
     ]
-    rows += [{"id": f"var-{i}", "instruction": text(rng.randint(2, 20)), "output": text(rng.randint(1, 40))}
-             for i in range(14)]
+    rows += [
+        {"id": f"var-{i}", "instruction": text(rng.randint(2, 20)), "output": text(rng.randint(1, 40))}
+        for i in range(14)
+    ]
     p = tmp_path_factory.mktemp("mixed") / "mixed.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p

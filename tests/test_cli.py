@@ -19,7 +19,9 @@ def run(argv, capsys):
 
 
 def test_python_dash_m_and_readme_list_the_same_commands():
-    res = subprocess.run([sys.executable, "-m", "iterit", "--help"], capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "iterit", "--help"], capture_output=True, text=True, check=True
+    )
     for name in command_names():
         assert re.search(rf"^\W+{re.escape(name)}\s", res.stdout, re.M), name
     block = README.read_text().split("## Commands", 1)[1].split("```")[1]
@@ -29,8 +31,18 @@ def test_python_dash_m_and_readme_list_the_same_commands():
 
 def test_ingest_from_the_command_line(hostile_corpus, tmp_path, capsys):
     src, expected = hostile_corpus
-    code, out, err = run(["ingest", "--data", str(src / "rows.jsonl"), "--data", str(src / "array.json"),
-                          "--output", str(tmp_path / "out")], capsys)
+    code, out, err = run(
+        [
+            "ingest",
+            "--data",
+            str(src / "rows.jsonl"),
+            "--data",
+            str(src / "array.json"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert re.search(r"^total\s+20\s+7\s+13$", out, re.M)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -40,22 +52,33 @@ def test_ingest_from_the_command_line(hostile_corpus, tmp_path, capsys):
 def test_ingest_with_a_config(hostile_corpus, tmp_path, capsys):
     src, _ = hostile_corpus
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"base_model: m\ndatasets:\n  - path: {src / 'array.json'}\noutput_dir: {tmp_path / 'run'}\n")
+    cfg.write_text(
+        f"base_model: m\ndatasets:\n  - path: {src / 'array.json'}\noutput_dir: {tmp_path / 'run'}\n"
+    )
     code, out, _ = run(["ingest", "--config", str(cfg), "--set", "system_prompt=Be brief."], capsys)
     assert code == 0 and (tmp_path / "run" / "ingest" / "samples.parquet").exists()
     from iterit.config import load_config
+
     assert load_config(tmp_path / "run" / "ingest" / "config.yaml").system_prompt == "Be brief."
     from iterit.data import read_samples
-    assert read_samples(str(tmp_path / "run" / "ingest" / "samples.parquet")).column("messages")[0].as_py()[0] == \
-        {"role": "system", "content": "Be brief."}
+
+    assert read_samples(str(tmp_path / "run" / "ingest" / "samples.parquet")).column("messages")[0].as_py()[
+        0
+    ] == {"role": "system", "content": "Be brief."}
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["ingest", "--data", "/nonexistent/x.jsonl", "--output", "o"], "error: data path not found: /nonexistent/x.jsonl"),
-    (["ingest", "--output", "o"], "error: nothing to ingest"),
-    (["ingest", "--data", "x.jsonl", "--type", "csv", "--output", "o"], "error: --type 'csv'"),
-    (["config", "/nonexistent.yaml"], "error: config file not found"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["ingest", "--data", "/nonexistent/x.jsonl", "--output", "o"],
+            "error: data path not found: /nonexistent/x.jsonl",
+        ),
+        (["ingest", "--output", "o"], "error: nothing to ingest"),
+        (["ingest", "--data", "x.jsonl", "--type", "csv", "--output", "o"], "error: --type 'csv'"),
+        (["config", "/nonexistent.yaml"], "error: config file not found"),
+    ],
+)
 def test_errors_are_one_line_without_traceback(argv, message, capsys):
     code, _, err = run(argv, capsys)
     assert code == 2
@@ -63,8 +86,21 @@ def test_errors_are_one_line_without_traceback(argv, message, capsys):
 
 
 def test_debug_shows_the_traceback():
-    res = subprocess.run([sys.executable, "-m", "iterit", "--debug", "ingest", "--data", "/nonexistent.jsonl",
-                          "--output", "o"], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iterit",
+            "--debug",
+            "ingest",
+            "--data",
+            "/nonexistent.jsonl",
+            "--output",
+            "o",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0 and "Traceback" in res.stderr and "IteritError" in res.stderr
 
 
@@ -80,7 +116,18 @@ def test_config_command_prints_the_resolved_config(tmp_path, capsys):
 def test_ray_job_entrypoint_runs_the_same_ingest(hostile_corpus, tmp_path):
     src, _ = hostile_corpus
     root = Path(__file__).parent.parent
-    res = subprocess.run([sys.executable, str(root / "ray_jobs" / "ingest.py"), "--data", str(src / "array.json"),
-                          "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(root / "ray_jobs" / "ingest.py"),
+            "--data",
+            str(src / "array.json"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["accepted"] == 3

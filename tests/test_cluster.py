@@ -16,8 +16,11 @@ def test_cluster_yaml_passes_rays_autoscaler_schema():
     assert nodes[config["head_node_type"]]["resources"] == {"CPU": 0}
     gpus = {name: n["resources"].get("GPU", 0) for name, n in nodes.items()}
     assert sorted(gpus.values()) == [0, 1, 8]
-    assert all(n.get("min_workers", 0) == 0 and n.get("max_workers", 0) >= 1
-               for name, n in nodes.items() if gpus[name])
+    assert all(
+        n.get("min_workers", 0) == 0 and n.get("max_workers", 0) >= 1
+        for name, n in nodes.items()
+        if gpus[name]
+    )
     image = config["docker"]["image"]
     assert image.startswith("rayproject/ray:") and "-gpu" in image and "ray-ml" not in image
     assert any("pip install" in c and "/home/ray/iterit" in c for c in config["setup_commands"])

@@ -12,7 +12,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import WORDS
 
 METHODS = ["iterit", "full"]  # each method more costs two Ray Train fits and two evaluations
@@ -21,19 +20,33 @@ QUIET = dict(log=lambda *_: None)
 
 
 def _rows(rng, n, prefix):
-    return [{"id": f"{prefix}{i}", "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
-             "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30)))} for i in range(n)]
+    return [
+        {
+            "id": f"{prefix}{i}",
+            "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
+            "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30))),
+        }
+        for i in range(n)
+    ]
 
 
 def _config(tiny_model_dir, corpus, out) -> dict:
     # As test_loop's: k = 6 of 60 per iteration, window 12, 3 optimizer steps per iteration.
     return {
-        "base_model": tiny_model_dir, "datasets": [{"path": str(corpus)}], "output_dir": str(out),
-        "sequence_len": 64, "iterations": 2, "seed": SEED,
+        "base_model": tiny_model_dir,
+        "datasets": [{"path": str(corpus)}],
+        "output_dir": str(out),
+        "sequence_len": 64,
+        "iterations": 2,
+        "seed": SEED,
         "selection": {"ratio": 6, "update_ratio": 2},
         "scoring": {"torch_threads": 1, "batch_size": 16, "template_cpus": 0.5},
-        "ray_num_workers": 1, "deepspeed": 0, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3, "resources_per_worker": {"CPU": 1},
+        "ray_num_workers": 1,
+        "deepspeed": 0,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3,
+        "resources_per_worker": {"CPU": 1},
     }
 
 
@@ -44,7 +57,12 @@ def files(tmp_path_factory, tiny_model_dir) -> dict:
     (d / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(rng, 60, "q")))
     (d / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(rng, 10, "h")))
     (d / "config.yaml").write_text(yaml.safe_dump(_config(tiny_model_dir, d / "corpus.jsonl", d / "runs")))
-    return {"dir": d, "config": d / "config.yaml", "heldout": d / "heldout.jsonl", "out": d / "runs" / "compare"}
+    return {
+        "dir": d,
+        "config": d / "config.yaml",
+        "heldout": d / "heldout.jsonl",
+        "out": d / "runs" / "compare",
+    }
 
 
 def _cli(argv) -> int:
@@ -58,8 +76,19 @@ def _cli(argv) -> int:
 @pytest.fixture(scope="module")
 def compared(ray_local, files) -> Path:
     """The whole compare through the command line, into the default OUTPUT_DIR/compare."""
-    assert _cli(["compare", str(files["config"]), "--methods", ",".join(METHODS), "--heldout",
-                 str(files["heldout"])]) == 0
+    assert (
+        _cli(
+            [
+                "compare",
+                str(files["config"]),
+                "--methods",
+                ",".join(METHODS),
+                "--heldout",
+                str(files["heldout"]),
+            ]
+        )
+        == 0
+    )
     return files["out"]
 
 
@@ -97,8 +126,11 @@ def test_numbers_agree_with_the_run_directories(compared):
         assert r["iterations"] == iters and run_dir == _run(compared, r["method"])
         for e in range(iters):
             assert r["samples_per_iteration"][e] == len(_lines(run_dir / f"iter_{e}" / "selection.jsonl"))
-            assert r["tokens_per_iteration"][e] == sum(m["tokens"] for m in
-                                                       _lines(run_dir / f"iter_{e}" / "train_metrics.jsonl")) > 0
+            assert (
+                r["tokens_per_iteration"][e]
+                == sum(m["tokens"] for m in _lines(run_dir / f"iter_{e}" / "train_metrics.jsonl"))
+                > 0
+            )
             ev = json.loads((run_dir / "eval" / f"iter_{e}.json").read_text())
             assert ev["model"] == str(run_dir / "model" / f"iter_{e}")
             assert r["loss"][e] == ev["loss"]["loss"] and r["ppl"][e] == ev["loss"]["ppl"]
@@ -117,7 +149,8 @@ def test_numbers_agree_with_the_run_directories(compared):
         scores = pq.read_table(run_dir / "iter_0" / "scores.parquet").to_pydict()
         tokens = dict(zip(scores["id"], scores["n_response_tokens"]))
         assert r["picks_mean_response_tokens"] == pytest.approx(
-            [statistics.fmean(tokens[x["id"]] for x in sel) for sel in sels])
+            [statistics.fmean(tokens[x["id"]] for x in sel) for sel in sels]
+        )
         assert "picks" not in r  # the ids stay in the run directories
     assert data["overlap"] == []  # full selects nothing: no pair of selecting methods here
     # trained models differ from the base and from each other
@@ -180,18 +213,29 @@ def test_a_changed_config_is_refused_on_the_same_output(compared, files):
     from iterit.errors import IteritError
 
     with pytest.raises(IteritError, match="made with another config .*learning_rate"):
-        compare(load_config(files["config"], ["learning_rate=0.01"]), METHODS, [SEED], [str(files["heldout"])],
-                **QUIET)
+        compare(
+            load_config(files["config"], ["learning_rate=0.01"]),
+            METHODS,
+            [SEED],
+            [str(files["heldout"])],
+            **QUIET,
+        )
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--methods", "iterit,bogus", "--heldout", "H"], "error: --methods: unknown method 'bogus'"),
-    (["--methods", " , ", "--heldout", "H"], "error: --methods is empty"),
-    (["--methods", "iterit"], "error: compare needs held-out data"),
-    (["--methods", "embedding", "--heldout", "H", "--set", "scoring.embeddings=false"], "error: --methods embedding"),
-    (["--methods", "iterit", "--heldout", "H", "--seeds", "4x"], "error: --seeds '4x'"),
-    (["--methods", "iterit", "--heldout", "/nonexistent/h.jsonl"], "error: data path not found"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--methods", "iterit,bogus", "--heldout", "H"], "error: --methods: unknown method 'bogus'"),
+        (["--methods", " , ", "--heldout", "H"], "error: --methods is empty"),
+        (["--methods", "iterit"], "error: compare needs held-out data"),
+        (
+            ["--methods", "embedding", "--heldout", "H", "--set", "scoring.embeddings=false"],
+            "error: --methods embedding",
+        ),
+        (["--methods", "iterit", "--heldout", "H", "--seeds", "4x"], "error: --seeds '4x'"),
+        (["--methods", "iterit", "--heldout", "/nonexistent/h.jsonl"], "error: data path not found"),
+    ],
+)
 def test_errors_are_one_clear_line(files, extra, message, capsys):
     argv = ["compare", str(files["config"]), *[str(files["heldout"]) if a == "H" else a for a in extra]]
     assert _cli(argv) == 2
@@ -215,8 +259,12 @@ def test_the_table_shows_spread_and_gsm8k(compared):
     assert "1.6000 ± 0.1414" in md and "7: 1.5000, 8: 1.7000" in md
     assert "## How much the selections agree" in md and "| iterit vs ifd | 0.75 ± 0.35 | - |" in md
     assert "## What each method picked" in md
-    data["paired"] = {"reference": "iterit", "conversations": 25, "resamples": 2000,
-                      "methods": {"full": {"difference": -0.05, "low": -0.07, "high": -0.03, "fraction_lower": 1.0}}}
+    data["paired"] = {
+        "reference": "iterit",
+        "conversations": 25,
+        "resamples": 2000,
+        "methods": {"full": {"difference": -0.05, "low": -0.07, "high": -0.03, "fraction_lower": 1.0}},
+    }
     md = to_markdown(data)
     assert "## Against iterit, paired over the held-out conversations" in md
     assert "| full | -0.0500 | [-0.0700, -0.0300] | 100% |" in md
@@ -259,17 +307,33 @@ def test_paired_bootstrap_is_the_token_weighted_difference_over_resampled_conver
             d = tmp_path / f"{m}{seed}" / "eval" / "iter_1"
             d.mkdir(parents=True)
             noise = rng.normal(0, 0.05, size=30) if m == "c" else np.zeros(30)
-            pq.write_table(pa.table({"id": ids, "loss_cond": base + shift[m] + noise,
-                                     "n_response_tokens": pa.array(tokens, pa.int32())}), d / "scores.parquet")
+            pq.write_table(
+                pa.table(
+                    {
+                        "id": ids,
+                        "loss_cond": base + shift[m] + noise,
+                        "n_response_tokens": pa.array(tokens, pa.int32()),
+                    }
+                ),
+                d / "scores.parquet",
+            )
             runs.append({"method": m, "seed": seed, "run_dir": str(tmp_path / f"{m}{seed}"), "iterations": 2})
     got = paired_bootstrap(runs, ["a", "b", "c"], n_boot=500)
     assert got["reference"] == "a" and got["conversations"] == 30 and got["resamples"] == 500
     b = got["methods"]["b"]
-    assert b["difference"] == pytest.approx(-0.1) and b["low"] == pytest.approx(-0.1) and b["high"] == pytest.approx(-0.1)
+    assert (
+        b["difference"] == pytest.approx(-0.1)
+        and b["low"] == pytest.approx(-0.1)
+        and b["high"] == pytest.approx(-0.1)
+    )
     assert b["fraction_lower"] == 1.0
     c = got["methods"]["c"]  # seed-averaged noise: a small difference whose interval straddles 0
-    cond = [pq.read_table(tmp_path / f"c{s}" / "eval" / "iter_1" / "scores.parquet").column("loss_cond").to_numpy()
-            for s in (1, 2)]
+    cond = [
+        pq.read_table(tmp_path / f"c{s}" / "eval" / "iter_1" / "scores.parquet")
+        .column("loss_cond")
+        .to_numpy()
+        for s in (1, 2)
+    ]
     want = float(np.sum(tokens * ((cond[0] + cond[1]) / 2 - base)) / np.sum(tokens))
     assert c["difference"] == pytest.approx(want) and c["low"] < want < c["high"] and c["low"] < 0 < c["high"]
     assert paired_bootstrap(runs, ["a", "b", "c"], n_boot=500) == got  # seeded: the same every time

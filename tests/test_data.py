@@ -6,12 +6,11 @@ import tracemalloc
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+from conftest import BIG_OUTPUT, GOOD_ALPACA
 
 from iterit.config import DatasetConfig
 from iterit.data import REJECT_REASONS, expand_paths, ingest, normalise, read_records, read_samples
 from iterit.errors import IteritError, RowError
-
-from conftest import BIG_OUTPUT, GOOD_ALPACA
 
 SYS = {"role": "system", "content": "You are a helpful assistant."}
 AUTO = DatasetConfig(path="x")
@@ -23,31 +22,52 @@ def read_jsonl(path):
 
 # ---- normalisation, one format at a time (DESIGN section 2)
 
+
 def test_alpaca_without_and_with_input():
     assert normalise({"instruction": "Add.", "output": "3"}, AUTO) == [
-        SYS, {"role": "user", "content": "Add."}, {"role": "assistant", "content": "3"}]
+        SYS,
+        {"role": "user", "content": "Add."},
+        {"role": "assistant", "content": "3"},
+    ]
     assert normalise({"instruction": "Add.", "input": "1 and 2", "output": "3"}, AUTO)[1] == {
-        "role": "user", "content": "Add.\nInput: 1 and 2"}
+        "role": "user",
+        "content": "Add.\nInput: 1 and 2",
+    }
     assert normalise({"instruction": "Add.", "input": None, "output": "3"}, AUTO)[1]["content"] == "Add."
 
 
 def test_sharegpt_keeps_context_and_drops_turns_after_last_answer():
-    rec = {"conversations": [
-        {"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"},
-        {"from": "human", "value": "Q2"}, {"from": "chatgpt", "value": "A2"},
-        {"from": "human", "value": "unanswered follow-up"}]}
+    rec = {
+        "conversations": [
+            {"from": "human", "value": "Q1"},
+            {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "Q2"},
+            {"from": "chatgpt", "value": "A2"},
+            {"from": "human", "value": "unanswered follow-up"},
+        ]
+    }
     assert normalise(rec, AUTO) == [
-        SYS, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+        SYS,
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+    ]
 
 
 def test_messages_keep_their_system_prompt_and_join_text_parts():
-    rec = {"messages": [{"role": "system", "content": "Be terse."},
-                        {"role": "user", "content": [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}]},
-                        {"role": "assistant", "content": "4"}]}
+    rec = {
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}]},
+            {"role": "assistant", "content": "4"},
+        ]
+    }
     assert normalise(rec, AUTO) == [
-        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "4"}]
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     assert normalise(rec, AUTO, system_prompt=None)[0]["content"] == "Be terse."
     assert normalise({"instruction": "x", "output": "y"}, AUTO, system_prompt=None)[0]["role"] == "user"
 
@@ -60,19 +80,29 @@ def test_field_mapping_and_forced_type():
     assert e.value.reason == "missing_field" and "'prompt'" in e.value.detail
 
 
-@pytest.mark.parametrize("rec,reason", [
-    ({"instruction": "x", "output": 3}, "wrong_type"),
-    ({"instruction": "x", "output": None}, "missing_field"),
-    ({"instruction": "x", "output": ""}, "empty_response"),
-    ({"conversations": [{"from": "gpt", "value": "  "}]}, "empty_response"),
-    ({"conversations": [{"from": "human", "value": "hi"}, "oops"]}, "wrong_type"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "image_url"}]}]},
-     "wrong_type"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "bad_role"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "no_response"),
-    ({"instruction": "x", "output": "bad \udcff byte"}, "bad_encoding"),
-    ("a string row", "wrong_type"),
-])
+@pytest.mark.parametrize(
+    "rec,reason",
+    [
+        ({"instruction": "x", "output": 3}, "wrong_type"),
+        ({"instruction": "x", "output": None}, "missing_field"),
+        ({"instruction": "x", "output": ""}, "empty_response"),
+        ({"conversations": [{"from": "gpt", "value": "  "}]}, "empty_response"),
+        ({"conversations": [{"from": "human", "value": "hi"}, "oops"]}, "wrong_type"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": [{"type": "image_url"}]},
+                ]
+            },
+            "wrong_type",
+        ),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "bad_role"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no_response"),
+        ({"instruction": "x", "output": "bad \udcff byte"}, "bad_encoding"),
+        ("a string row", "wrong_type"),
+    ],
+)
 def test_bad_rows_raise_a_reason_from_the_vocabulary(rec, reason):
     with pytest.raises(RowError) as e:
         normalise(rec, AUTO)
@@ -80,6 +110,7 @@ def test_bad_rows_raise_a_reason_from_the_vocabulary(rec, reason):
 
 
 # ---- the ingest stage on hostile input
+
 
 def test_hostile_corpus_accepted_plus_rejected_equals_read(hostile_corpus, tmp_path):
     src, expected = hostile_corpus
@@ -106,8 +137,10 @@ def test_hostile_corpus_accepted_plus_rejected_equals_read(hostile_corpus, tmp_p
     rows = {r["id"]: r for r in table.to_pylist()}
     assert set(rows) == {"rows:0", "dup", "rows:8", "rows:13", "array:0", "array:2", "array:4"}
     assert rows["rows:0"]["messages"] == [
-        SYS, {"role": "user", "content": GOOD_ALPACA["instruction"]},
-        {"role": "assistant", "content": GOOD_ALPACA["output"]}]
+        SYS,
+        {"role": "user", "content": GOOD_ALPACA["instruction"]},
+        {"role": "assistant", "content": GOOD_ALPACA["output"]},
+    ]
     assert rows["rows:8"]["messages"][-1]["content"] == BIG_OUTPUT
     assert rows["dup"]["messages"][1]["content"] == "first"
     assert [m["role"] for m in rows["rows:13"]["messages"]] == ["system", "user", "assistant"]
@@ -119,23 +152,29 @@ def test_hostile_corpus_accepted_plus_rejected_equals_read(hostile_corpus, tmp_p
 def test_no_valid_rows_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": 1, "output": 2}\nnot json\n')
-    with pytest.raises(IteritError, match=r"no valid rows in .*bad\.jsonl \(2 read; .*\); see .*rejects\.jsonl"):
+    with pytest.raises(
+        IteritError, match=r"no valid rows in .*bad\.jsonl \(2 read; .*\); see .*rejects\.jsonl"
+    ):
         ingest([DatasetConfig(path=str(bad))], str(tmp_path / "out"))
     assert len(read_jsonl(tmp_path / "out" / "rejects.jsonl")) == 2
 
 
-@pytest.mark.parametrize("make,pattern", [
-    (lambda d: str(d / "missing.jsonl"), "data path not found"),
-    (lambda d: (d / "notes.txt").write_text("x") and str(d / "notes.txt"), "unknown data format"),
-    (lambda d: str(d / "*.jsonl"), "no files match"),
-    (lambda d: (d / "sub").mkdir() or str(d / "sub"), "no data files in directory"),
-])
+@pytest.mark.parametrize(
+    "make,pattern",
+    [
+        (lambda d: str(d / "missing.jsonl"), "data path not found"),
+        (lambda d: (d / "notes.txt").write_text("x") and str(d / "notes.txt"), "unknown data format"),
+        (lambda d: str(d / "*.jsonl"), "no files match"),
+        (lambda d: (d / "sub").mkdir() or str(d / "sub"), "no data files in directory"),
+    ],
+)
 def test_bad_paths_are_clear_errors(tmp_path, make, pattern):
     with pytest.raises(IteritError, match=pattern):
         expand_paths(make(tmp_path))
 
 
 # ---- JSON arrays: truncated, compact with a bad element
+
 
 def test_truncated_array_keeps_complete_elements(tmp_path):
     p = tmp_path / "cut.json"
@@ -149,8 +188,10 @@ def test_truncated_array_keeps_complete_elements(tmp_path):
 
 def test_compact_array_resyncs_after_a_bad_element(tmp_path):
     p = tmp_path / "compact.json"
-    p.write_text('[{"instruction":"a","output":"A"},{"instruction":"b","output":oops},'
-                 '{"instruction":"c","output":"C"}]')
+    p.write_text(
+        '[{"instruction":"a","output":"A"},{"instruction":"b","output":oops},'
+        '{"instruction":"c","output":"C"}]'
+    )
     rows = list(read_records(str(p)))
     assert [type(r).__name__ for _, r in rows] == ["dict", "RowError", "dict"]
     assert rows[2] == (2, {"instruction": "c", "output": "C"})
@@ -169,11 +210,16 @@ def test_array_elements_straddle_read_chunks(chunk):
 
 # ---- sources: fsspec URIs, compression, Parquet, globs, colliding stems
 
+
 def test_fsspec_memory_filesystem_glob_and_gzip(tmp_path):
     fs = fsspec.filesystem("memory")
     fs.pipe("/corpus/a.jsonl", b'{"instruction": "x", "output": "y"}\n')
-    fs.pipe("/corpus/b.jsonl.gz", gzip.compress(b'{"messages": [{"role": "user", "content": "u"},'
-                                                b' {"role": "assistant", "content": "v"}]}\n'))
+    fs.pipe(
+        "/corpus/b.jsonl.gz",
+        gzip.compress(
+            b'{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "v"}]}\n'
+        ),
+    )
     assert expand_paths("memory://corpus/*") == ["memory:///corpus/a.jsonl", "memory:///corpus/b.jsonl.gz"]
     summary = ingest([DatasetConfig(path="memory://corpus")], "memory://out")
     assert (summary["read"], summary["accepted"]) == (2, 2)
@@ -191,8 +237,10 @@ def test_parquet_input_and_stem_collisions(tmp_path):
     assert ids == ["x/train:0", "y/train:0"]  # same stem in two folders: ids still unique
     # The normalised Parquet is itself a valid `messages` input (system turn already first).
     second = ingest([DatasetConfig(path=first["samples"])], str(tmp_path / "o2"))
-    assert read_samples(second["samples"]).column("messages").to_pylist() == \
-        read_samples(first["samples"]).column("messages").to_pylist()
+    assert (
+        read_samples(second["samples"]).column("messages").to_pylist()
+        == read_samples(first["samples"]).column("messages").to_pylist()
+    )
     assert read_samples(second["samples"]).column("id").to_pylist() == ids
 
 
@@ -227,8 +275,10 @@ def test_ray_data_reads_the_samples_contract(hostile_corpus, tmp_path, ray_local
 
 def test_json_files_holding_lines_or_one_object(tmp_path):
     lines = tmp_path / "lines.json"  # JSON Lines with a .json name, one line broken
-    lines.write_text('{"instruction": "a", "output": "A"}\n{"instruction": "b", "output": \n'
-                     '{"instruction": "c", "output": "C"}\n')
+    lines.write_text(
+        '{"instruction": "a", "output": "A"}\n{"instruction": "b", "output": \n'
+        '{"instruction": "c", "output": "C"}\n'
+    )
     rows = list(read_records(str(lines)))
     assert [type(r).__name__ for _, r in rows] == ["dict", "RowError", "dict"] and rows[2][0] == 2
     one = tmp_path / "one.json"
@@ -237,8 +287,9 @@ def test_json_files_holding_lines_or_one_object(tmp_path):
 
 
 def test_corrupt_compressed_and_parquet_files_end_with_one_reject(tmp_path):
-    good = "".join(json.dumps({"instruction": f"q{i}", "output": f"answer {i * 7919 % 1000}"}) + "\n"
-                   for i in range(200)).encode()
+    good = "".join(
+        json.dumps({"instruction": f"q{i}", "output": f"answer {i * 7919 % 1000}"}) + "\n" for i in range(200)
+    ).encode()
     packed = gzip.compress(good)
     gz = tmp_path / "cut.jsonl.gz"
     gz.write_bytes(packed[: len(packed) * 2 // 3])  # an upload cut short
@@ -251,14 +302,20 @@ def test_corrupt_compressed_and_parquet_files_end_with_one_reject(tmp_path):
     assert cut["by_reason"] in ({}, {"invalid_json": 1})  # the line the cut fell in, if any
     assert cut["read"] == cut["accepted"] + cut["rejected"]
     rejects = [r for r in read_jsonl(tmp_path / "out" / "rejects.jsonl") if r["reason"] == "unreadable_file"]
-    assert len(rejects) == 2 and all(r["row"] is None and r["detail"].startswith("reading stopped") for r in rejects)
+    assert len(rejects) == 2 and all(
+        r["row"] is None and r["detail"].startswith("reading stopped") for r in rejects
+    )
 
 
 def test_max_samples_reads_only_the_first_rows(tmp_path):
     from iterit.data import ingest
 
     f = tmp_path / "rows.jsonl"
-    f.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a" if i != 1 else ""}) + "\n" for i in range(10)))
+    f.write_text(
+        "".join(
+            json.dumps({"instruction": f"q{i}", "output": "a" if i != 1 else ""}) + "\n" for i in range(10)
+        )
+    )
     s = ingest([DatasetConfig(path=str(f), max_samples=4)], str(tmp_path / "out"))
     assert (s["read"], s["accepted"], s["rejected"]) == (4, 3, 1)  # row 1 is an empty response
     assert read_samples(s["samples"]).column("id").to_pylist() == ["rows:0", "rows:2", "rows:3"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from iterit.config import DatasetConfig
-from iterit.data import normalise, read_records, read_samples
+from iterit.data import normalise, read_records
 
 
 def ids_of(path):
@@ -23,7 +23,9 @@ def test_sharegpt_split_is_fixed_and_complete(demo_assets):
     assert len(train) == 17_471 and len(held) == 200 and not set(train) & set(held)
     # Held-out rows are all usable conversations (ingest would accept every one).
     ds = DatasetConfig(path="x", type="sharegpt")
-    assert all(not isinstance(normalise(rec, ds), Exception) for _, rec in read_records(demo_assets["heldout"]))
+    assert all(
+        not isinstance(normalise(rec, ds), Exception) for _, rec in read_records(demo_assets["heldout"])
+    )
     assert held[:3] == ids_of(demo_assets["heldout"])[:3]  # same order every build
 
 
@@ -41,11 +43,15 @@ def test_converted_model_loads_and_answers(demo_assets):
     model = AutoModelForCausalLM.from_pretrained(demo_assets["model"])
     assert type(model).__name__ == "LlamaForCausalLM"
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1] :])
 
 
 def test_prepare_demo_is_idempotent(demo_assets):
@@ -61,8 +67,16 @@ def test_demo_run_on_the_held_out_split(demo_assets, tmp_path, ray_local):
     from iterit.demo import run_demo
 
     run_dir = tmp_path / "run"
-    out = run_demo([f"datasets.0.path={demo_assets['heldout']}", f"output_dir={run_dir}", "iterations=1",
-                    "selection.ratio=4"], log=lambda *_: None, samples=12)
+    out = run_demo(
+        [
+            f"datasets.0.path={demo_assets['heldout']}",
+            f"output_dir={run_dir}",
+            "iterations=1",
+            "selection.ratio=4",
+        ],
+        log=lambda *_: None,
+        samples=12,
+    )
     tok = out["tokens"]
     assert tok["templated"] + tok["response_truncated"] == 200 and tok["sequence_len"] == 256
     assert 0 < tok["response_tokens_p50"] <= tok["response_tokens_p90"] <= 256
@@ -114,7 +128,11 @@ def test_prepare_demo_writes_the_demo_corpus(demo_assets, tmp_path, capsys):
     train_ids = ids_of(demo_assets["train"])
     positions = [train_ids.index(r["id"]) for r in rows]
     assert positions == sorted(positions)  # in corpus order: the first ones that fit
-    assert json.loads((out / "tokens.json").read_text())["sequence_len"] == 256 == demo_config(demo_assets).sequence_len
+    assert (
+        json.loads((out / "tokens.json").read_text())["sequence_len"]
+        == 256
+        == demo_config(demo_assets).sequence_len
+    )
     # the command's default size is the demo's
     import inspect
 

@@ -44,7 +44,12 @@ def test_paper_config_validates_with_the_papers_numbers(path):
     assert cfg.use_gpu is True and cfg.scoring.gpus_per_actor == 1
     sc = cfg.scoring
     assert (sc.dtype, sc.min_actors, sc.max_actors, sc.token_budget, sc.batch_size) == (
-        "bfloat16", 1, 8, 16384, 512)
+        "bfloat16",
+        1,
+        8,
+        16384,
+        512,
+    )
     assert sc.max_actors * sc.gpus_per_actor <= 8  # the scoring pool fits one 8-GPU node
     # Multi-node: every node reads the data and writes the run directory and checkpoints.
     assert [d.type for d in cfg.datasets] == ["alpaca"]
@@ -178,9 +183,13 @@ def test_rayjob_autoscales_gpu_workers_from_zero(rayjob):
 # --------------------------------------------------------------------------------------------
 # No secrets in the manifest
 
-CREDENTIAL_NAME = re.compile(r"secret|password|passwd|token|credential|(^|_)key($|_)|access_?key|api_?key", re.I)
+CREDENTIAL_NAME = re.compile(
+    r"secret|password|passwd|token|credential|(^|_)key($|_)|access_?key|api_?key", re.I
+)
 REFERENCE_FIELDS = {"secretRef", "secretKeyRef", "secretName", "serviceAccountName"}  # names of Secrets
-CREDENTIAL_VALUE = re.compile(r"AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}|hf_[A-Za-z0-9]{30,}|-----BEGIN [A-Z ]*PRIVATE KEY")
+CREDENTIAL_VALUE = re.compile(
+    r"AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}|hf_[A-Za-z0-9]{30,}|-----BEGIN [A-Z ]*PRIVATE KEY"
+)
 
 
 def literal_secrets(node, where: str = "") -> list[str]:
@@ -196,8 +205,12 @@ def literal_secrets(node, where: str = "") -> list[str]:
                 found += literal_secrets(yaml.safe_load(value), path)
             elif isinstance(value, (dict, list)):
                 found += literal_secrets(value, path)
-            elif (key not in REFERENCE_FIELDS and key != "key" and CREDENTIAL_NAME.search(str(key))
-                  and value not in (None, "")):
+            elif (
+                key not in REFERENCE_FIELDS
+                and key != "key"
+                and CREDENTIAL_NAME.search(str(key))
+                and value not in (None, "")
+            ):
                 found.append(f"{path}: literal value")
     elif isinstance(node, list):
         for i, item in enumerate(node):
@@ -223,6 +236,15 @@ def test_the_secret_check_catches_inline_credentials(rayjob):
     head.setdefault("env", []).append({"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"})
     bad["spec"]["runtimeEnvYAML"] += "env_vars:\n  HF_TOKEN: xyz\n"
     found = literal_secrets(bad)
-    assert len(found) == 2 and any("AWS_SECRET_ACCESS_KEY" in f for f in found) and any("HF_TOKEN" in f for f in found)
+    assert (
+        len(found) == 2
+        and any("AWS_SECRET_ACCESS_KEY" in f for f in found)
+        and any("HF_TOKEN" in f for f in found)
+    )
     # Tolerations' `key` and Secret names are not credentials.
-    assert literal_secrets({"tolerations": [{"key": "nvidia.com/gpu"}], "secretRef": {"name": "aws-credentials"}}) == []
+    assert (
+        literal_secrets(
+            {"tolerations": [{"key": "nvidia.com/gpu"}], "secretRef": {"name": "aws-credentials"}}
+        )
+        == []
+    )

@@ -13,8 +13,17 @@ from iterit.config import DatasetConfig, config_from_dict
 from iterit.data import ingest, read_samples
 from iterit.errors import IteritError, RowError
 from iterit.evaluation import (
-    Generator, aggregate_losses, answers_match, evaluate_gsm8k, evaluate_loss, exact_match, extract_answer,
-    gold_answer, read_gsm8k, run_eval, score_predictions,
+    Generator,
+    aggregate_losses,
+    answers_match,
+    evaluate_gsm8k,
+    evaluate_loss,
+    exact_match,
+    extract_answer,
+    gold_answer,
+    read_gsm8k,
+    run_eval,
+    score_predictions,
 )
 
 MAX_LEN = 96
@@ -23,17 +32,30 @@ QUIET = dict(log=lambda *_: None)
 
 def eval_config(model_dir, out):
     # The session's Ray has 2 CPUs: one actor (1 CPU) plus reading and templating (0.5).
-    return config_from_dict({
-        "base_model": model_dir, "datasets": [{"path": "unused"}], "output_dir": str(out), "sequence_len": MAX_LEN,
-        "scoring": {"batch_size": 8, "token_budget": 1024, "min_actors": 1, "max_actors": 1, "cpus_per_actor": 1,
-                    "template_cpus": 0.5}})
+    return config_from_dict(
+        {
+            "base_model": model_dir,
+            "datasets": [{"path": "unused"}],
+            "output_dir": str(out),
+            "sequence_len": MAX_LEN,
+            "scoring": {
+                "batch_size": 8,
+                "token_budget": 1024,
+                "min_actors": 1,
+                "max_actors": 1,
+                "cpus_per_actor": 1,
+                "template_cpus": 0.5,
+            },
+        }
+    )
 
 
 # ---- held-out loss
 
 
-def test_heldout_loss_is_the_token_weighted_reference_span_loss(ray_local, tiny_model_dir, tiny_tokenizer,
-                                                                 mixed_corpus, tmp_path):
+def test_heldout_loss_is_the_token_weighted_reference_span_loss(
+    ray_local, tiny_model_dir, tiny_tokenizer, mixed_corpus, tmp_path
+):
     from iterit.scoring.actor import load_model
     from iterit.scoring.losses import reference_scores
     from iterit.templates import template_batch
@@ -54,7 +76,9 @@ def test_heldout_loss_is_the_token_weighted_reference_span_loss(ray_local, tiny_
     assert got["loss"] == pytest.approx(want, rel=1e-4)
     assert got["ppl"] == pytest.approx(math.exp(want), rel=1e-4)
     unweighted = sum(losses) / len(losses)
-    assert abs(unweighted - want) > 2e-4 * want  # so the first check tells the weighted mean from the plain one
+    assert (
+        abs(unweighted - want) > 2e-4 * want
+    )  # so the first check tells the weighted mean from the plain one
     assert got["mean_sample_loss"] == pytest.approx(unweighted, rel=1e-4)
     assert (got["n"], got["tokens"], got["read"]) == (19, sum(lengths), 20)
     assert got["rejected"] == 1 and got["rejected_by_reason"] == {"response_truncated": 1}
@@ -62,7 +86,10 @@ def test_heldout_loss_is_the_token_weighted_reference_span_loss(ray_local, tiny_
     scores = pq.read_table(out / "scores.parquet")
     assert "embedding" not in scores.column_names  # embeddings off
     # The conditional pass only: no prior pass was run, so no IFD; the work counted is the cond texts'.
-    assert np.isnan(scores.column("loss_prior").to_numpy()).all() and np.isnan(scores.column("ifd").to_numpy()).all()
+    assert (
+        np.isnan(scores.column("loss_prior").to_numpy()).all()
+        and np.isnan(scores.column("ifd").to_numpy()).all()
+    )
     summary = json.loads((out / "score_summary.json").read_text())
     assert summary["tokens"] == sum(len(t.cond_ids) for t in cond_texts)
     assert (out / "ingest" / "samples.parquet").exists()
@@ -70,29 +97,38 @@ def test_heldout_loss_is_the_token_weighted_reference_span_loss(ray_local, tiny_
 
 def test_aggregate_losses_weights_by_tokens():
     got = aggregate_losses(np.array([1.0, 3.0]), np.array([3, 1], dtype=np.int32))
-    assert got == {"loss": 1.5, "ppl": pytest.approx(math.exp(1.5)), "mean_sample_loss": 2.0, "n": 2, "tokens": 4}
+    assert got == {
+        "loss": 1.5,
+        "ppl": pytest.approx(math.exp(1.5)),
+        "mean_sample_loss": 2.0,
+        "n": 2,
+        "tokens": 4,
+    }
 
 
 # ---- answers
 
 
-@pytest.mark.parametrize("text,want", [
-    ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
-    ("#### 1,234", "1234"),                          # thousands separators
-    ("The total is $1,000.50.", "1000.5"),           # dollars, decimals, a sentence's full stop
-    ("It costs $5.00", "5"),                         # trailing .00
-    ("He ends with 3.", "3"),
-    ("The temperature drops to -4 degrees", "-4"),   # negative
-    ("She owes -$7", "-7"),
-    ("16-3-4=9", "9"),                               # subtraction is not a sign
-    ("first 7 then #### 42 and later 5", "42"),      # the number after the last ####, not the last number
-    ("#### 10 ... #### 11", "11"),
-    ("#### none, so the answer is 12", "12"),        # nothing after ####: the last number
-    ("Answer: 0.50", "0.5"),
-    ("count 1,2,3", "3"),                            # commas that are not thousands separators
-    ("I do not know", None),                         # no number
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
+        ("#### 1,234", "1234"),  # thousands separators
+        ("The total is $1,000.50.", "1000.5"),  # dollars, decimals, a sentence's full stop
+        ("It costs $5.00", "5"),  # trailing .00
+        ("He ends with 3.", "3"),
+        ("The temperature drops to -4 degrees", "-4"),  # negative
+        ("She owes -$7", "-7"),
+        ("16-3-4=9", "9"),  # subtraction is not a sign
+        ("first 7 then #### 42 and later 5", "42"),  # the number after the last ####, not the last number
+        ("#### 10 ... #### 11", "11"),
+        ("#### none, so the answer is 12", "12"),  # nothing after ####: the last number
+        ("Answer: 0.50", "0.5"),
+        ("count 1,2,3", "3"),  # commas that are not thousands separators
+        ("I do not know", None),  # no number
+        ("", None),
+    ],
+)
 def test_extract_answer(text, want):
     assert extract_answer(text) == want
 
@@ -114,12 +150,23 @@ def test_predictions_are_scored_by_exact_match():
     assert exact_match(["18", "17", None, "1234"], ["18", "18", "3", "1234"]) == 0.5
     with pytest.raises(ValueError):
         exact_match(["1"], ["1", "2"])
-    rows = [{"id": "a", "question": "q1", "gold": "18"}, {"id": "b", "question": "q2", "gold": "1234"},
-            {"id": "c", "question": "q3", "gold": "3"}]
-    recs = score_predictions(rows, ["So she makes $18 a day.\n#### 18", "About $1,234.00 in all.", "No idea."])
+    rows = [
+        {"id": "a", "question": "q1", "gold": "18"},
+        {"id": "b", "question": "q2", "gold": "1234"},
+        {"id": "c", "question": "q3", "gold": "3"},
+    ]
+    recs = score_predictions(
+        rows, ["So she makes $18 a day.\n#### 18", "About $1,234.00 in all.", "No idea."]
+    )
     assert [(r["prediction"], r["correct"]) for r in recs] == [("18", True), ("1234", True), (None, False)]
-    assert recs[0] == {"id": "a", "question": "q1", "gold": "18", "prediction": "18", "correct": True,
-                       "output": "So she makes $18 a day.\n#### 18"}
+    assert recs[0] == {
+        "id": "a",
+        "question": "q1",
+        "gold": "18",
+        "prediction": "18",
+        "correct": True,
+        "output": "So she makes $18 a day.\n#### 18",
+    }
 
 
 # ---- GSM8K generation
@@ -128,17 +175,26 @@ def test_predictions_are_scored_by_exact_match():
 @pytest.fixture()
 def gsm8k_file(tmp_path):
     rows = [
-        {"id": "g0", "question": "Janet has 16 eggs and eats 3. How many are left?", "answer": "16 - 3 = 13\n#### 13"},
-        {"question": "A robe takes 2 bolts of blue and half that of white. How many in total?", "answer": "#### 3"},
+        {
+            "id": "g0",
+            "question": "Janet has 16 eggs and eats 3. How many are left?",
+            "answer": "16 - 3 = 13\n#### 13",
+        },
+        {
+            "question": "A robe takes 2 bolts of blue and half that of white. How many in total?",
+            "answer": "#### 3",
+        },
         {"id": "g2", "question": "What is 1,000 plus 234?", "answer": "1,000 + 234 = 1,234\n#### 1,234"},
-        {"id": "bad", "question": "No final answer here?", "answer": "It is 5."},    # no ####: a reject
+        {"id": "bad", "question": "No final answer here?", "answer": "It is 5."},  # no ####: a reject
         {"id": "a0", "instruction": "Add two and two.", "input": "", "output": "2 + 2 = 4\n#### 4"},  # Alpaca
-        {"id": "g0", "question": "Same id again?", "answer": "#### 1"},             # duplicate_id
+        {"id": "g0", "question": "Same id again?", "answer": "#### 1"},  # duplicate_id
         {"id": "g5", "question": "How many legs do 2 cats have?", "answer": "2 * 4 = 8\n#### 8"},
     ]
     p = tmp_path / "gsm8k.jsonl"
-    p.write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode()
-                  + b'{"question": "caf\xe9?", "answer": "#### 1"}\n{"question": "cut off\n')
+    p.write_bytes(
+        "".join(json.dumps(r) + "\n" for r in rows).encode()
+        + b'{"question": "caf\xe9?", "answer": "#### 1"}\n{"question": "cut off\n'
+    )
     return p
 
 
@@ -148,7 +204,11 @@ def test_read_gsm8k_keeps_good_rows_and_rejects_with_reasons(gsm8k_file):
     assert [r["gold"] for r in rows] == ["13", "3", "1234", "4", "8"]
     assert rows[3]["question"] == "Add two and two."
     assert [(r["id"], r["reason"]) for r in rejects] == [
-        ("bad", "no_gold_answer"), ("g0", "duplicate_id"), ("gsm8k:7", "bad_encoding"), (None, "invalid_json")]
+        ("bad", "no_gold_answer"),
+        ("g0", "duplicate_id"),
+        ("gsm8k:7", "bad_encoding"),
+        (None, "invalid_json"),
+    ]
     assert [r["id"] for r in read_gsm8k(str(gsm8k_file), limit=3)[0]] == ["g0", "gsm8k:1", "g2"]
 
 
@@ -166,7 +226,11 @@ def test_gsm8k_on_the_actor_pool_answers_every_question_once(ray_local, tiny_mod
     assert g["n"] == 5 and g["correct"] == sum(p["correct"] for p in preds)
     assert g["exact_match"] == g["correct"] / g["n"]
     assert g["rejected"] == 4 and g["rejected_by_reason"] == {
-        "no_gold_answer": 1, "duplicate_id": 1, "bad_encoding": 1, "invalid_json": 1}
+        "no_gold_answer": 1,
+        "duplicate_id": 1,
+        "bad_encoding": 1,
+        "invalid_json": 1,
+    }
     assert len(open(out / "gsm8k_rejects.jsonl").readlines()) == 4
     assert json.loads((out / "eval.json").read_text()) == got and "loss" not in got
 
@@ -175,7 +239,9 @@ def test_gsm8k_on_the_actor_pool_answers_every_question_once(ray_local, tiny_mod
     torch.set_num_threads(1)
     try:
         gen = Generator(tiny_model_dir, None, cfg.system_prompt, 256, "float32", "sdpa", False)
-        assert gen.generate([r["question"] for r in read_gsm8k(str(gsm8k_file))[0]]) == [p["output"] for p in preds]
+        assert gen.generate([r["question"] for r in read_gsm8k(str(gsm8k_file))[0]]) == [
+            p["output"] for p in preds
+        ]
     finally:
         torch.set_num_threads(threads)
     messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": "Q?"}]
@@ -194,9 +260,14 @@ def test_run_eval_combines_both_into_eval_json(monkeypatch, tiny_model_dir, tmp_
     from iterit import evaluation
 
     calls = []
-    monkeypatch.setattr(evaluation, "evaluate_loss", lambda cfg, d, o, log: calls.append(("loss", d)) or {"loss": 1.0})
-    monkeypatch.setattr(evaluation, "evaluate_gsm8k",
-                        lambda cfg, d, o, limit, log: calls.append(("gsm8k", d, limit)) or {"exact_match": 0.5})
+    monkeypatch.setattr(
+        evaluation, "evaluate_loss", lambda cfg, d, o, log: calls.append(("loss", d)) or {"loss": 1.0}
+    )
+    monkeypatch.setattr(
+        evaluation,
+        "evaluate_gsm8k",
+        lambda cfg, d, o, limit, log: calls.append(("gsm8k", d, limit)) or {"exact_match": 0.5},
+    )
     cfg = eval_config(tiny_model_dir, tmp_path)
     got = run_eval(cfg, ["held.jsonl"], str(tmp_path), gsm8k="gsm8k.jsonl", limit=7, **QUIET)
     assert calls == [("loss", ["held.jsonl"]), ("gsm8k", "gsm8k.jsonl", 7)]
@@ -217,20 +288,40 @@ def test_lm_eval_tasks_run_through_the_harness_and_land_in_eval_json(monkeypatch
 
     def simple_evaluate(**kwargs):
         calls.append(kwargs)
-        return {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25,
-                                      "exact_match_stderr,strict-match": 0.1, "flag": True}}}
+        return {
+            "results": {
+                "gsm8k": {
+                    "alias": "gsm8k",
+                    "exact_match,strict-match": 0.25,
+                    "exact_match_stderr,strict-match": 0.1,
+                    "flag": True,
+                }
+            }
+        }
 
-    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate,
-                                                                      __version__="0.4.13"))
+    monkeypatch.setitem(
+        sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate, __version__="0.4.13")
+    )
     cfg = eval_config(tiny_model_dir, tmp_path)
     got = run_eval(cfg, None, str(tmp_path), limit=5, lm_eval_tasks=["gsm8k"], num_fewshot=0, **QUIET)
     (call,) = calls
-    assert call["model"] == "hf" and call["tasks"] == ["gsm8k"] and call["limit"] == 5 and call["num_fewshot"] == 0
-    assert call["model_args"] == {"pretrained": tiny_model_dir, "dtype": "float32", "trust_remote_code": False}
+    assert (
+        call["model"] == "hf"
+        and call["tasks"] == ["gsm8k"]
+        and call["limit"] == 5
+        and call["num_fewshot"] == 0
+    )
+    assert call["model_args"] == {
+        "pretrained": tiny_model_dir,
+        "dtype": "float32",
+        "trust_remote_code": False,
+    }
     assert call["device"] == "cpu"
     assert call["apply_chat_template"] is True  # the tiny tokenizer carries a (ChatML) template of its own
     lm = got["lm_eval"]
-    assert lm["tasks"] == {"gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1}}
+    assert lm["tasks"] == {
+        "gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1}
+    }
     assert lm["lm_eval_version"] == "0.4.13"
     assert json.loads((tmp_path / "lm_eval.json").read_text()) == lm
     assert json.loads((tmp_path / "eval.json").read_text())["lm_eval"] == lm

@@ -15,15 +15,20 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import WORDS
 
 
 @pytest.fixture(scope="module")
 def loop_corpus(tmp_path_factory) -> Path:
     rng = random.Random(5)
-    rows = [{"id": f"q{i}", "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
-             "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30)))} for i in range(60)]
+    rows = [
+        {
+            "id": f"q{i}",
+            "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
+            "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30))),
+        }
+        for i in range(60)
+    ]
     rows.append({"id": "bad"})  # one reject at ingest
     p = tmp_path_factory.mktemp("loop") / "corpus.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -32,12 +37,20 @@ def loop_corpus(tmp_path_factory) -> Path:
 
 def _config(tiny_model_dir, corpus, run_dir) -> dict:
     return {
-        "base_model": tiny_model_dir, "datasets": [{"path": str(corpus)}], "output_dir": str(run_dir),
-        "sequence_len": 64, "iterations": 2, "seed": 7,
+        "base_model": tiny_model_dir,
+        "datasets": [{"path": str(corpus)}],
+        "output_dir": str(run_dir),
+        "sequence_len": 64,
+        "iterations": 2,
+        "seed": 7,
         "selection": {"ratio": 6, "update_ratio": 2},
         "scoring": {"torch_threads": 1, "batch_size": 16, "template_cpus": 0.5},
-        "ray_num_workers": 1, "deepspeed": 0, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3, "resources_per_worker": {"CPU": 1},
+        "ray_num_workers": 1,
+        "deepspeed": 0,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3,
+        "resources_per_worker": {"CPU": 1},
     }
 
 
@@ -67,8 +80,16 @@ def test_run_writes_every_artifact(uninterrupted):
     run_dir, out = uninterrupted
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stages = manifest["stages"]
-    assert [s for s in stages] == ["ingest", "iter_0/score", "iter_0/select", "iter_0/train",
-                                   "iter_1/score", "iter_1/select", "iter_1/train", "report"]
+    assert [s for s in stages] == [
+        "ingest",
+        "iter_0/score",
+        "iter_0/select",
+        "iter_0/train",
+        "iter_1/score",
+        "iter_1/select",
+        "iter_1/train",
+        "report",
+    ]
     assert all(s["status"] == "done" and s["seconds"] >= 0 for s in stages.values())
     assert manifest["seed"] == 7 and manifest["versions"]["torch"]
     assert (stages["ingest"]["result"]["accepted"], stages["ingest"]["result"]["rejected"]) == (60, 1)
@@ -83,7 +104,9 @@ def test_run_writes_every_artifact(uninterrupted):
     assert sel[1][1][12:] == sel[0][1][12:]
     assert set(sel[1][1][:12]) == set(sel[0][1][:12])
     # training: one continuous step count and schedule over both iterations
-    metrics = [json.loads(line) for e in range(2) for line in open(run_dir / f"iter_{e}" / "train_metrics.jsonl")]
+    metrics = [
+        json.loads(line) for e in range(2) for line in open(run_dir / f"iter_{e}" / "train_metrics.jsonl")
+    ]
     assert [m["step"] for m in metrics] == list(range(1, 7)) and {m["iteration"] for m in metrics} == {0, 1}
     assert stages["iter_1/train"]["result"]["total_steps"] == 6
     # keep_checkpoints: last: iteration 0's checkpoint went once iteration 1 had trained from it
@@ -100,15 +123,21 @@ def test_run_mirrors_its_numbers_to_tensorboard(uninterrupted):
 
     run_dir, _ = uninterrupted
     scalars = read_scalars(run_dir / "tensorboard")
-    metrics = [json.loads(line) for e in range(2) for line in open(run_dir / f"iter_{e}" / "train_metrics.jsonl")]
+    metrics = [
+        json.loads(line) for e in range(2) for line in open(run_dir / f"iter_{e}" / "train_metrics.jsonl")
+    ]
     # rank 0 of every fit: one point per optimizer step, on the global step that runs across iterations
     assert scalars["train/loss"] == [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in metrics]
     assert [s for s, _ in scalars["train/lr"]] == list(range(1, 7))
     # the driver: one point per iteration for each stage's result
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
-    assert scalars["score/scored"] == [(e, float(stages[f"iter_{e}/score"]["result"]["scored"])) for e in range(2)]
+    assert scalars["score/scored"] == [
+        (e, float(stages[f"iter_{e}/score"]["result"]["scored"])) for e in range(2)
+    ]
     assert scalars["select/mean_ifd_selected"] == [
-        (e, pytest.approx(stages[f"iter_{e}/select"]["result"]["mean_ifd_selected"], rel=1e-6)) for e in range(2)]
+        (e, pytest.approx(stages[f"iter_{e}/select"]["result"]["mean_ifd_selected"], rel=1e-6))
+        for e in range(2)
+    ]
 
 
 def test_a_run_directory_is_not_overwritten(uninterrupted, tiny_model_dir, loop_corpus):
@@ -123,11 +152,14 @@ def test_a_run_directory_is_not_overwritten(uninterrupted, tiny_model_dir, loop_
 
 def _driver(args: list[str], address: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "iterit", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "iterit", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
-def _kill_when_running(proc: subprocess.Popen, manifest: Path, stage: str, delay: float, timeout: float = 240) -> None:
+def _kill_when_running(
+    proc: subprocess.Popen, manifest: Path, stage: str, delay: float, timeout: float = 240
+) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
@@ -146,7 +178,9 @@ def _kill_when_running(proc: subprocess.Popen, manifest: Path, stage: str, delay
     pytest.fail(f"{stage} did not start within {timeout} s")
 
 
-def test_killed_driver_resumes_to_the_same_selections(uninterrupted, ray_local, tiny_model_dir, loop_corpus, tmp_path):
+def test_killed_driver_resumes_to_the_same_selections(
+    uninterrupted, ray_local, tiny_model_dir, loop_corpus, tmp_path
+):
     from iterit.loop import run
 
     address = ray_local.get_runtime_context().gcs_address
@@ -159,7 +193,9 @@ def test_killed_driver_resumes_to_the_same_selections(uninterrupted, ray_local, 
     stages = json.loads(manifest.read_text())["stages"]
     assert stages["iter_0/train"]["status"] == "done" and stages["iter_1/score"]["status"] == "running"
 
-    _kill_when_running(_driver(["run", "--resume", str(run_dir)], address), manifest, "iter_1/train", delay=4.0)
+    _kill_when_running(
+        _driver(["run", "--resume", str(run_dir)], address), manifest, "iter_1/train", delay=4.0
+    )
     stages = json.loads(manifest.read_text())["stages"]
     assert stages["iter_1/score"]["status"] == "done" and stages["iter_1/train"]["status"] == "running"
     first_finished = {k: v["finished"] for k, v in stages.items() if v["status"] == "done"}
@@ -170,7 +206,11 @@ def test_killed_driver_resumes_to_the_same_selections(uninterrupted, ray_local, 
     # finished stages were not redone
     assert all(stages[k]["finished"] == t for k, t in first_finished.items())
     assert _selections(run_dir) == _selections(uninterrupted[0])
-    steps = [json.loads(line)["step"] for e in range(2) for line in open(run_dir / f"iter_{e}" / "train_metrics.jsonl")]
+    steps = [
+        json.loads(line)["step"]
+        for e in range(2)
+        for line in open(run_dir / f"iter_{e}" / "train_metrics.jsonl")
+    ]
     assert steps == list(range(1, 7))
 
 
@@ -188,14 +228,30 @@ def test_methods_that_ignore_scores_keep_iteration_0s_for_the_window(method, tmp
     ids = [f"s{i}" for i in range(12)]
     (run_dir / "ingest").mkdir(parents=True)
     (run_dir / "iter_0").mkdir()
-    messages = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a " * (i + 1)}] for i in range(12)]
+    messages = [
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a " * (i + 1)}]
+        for i in range(12)
+    ]
     pq.write_table(pa.table({"id": ids, "messages": messages}), run_dir / "ingest" / "samples.parquet")
-    scores = pa.table({"id": ids, "ifd": np.linspace(0.5, 0.95, 12), "loss_cond": np.ones(12), "loss_prior": np.ones(12),
-                       "n_prompt_tokens": pa.array([3] * 12, pa.int32()),
-                       "n_response_tokens": pa.array(range(1, 13), pa.int32())})
+    scores = pa.table(
+        {
+            "id": ids,
+            "ifd": np.linspace(0.5, 0.95, 12),
+            "loss_cond": np.ones(12),
+            "loss_prior": np.ones(12),
+            "n_prompt_tokens": pa.array([3] * 12, pa.int32()),
+            "n_response_tokens": pa.array(range(1, 13), pa.int32()),
+        }
+    )
     pq.write_table(scores, run_dir / "iter_0" / "scores.parquet")
-    cfg = config_from_dict({"base_model": str(tmp_path / "no-model"), "datasets": [{"path": "unused"}],
-                            "output_dir": str(run_dir), "selection": {"method": method, "ratio": 2, "update_ratio": 2}})
+    cfg = config_from_dict(
+        {
+            "base_model": str(tmp_path / "no-model"),
+            "datasets": [{"path": "unused"}],
+            "output_dir": str(run_dir),
+            "selection": {"method": method, "ratio": 2, "update_ratio": 2},
+        }
+    )
     samples = str(run_dir / "ingest" / "samples.parquet")
     select_stage(cfg, str(run_dir), 0, samples, eos=None)
     window = pq.read_table(run_dir / "iter_0" / "order.parquet").column("id").to_pylist()[:4]
@@ -221,11 +277,19 @@ def test_methods_that_read_scores_rescore_with_the_last_model(tmp_path):
     (run_dir / "ingest").mkdir()
     import pyarrow as pa
 
-    pq.write_table(pa.table({"id": ["a", "b"], "messages": [[{"role": "assistant", "content": "x"}]] * 2}),
-                   run_dir / "ingest" / "samples.parquet")
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "messages": [[{"role": "assistant", "content": "x"}]] * 2}),
+        run_dir / "ingest" / "samples.parquet",
+    )
     pq.write_table(pa.table({"id": ["a", "b"], "position": [0, 1]}), run_dir / "iter_0" / "order.parquet")
-    cfg = config_from_dict({"base_model": "unused", "datasets": [{"path": "unused"}], "output_dir": str(run_dir),
-                            "selection": {"method": "iterit", "ratio": 1}})
+    cfg = config_from_dict(
+        {
+            "base_model": "unused",
+            "datasets": [{"path": "unused"}],
+            "output_dir": str(run_dir),
+            "selection": {"method": "iterit", "ratio": 1},
+        }
+    )
     with pytest.raises(IteritError, match="iter_0 is missing or incomplete"):
         score_stage(cfg, str(run_dir), 1, str(run_dir / "ingest" / "samples.parquet"), log=print)
 

@@ -22,14 +22,27 @@ STEPS = 5  # optimizer steps per iteration
 
 
 def _stage(result, seconds=2.0, status="done"):
-    st = {"status": status, "started": "2026-11-25T13:00:00Z", "finished": "2026-11-25T13:00:02Z", "seconds": seconds}
+    st = {
+        "status": status,
+        "started": "2026-11-25T13:00:00Z",
+        "finished": "2026-11-25T13:00:02Z",
+        "seconds": seconds,
+    }
     return {**st, "result": result} if status == "done" else {"status": status, "started": st["started"]}
 
 
 def _write_order(path, ids, ifd_of, statuses):
-    pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "position": np.arange(len(ids), dtype=np.int64),
-                             "ifd": pa.array([ifd_of.get(i, math.nan) for i in ids], pa.float64()),
-                             "status": pa.array(statuses, pa.string())}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "position": np.arange(len(ids), dtype=np.int64),
+                "ifd": pa.array([ifd_of.get(i, math.nan) for i in ids], pa.float64()),
+                "status": pa.array(statuses, pa.string()),
+            }
+        ),
+        path,
+    )
 
 
 def _iteration(run, e, window, rng, keep_from_prev, prev_selected, tail, unscored=()):
@@ -40,12 +53,20 @@ def _iteration(run, e, window, rng, keep_from_prev, prev_selected, tail, unscore
     d.mkdir()
     ifd = dict(zip(window, rng.lognormal(-0.3, 0.35, len(window))))
     emb = rng.normal(size=(len(window), 4)).astype(np.float32)
-    pq.write_table(pa.table({
-        "id": pa.array(window, pa.string()), "ifd": pa.array([ifd[i] for i in window], pa.float64()),
-        "loss_cond": pa.array(rng.uniform(1, 2, len(window))), "loss_prior": pa.array(rng.uniform(1, 2, len(window))),
-        "n_prompt_tokens": pa.array(rng.integers(5, 50, len(window)), pa.int32()),
-        "n_response_tokens": pa.array(rng.integers(5, 50, len(window)), pa.int32()),
-        "embedding": pa.array(list(emb), pa.list_(pa.float32()))}), d / "scores.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array(window, pa.string()),
+                "ifd": pa.array([ifd[i] for i in window], pa.float64()),
+                "loss_cond": pa.array(rng.uniform(1, 2, len(window))),
+                "loss_prior": pa.array(rng.uniform(1, 2, len(window))),
+                "n_prompt_tokens": pa.array(rng.integers(5, 50, len(window)), pa.int32()),
+                "n_response_tokens": pa.array(rng.integers(5, 50, len(window)), pa.int32()),
+                "embedding": pa.array(list(emb), pa.list_(pa.float32())),
+            }
+        ),
+        d / "scores.parquet",
+    )
     fresh = [i for i in window if i not in prev_selected]
     selected = list(prev_selected[:keep_from_prev]) + fresh[: K - keep_from_prev]
     with open(d / "selection.jsonl", "w") as f:
@@ -54,17 +75,41 @@ def _iteration(run, e, window, rng, keep_from_prev, prev_selected, tail, unscore
     rest = [i for i in window if i not in selected]
     cands = [i for i in rest if ifd[i] < 1]
     others = [i for i in rest if ifd[i] >= 1] + list(unscored)
-    _write_order(d / "order.parquet", selected + others + cands + tail, ifd,
-                 ["selected"] * K + ["other"] * len(others) + ["candidate"] * len(cands) + ["tail"] * len(tail))
-    summary = {"rows": len(window), "scored": len(window), "rejected": 0, "rejected_by_reason": {},
-               "tokens": 1234, "padding_fraction": 0.05, "seconds": 3.0, "samples_per_s": 66.0, "tokens_per_s": 411.0}
+    _write_order(
+        d / "order.parquet",
+        selected + others + cands + tail,
+        ifd,
+        ["selected"] * K + ["other"] * len(others) + ["candidate"] * len(cands) + ["tail"] * len(tail),
+    )
+    summary = {
+        "rows": len(window),
+        "scored": len(window),
+        "rejected": 0,
+        "rejected_by_reason": {},
+        "tokens": 1234,
+        "padding_fraction": 0.05,
+        "seconds": 3.0,
+        "samples_per_s": 66.0,
+        "tokens_per_s": 411.0,
+    }
     (d / "score_summary.json").write_text(json.dumps(summary))
     with open(d / "train_metrics.jsonl", "w") as f:
         for s in range(STEPS):
             step = e * STEPS + s
             loss = FINAL_LOSS if (e, s) == (2, STEPS - 1) else 1.5 - 0.04 * step
-            f.write(json.dumps({"iteration": e, "step": step, "lr": 2e-5 * math.cos(step / 30),
-                                "loss": loss, "tokens": 500, "seconds": 0.5}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "iteration": e,
+                        "step": step,
+                        "lr": 2e-5 * math.cos(step / 30),
+                        "loss": loss,
+                        "tokens": 500,
+                        "seconds": 0.5,
+                    }
+                )
+                + "\n"
+            )
     return selected, selected + others + cands + tail, summary, len(cands) + K
 
 
@@ -73,12 +118,27 @@ def make_run(tmp_path, iterations=3):
     rng = np.random.default_rng(0)
     run = tmp_path / "run"
     (run / "ingest").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({
-        "base_model": "tiny-llama", "seed": 42, "iterations": iterations, "sequence_len": 512, "learning_rate": 2e-5,
-        "selection": {"method": "iterit", "ratio": 0.05, "update_ratio": 3, "decay": 0.1}}))
-    ingest = {"read": N + 10, "accepted": N, "rejected": 10, "rejected_by_reason": INGEST_REJECTS,
-              "files": [{"source": "a.jsonl", "read": N + 10, "accepted": N, "rejected": 10,
-                         "by_reason": INGEST_REJECTS}]}
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base_model": "tiny-llama",
+                "seed": 42,
+                "iterations": iterations,
+                "sequence_len": 512,
+                "learning_rate": 2e-5,
+                "selection": {"method": "iterit", "ratio": 0.05, "update_ratio": 3, "decay": 0.1},
+            }
+        )
+    )
+    ingest = {
+        "read": N + 10,
+        "accepted": N,
+        "rejected": 10,
+        "rejected_by_reason": INGEST_REJECTS,
+        "files": [
+            {"source": "a.jsonl", "read": N + 10, "accepted": N, "rejected": 10, "by_reason": INGEST_REJECTS}
+        ],
+    }
     (run / "ingest" / "summary.json").write_text(json.dumps(ingest))
     stages = {"ingest": _stage(ingest, 1.2)}
     ids = [f"a:{i}" for i in range(N)]
@@ -92,12 +152,29 @@ def make_run(tmp_path, iterations=3):
             window, tail = order[:W], order[W:]
             selected, order, summary, cands = _iteration(run, e, window, rng, keep[e], prev, tail)
         stages[f"iter_{e}/score"] = _stage(summary, 3.0)
-        stages[f"iter_{e}/select"] = _stage({"samples": N, "k": K, "candidates": cands, "method": "iterit"}, 0.4)
-        stages[f"iter_{e}/train"] = _stage({"steps": STEPS, "tokens": 2500, "seconds": 2.5, "tokens_per_s": 1000.0,
-                                            "final_loss": FINAL_LOSS if e == 2 else 1.0,
-                                            "model": f"model/iter_{e}"}, 2.5)
-    manifest = {"format": 1, "run_dir": str(run), "seed": 42, "created": "2026-11-25T13:00:00Z",
-                "iterations": iterations, "versions": {"iterit": "0.1.0", "python": "3.11"}, "stages": stages}
+        stages[f"iter_{e}/select"] = _stage(
+            {"samples": N, "k": K, "candidates": cands, "method": "iterit"}, 0.4
+        )
+        stages[f"iter_{e}/train"] = _stage(
+            {
+                "steps": STEPS,
+                "tokens": 2500,
+                "seconds": 2.5,
+                "tokens_per_s": 1000.0,
+                "final_loss": FINAL_LOSS if e == 2 else 1.0,
+                "model": f"model/iter_{e}",
+            },
+            2.5,
+        )
+    manifest = {
+        "format": 1,
+        "run_dir": str(run),
+        "seed": 42,
+        "created": "2026-11-25T13:00:00Z",
+        "iterations": iterations,
+        "versions": {"iterit": "0.1.0", "python": "3.11"},
+        "stages": stages,
+    }
     (run / "manifest.json").write_text(json.dumps(manifest))
     return run, manifest
 
@@ -150,8 +227,17 @@ def test_full_run_plots(tmp_path):
     md, page = open(out["report"]).read(), open(out["html"]).read()
     assert "Not drawn" not in md
     names = sorted(p.rsplit("/", 1)[-1] for p in out["plots"])
-    assert names == sorted(["rows.png", "ifd.png", "selected_vs_rest.png", "overlap.png", "rescoring.png",
-                            "training.png", "timings.png"])
+    assert names == sorted(
+        [
+            "rows.png",
+            "ifd.png",
+            "selected_vs_rest.png",
+            "overlap.png",
+            "rescoring.png",
+            "training.png",
+            "timings.png",
+        ]
+    )
     for p in out["plots"]:
         data = open(p, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, p
@@ -172,7 +258,9 @@ def test_partial_run_reports_what_is_missing(tmp_path):
         (run / f"iter_{e}").rmdir()
     for f in ("selection.jsonl", "order.parquet"):
         (run / "iter_0" / f).unlink()
-    (run / "iter_0" / "train_metrics.jsonl").write_text('{"iteration": 0, "step": 0, "lr": 1e-6, "loss": 1.4}\n{"iter')
+    (run / "iter_0" / "train_metrics.jsonl").write_text(
+        '{"iteration": 0, "step": 0, "lr": 1e-6, "loss": 1.4}\n{"iter'
+    )
     out = write_report(str(run))
     md = open(out["report"]).read()
     assert "incomplete" in md
@@ -188,8 +276,11 @@ def test_partial_run_reports_what_is_missing(tmp_path):
 
 def test_failed_stage_is_reported_with_its_error(tmp_path):
     run, manifest = make_run(tmp_path, iterations=3)
-    manifest["stages"]["iter_2/train"] = {"status": "failed", "started": "2026-11-25T13:05:00Z",
-                                          "error": "CUDA out of memory | rank 0"}
+    manifest["stages"]["iter_2/train"] = {
+        "status": "failed",
+        "started": "2026-11-25T13:05:00Z",
+        "error": "CUDA out of memory | rank 0",
+    }
     (run / "manifest.json").write_text(json.dumps(manifest))
     md = open(write_report(str(run))["report"]).read()
     assert "- iter_2/train: failed: CUDA out of memory | rank 0" in md

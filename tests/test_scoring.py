@@ -52,7 +52,9 @@ def test_batched_scores_equal_the_per_sample_reference(tiny_model, templated):
     np.testing.assert_allclose(got.loss_cond, ref[:, 0], rtol=1e-4)
     np.testing.assert_allclose(got.loss_prior, ref[:, 1], rtol=1e-4)
     np.testing.assert_allclose(got.ifd, np.exp(ref[:, 0] - ref[:, 1]), rtol=1e-4)
-    assert got.embedding.shape == (len(ids), tiny_model.config.hidden_size) and got.embedding.dtype == np.float32
+    assert (
+        got.embedding.shape == (len(ids), tiny_model.config.hidden_size) and got.embedding.dtype == np.float32
+    )
     np.testing.assert_allclose(np.linalg.norm(got.embedding, axis=1), 1.0, rtol=1e-5)
     again = score_templated(tiny_model, samples[::-1], token_budget=128, pad_id=0)  # other order and batching
     np.testing.assert_allclose(again.loss_cond[::-1], got.loss_cond, rtol=1e-5)
@@ -75,7 +77,7 @@ def test_embedding_is_the_mean_of_the_prior_span(tiny_model, templated):
     t = by_id["alpaca"]
     with torch.no_grad():
         h = tiny_model.base_model(input_ids=torch.tensor([t.prior_ids])).last_hidden_state[0]
-    want = h[t.prior_start:t.prior_start + t.span_len].mean(0)
+    want = h[t.prior_start : t.prior_start + t.span_len].mean(0)
     want = (want / want.norm()).numpy()
     got = score_templated(tiny_model, [t], 4096, pad_id=0).embedding[0]
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -85,7 +87,9 @@ def test_only_span_rows_reach_the_output_head(tiny_model, templated):
     _, by_id = templated
     samples = [t for t in by_id.values() if not isinstance(t, RowError)]
     rows_seen = []
-    hook = tiny_model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
+    hook = tiny_model.get_output_embeddings().register_forward_hook(
+        lambda m, i, o: rows_seen.append(i[0].shape[0])
+    )
     try:
         score_templated(tiny_model, samples, 4096, pad_id=0)
     finally:
@@ -129,22 +133,43 @@ def test_oom_halves_the_micro_batch_and_retries(tiny_model, templated, monkeypat
 
 # ---- the Ray Data pipeline
 
+
 def scoring_config(model_dir, out, **scoring):
-    return config_from_dict({
-        "base_model": model_dir, "datasets": [{"path": "unused"}], "output_dir": str(out),
-        "sequence_len": MAX_LEN,
-        "scoring": {"batch_size": 4, "token_budget": 1024, "max_actors": 1, "cpus_per_actor": 1,
-                    "template_cpus": 0.25, **scoring}})
+    return config_from_dict(
+        {
+            "base_model": model_dir,
+            "datasets": [{"path": "unused"}],
+            "output_dir": str(out),
+            "sequence_len": MAX_LEN,
+            "scoring": {
+                "batch_size": 4,
+                "token_budget": 1024,
+                "max_actors": 1,
+                "cpus_per_actor": 1,
+                "template_cpus": 0.25,
+                **scoring,
+            },
+        }
+    )
 
 
 def test_pipeline_scores_every_id_once(ray_local, tiny_model_dir, tiny_model, templated, tmp_path):
     from iterit.scoring.pipeline import read_scores, run_scoring
 
     samples_path, by_id = templated
-    summary = run_scoring(scoring_config(tiny_model_dir, tmp_path), samples_path, str(tmp_path), log=lambda *_: None)
+    summary = run_scoring(
+        scoring_config(tiny_model_dir, tmp_path), samples_path, str(tmp_path), log=lambda *_: None
+    )
     table = read_scores(summary["scores"])
-    assert table.schema.names == ["id", "ifd", "loss_cond", "loss_prior", "n_prompt_tokens", "n_response_tokens",
-                                  "embedding"]
+    assert table.schema.names == [
+        "id",
+        "ifd",
+        "loss_cond",
+        "loss_prior",
+        "n_prompt_tokens",
+        "n_response_tokens",
+        "embedding",
+    ]
     emb_type = table.schema.field("embedding").type
     assert pa.types.is_list(emb_type) and emb_type.value_type == pa.float32()
     rejects = [json.loads(line) for line in open(summary["rejects"])]
@@ -155,19 +180,28 @@ def test_pipeline_scores_every_id_once(ray_local, tiny_model_dir, tiny_model, te
         if isinstance(t, RowError):
             continue
         c, p = reference_scores(tiny_model, t)
-        assert got[sid]["loss_cond"] == pytest.approx(c, rel=1e-4) and got[sid]["loss_prior"] == pytest.approx(p, rel=1e-4)
+        assert got[sid]["loss_cond"] == pytest.approx(c, rel=1e-4) and got[sid][
+            "loss_prior"
+        ] == pytest.approx(p, rel=1e-4)
         assert (got[sid]["n_prompt_tokens"], got[sid]["n_response_tokens"]) == (t.cond_start, t.span_len)
     assert summary["scored"] + summary["rejected"] == summary["rows"] == len(by_id)
 
 
-def test_a_crashed_actor_is_restarted_and_no_id_is_lost_or_doubled(ray_local, tiny_model_dir, templated, tmp_path):
+def test_a_crashed_actor_is_restarted_and_no_id_is_lost_or_doubled(
+    ray_local, tiny_model_dir, templated, tmp_path
+):
     from iterit.scoring.actor import CRASH_ONCE_ENV
     from iterit.scoring.pipeline import read_scores, run_scoring
 
     samples_path, by_id = templated
     marker = tmp_path / "crashed"
-    summary = run_scoring(scoring_config(tiny_model_dir, tmp_path, embeddings=False), samples_path, str(tmp_path),
-                          actor_env={CRASH_ONCE_ENV: str(marker)}, log=lambda *_: None)
+    summary = run_scoring(
+        scoring_config(tiny_model_dir, tmp_path, embeddings=False),
+        samples_path,
+        str(tmp_path),
+        actor_env={CRASH_ONCE_ENV: str(marker)},
+        log=lambda *_: None,
+    )
     assert marker.exists()  # the actor did die on its first batch
     ids = read_scores(summary["scores"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == len(by_id) - 1 and summary["rejected"] == 1
@@ -177,8 +211,23 @@ def test_score_command(ray_local, tiny_model_dir, mixed_corpus, tmp_path, capsys
     from iterit.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["score", "--model", tiny_model_dir, "--data", str(mixed_corpus), "--output", str(tmp_path / "s"),
-              "--max-length", str(MAX_LEN), "--set", "scoring.batch_size=8", "--set", "scoring.template_cpus=0.25"])
+        main(
+            [
+                "score",
+                "--model",
+                tiny_model_dir,
+                "--data",
+                str(mixed_corpus),
+                "--output",
+                str(tmp_path / "s"),
+                "--max-length",
+                str(MAX_LEN),
+                "--set",
+                "scoring.batch_size=8",
+                "--set",
+                "scoring.template_cpus=0.25",
+            ]
+        )
     out = capsys.readouterr().out
     assert e.value.code == 0 and "scored 19 samples" in out and "response_truncated 1" in out
     assert pq.read_table(tmp_path / "s" / "scores.parquet").num_rows == 19

@@ -158,15 +158,31 @@ def test_select_command_writes_the_contracted_files(tmp_path, capsys, real_respo
     import pyarrow.parquet as pq
 
     data = tmp_path / "data.jsonl"
-    rows = [{"id": f"s{i}", "instruction": f"question {i}", "output": r} for i, r in enumerate(real_responses[:200])]
+    rows = [
+        {"id": f"s{i}", "instruction": f"question {i}", "output": r}
+        for i, r in enumerate(real_responses[:200])
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rng = np.random.default_rng(0)
     ifd = rng.uniform(0.3, 1.2, size=200)
     scores = tmp_path / "scores.jsonl"
-    scores.write_text("".join(json.dumps({"id": f"s{i}", "ifd": float(x)}) + "\n" for i, x in enumerate(ifd)
-                              if i != 5))  # s5 has no score: never picked, placed with the others
-    code, out, err = run_cli(["select", "--data", str(data), "--scores", str(scores), "--ratio", "0.05",
-                              "--output", str(tmp_path / "sel")], capsys)
+    scores.write_text(
+        "".join(json.dumps({"id": f"s{i}", "ifd": float(x)}) + "\n" for i, x in enumerate(ifd) if i != 5)
+    )  # s5 has no score: never picked, placed with the others
+    code, out, err = run_cli(
+        [
+            "select",
+            "--data",
+            str(data),
+            "--scores",
+            str(scores),
+            "--ratio",
+            "0.05",
+            "--output",
+            str(tmp_path / "sel"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "selected 10 of 200 samples" in out
     picks = [json.loads(line) for line in open(tmp_path / "sel" / "selection.jsonl")]
@@ -182,25 +198,54 @@ def test_select_command_writes_the_contracted_files(tmp_path, capsys, real_respo
     statuses = [r["status"] for r in order]
     n_other = sum(1 for i in range(200) if i == 5 or ifd[i] >= 1)
     assert statuses == ["selected"] * 10 + ["other"] * n_other + ["candidate"] * (190 - n_other)
-    tail = [r["ifd"] for r in order[10 + n_other:]]
+    tail = [r["ifd"] for r in order[10 + n_other :]]
     assert tail == sorted(tail, reverse=True)
-    assert "s5" in [r["id"] for r in order[10:10 + n_other]]
+    assert "s5" in [r["id"] for r in order[10 : 10 + n_other]]
 
-    code, out, _ = run_cli(["select", "--data", str(data), "--scores", str(scores), "--ratio", "7",
-                            "--method", "random", "--output", str(tmp_path / "rnd")], capsys)
+    code, out, _ = run_cli(
+        [
+            "select",
+            "--data",
+            str(data),
+            "--scores",
+            str(scores),
+            "--ratio",
+            "7",
+            "--method",
+            "random",
+            "--output",
+            str(tmp_path / "rnd"),
+        ],
+        capsys,
+    )
     assert code == 0 and "selected 7 of 200" in out
 
 
-@pytest.mark.parametrize("scores_text,ratio,message", [
-    ('{"id": "s0"}\n', "0.1", "needs an 'id' and a numeric 'ifd'"),
-    ("not json\n", "0.1", "line 1: not JSON"),
-    ('{"id": "s0", "ifd": 0.5}\n', "1.5", "--ratio 1.5"),
-])
+@pytest.mark.parametrize(
+    "scores_text,ratio,message",
+    [
+        ('{"id": "s0"}\n', "0.1", "needs an 'id' and a numeric 'ifd'"),
+        ("not json\n", "0.1", "line 1: not JSON"),
+        ('{"id": "s0", "ifd": 0.5}\n', "1.5", "--ratio 1.5"),
+    ],
+)
 def test_select_errors(tmp_path, capsys, scores_text, ratio, message):
     data = tmp_path / "d.jsonl"
     data.write_text('{"id": "s0", "instruction": "q", "output": "a"}\n')
     scores = tmp_path / "s.jsonl"
     scores.write_text(scores_text)
-    code, _, err = run_cli(["select", "--data", str(data), "--scores", str(scores), "--ratio", ratio,
-                            "--output", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(
+        [
+            "select",
+            "--data",
+            str(data),
+            "--scores",
+            str(scores),
+            "--ratio",
+            ratio,
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert code == 2 and message in err

@@ -24,8 +24,8 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
         data = path.read_bytes()
         pos = 0
         while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
             pos += 12 + n + 4  # length, its crc, the record, its crc
             for v in event.summary.value:
                 out.setdefault(v.tag, []).append((event.step, v.simple_value))
@@ -61,6 +61,7 @@ class Recorder(types.ModuleType):
         def call(*args, **kwargs):
             self.calls.append((attr, args, kwargs))
             return [] if attr == "search_runs" else None
+
         return call
 
 
@@ -94,7 +95,11 @@ def test_wandb_points_carry_their_own_axis(tmp_path, monkeypatch):
 
 def test_run_key_is_the_same_for_relative_and_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run_key("runs/x") == run_key(str(tmp_path / "runs" / "x")) == run_key(str(tmp_path / "runs" / "x") + "/")
+    assert (
+        run_key("runs/x")
+        == run_key(str(tmp_path / "runs" / "x"))
+        == run_key(str(tmp_path / "runs" / "x") + "/")
+    )
     assert run_key("s3://b/runs/x") != run_key("s3://b/runs/y")
 
 
@@ -102,7 +107,9 @@ def test_missing_package_fails_before_work(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
     with pytest.raises(IteritError, match="pip install wandb"):
         check_available("wandb")
     check_available(None)

@@ -13,11 +13,18 @@ from iterit.config import config_from_dict
 from iterit.training.examples import IGNORE, collate, steps_per_iteration, trained_tokens, training_examples
 
 CONVERSATIONS = [
-    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Give the sum."},
-     {"role": "assistant", "content": "The sum is two."}],
-    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is the file?"},
-     {"role": "assistant", "content": "It is the data."}, {"role": "user", "content": "And then?"},
-     {"role": "assistant", "content": "Then we list the number."}],
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Give the sum."},
+        {"role": "assistant", "content": "The sum is two."},
+    ],
+    [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "What is the file?"},
+        {"role": "assistant", "content": "It is the data."},
+        {"role": "user", "content": "And then?"},
+        {"role": "assistant", "content": "Then we list the number."},
+    ],
 ]
 
 
@@ -45,12 +52,17 @@ def test_final_response_mask_is_the_response_and_its_end_of_turn(which, request)
 
 def test_all_assistant_mask_covers_every_assistant_turn(smollm_tokenizer):
     ids, labels = training_examples(smollm_tokenizer, CONVERSATIONS[1:], 256, train_on="all_assistant")[0]
-    assert _trained_text(smollm_tokenizer, ids, labels) == ["It is the data.<|im_end|>\n",
-                                                            "Then we list the number.<|im_end|>\n"]
+    assert _trained_text(smollm_tokenizer, ids, labels) == [
+        "It is the data.<|im_end|>\n",
+        "Then we list the number.<|im_end|>\n",
+    ]
 
 
 def test_truncation_keeps_the_scoring_rule(tiny_tokenizer):
-    long_prompt = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "Short answer."}]
+    long_prompt = [
+        {"role": "user", "content": "word " * 300},
+        {"role": "assistant", "content": "Short answer."},
+    ]
     (rej,) = training_examples(tiny_tokenizer, [long_prompt], 64)
     assert rej.reason == "response_truncated"
     cut = [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "because " * 100}]
@@ -66,8 +78,10 @@ def test_collate_pads_and_counts():
     assert trained_tokens(b["labels"]) == 2  # position 0 is never a target
 
 
-@pytest.mark.parametrize("k,workers,micro,accum,steps", [
-    (100, 1, 1, 32, 4), (96, 1, 1, 32, 3), (101, 2, 2, 4, 7), (1, 2, 1, 1, 0), (7, 2, 2, 2, 1)])
+@pytest.mark.parametrize(
+    "k,workers,micro,accum,steps",
+    [(100, 1, 1, 32, 4), (96, 1, 1, 32, 3), (101, 2, 2, 4, 7), (1, 2, 1, 1, 0), (7, 2, 2, 2, 1)],
+)
 def test_steps_per_iteration(k, workers, micro, accum, steps):
     assert steps_per_iteration(k, workers, micro, accum) == steps
 
@@ -76,18 +90,29 @@ def test_deepspeed_config_stage_offload_and_json(tmp_path, tiny_model_dir):
     from iterit.errors import IteritError
     from iterit.training.trainer import deepspeed_config
 
-    base = {"base_model": tiny_model_dir, "datasets": [{"path": "x.jsonl"}], "micro_batch_size": 2,
-            "gradient_accumulation_steps": 4}
+    base = {
+        "base_model": tiny_model_dir,
+        "datasets": [{"path": "x.jsonl"}],
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 4,
+    }
     ds = deepspeed_config(config_from_dict({**base, "deepspeed": 3}), workers=2, gpu=True)
     assert ds["train_batch_size"] == 16 and ds["bf16"]["enabled"] is True
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    off = deepspeed_config(config_from_dict({**base, "deepspeed": 2, "offload_optimizer": True}), 1, gpu=False)
-    assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and off["optimizer"]["type"] == "AdamW"
+    off = deepspeed_config(
+        config_from_dict({**base, "deepspeed": 2, "offload_optimizer": True}), 1, gpu=False
+    )
+    assert (
+        off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        and off["optimizer"]["type"] == "AdamW"
+    )
     assert off["bf16"]["enabled"] is False
     with pytest.raises(IteritError, match="offload_optimizer needs"):
         deepspeed_config(config_from_dict({**base, "deepspeed": 0, "offload_optimizer": True}), 1, gpu=False)
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 5e7}, "train_batch_size": 999}))
+    user.write_text(
+        json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 5e7}, "train_batch_size": 999})
+    )
     ds = deepspeed_config(config_from_dict({**base, "deepspeed": str(user)}), 2, gpu=False)
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 5e7} and ds["train_batch_size"] == 16
     with pytest.raises(IteritError, match="ZeRO stage"):
@@ -103,25 +128,46 @@ def train_corpus(tmp_path_factory, tiny_model_dir):
     """48 ingested samples and three selected subsets of 16."""
     import random
 
-    from iterit.data import ingest
     from conftest import WORDS
+
+    from iterit.data import ingest
 
     rng = random.Random(3)
     d = tmp_path_factory.mktemp("train_corpus")
-    rows = [{"id": f"s{i}", "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))),
-             "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20)))} for i in range(48)]
+    rows = [
+        {
+            "id": f"s{i}",
+            "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))),
+            "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))),
+        }
+        for i in range(48)
+    ]
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = ingest(config_from_dict({"base_model": tiny_model_dir, "datasets": [{"path": str(d / "rows.jsonl")}]}).datasets,
-                 str(d / "ingest"))
+    out = ingest(
+        config_from_dict(
+            {"base_model": tiny_model_dir, "datasets": [{"path": str(d / "rows.jsonl")}]}
+        ).datasets,
+        str(d / "ingest"),
+    )
     subsets = {e: [f"s{i}" for i in range(16 * e, 16 * e + 16)] for e in range(3)}
     return out["samples"], subsets
 
 
 def _cfg(tiny_model_dir, run_dir, **kw):
-    tree = {"base_model": tiny_model_dir, "datasets": [{"path": "unused.jsonl"}], "output_dir": str(run_dir),
-            "sequence_len": 64, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-3,
-            "warmup_ratio": 0.2, "ray_num_workers": 2, "deepspeed": 2, "iterations": 3,
-            "scoring": {"torch_threads": 1, "template_cpus": 0}}
+    tree = {
+        "base_model": tiny_model_dir,
+        "datasets": [{"path": "unused.jsonl"}],
+        "output_dir": str(run_dir),
+        "sequence_len": 64,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 1e-3,
+        "warmup_ratio": 0.2,
+        "ray_num_workers": 2,
+        "deepspeed": 2,
+        "iterations": 3,
+        "scoring": {"torch_threads": 1, "template_cpus": 0},
+    }
     tree.update(kw)
     return config_from_dict(tree)
 
@@ -145,8 +191,15 @@ def test_three_one_iteration_fits_equal_one_run(ray_local, tiny_model_dir, train
     split = _cfg(tiny_model_dir, tmp_path / "split")
     ckpt = None
     for e in range(3):
-        ckpt = train(split, str(tmp_path / "split"), {e: subsets[e]}, samples, k=16, resume_from=ckpt,
-                     name=f"split_{e}")["checkpoint"]
+        ckpt = train(
+            split,
+            str(tmp_path / "split"),
+            {e: subsets[e]},
+            samples,
+            k=16,
+            resume_from=ckpt,
+            name=f"split_{e}",
+        )["checkpoint"]
 
     # 16 samples / 2 workers = 8 rows -> 4 micro-batches of 2 -> 2 steps of 2 per iteration
     assert whole["total_steps"] == 6
@@ -169,7 +222,9 @@ def test_three_one_iteration_fits_equal_one_run(ray_local, tiny_model_dir, train
         prev = cur
 
 
-def test_worker_crash_resumes_from_the_last_checkpoint(ray_local, tiny_model_dir, train_corpus, tmp_path, monkeypatch):
+def test_worker_crash_resumes_from_the_last_checkpoint(
+    ray_local, tiny_model_dir, train_corpus, tmp_path, monkeypatch
+):
     """ZeRO-3, 2 workers, a checkpoint every step; rank 0 exits at step 2 once: Ray Train restarts the
     group from the step-2... step-1 checkpoint and the iteration ends with the planned step count."""
     from iterit.training.train_loop import CRASH_ENV
@@ -178,8 +233,16 @@ def test_worker_crash_resumes_from_the_last_checkpoint(ray_local, tiny_model_dir
     samples, subsets = train_corpus
     marker = tmp_path / "crashed"
     monkeypatch.setenv(CRASH_ENV, f"{marker}:2")
-    cfg = _cfg(tiny_model_dir, tmp_path / "run", deepspeed=3, micro_batch_size=1, gradient_accumulation_steps=1,
-               checkpoint_every=1, max_failures=1, iterations=1)
+    cfg = _cfg(
+        tiny_model_dir,
+        tmp_path / "run",
+        deepspeed=3,
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        checkpoint_every=1,
+        max_failures=1,
+        iterations=1,
+    )
     out = train(cfg, str(tmp_path / "run"), {0: subsets[0]}, samples, k=16, name="crash")
     assert marker.exists()  # it did crash
     metrics = read_metrics(str(tmp_path / "run"), 0)

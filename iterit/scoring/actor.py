@@ -17,13 +17,23 @@ import pyarrow as pa
 
 from iterit.errors import RowError
 
-TEMPLATED_SCHEMA = pa.schema([
-    ("id", pa.string()), ("source", pa.string()), ("row", pa.int64()),
-    ("cond_ids", pa.list_(pa.int32())), ("cond_start", pa.int32()),
-    ("prior_ids", pa.list_(pa.int32())), ("prior_start", pa.int32()), ("span_len", pa.int32()),
-    ("reject", pa.string()), ("detail", pa.string()),
-])
-CRASH_ONCE_ENV = "ITERIT_TEST_CRASH_ONCE"  # tests: path of a marker; the first actor call to find it absent exits
+TEMPLATED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("cond_ids", pa.list_(pa.int32())),
+        ("cond_start", pa.int32()),
+        ("prior_ids", pa.list_(pa.int32())),
+        ("prior_start", pa.int32()),
+        ("span_len", pa.int32()),
+        ("reject", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+CRASH_ONCE_ENV = (
+    "ITERIT_TEST_CRASH_ONCE"  # tests: path of a marker; the first actor call to find it absent exits
+)
 
 
 @functools.lru_cache(maxsize=4)
@@ -34,8 +44,9 @@ def _tokenizer(model: str, chat_template: str | None, trust_remote_code: bool):
     return load_tokenizer(model, chat_template, trust_remote_code)
 
 
-def template_rows(batch: pa.Table, *, model: str, chat_template: str | None, trust_remote_code: bool,
-                  max_length: int) -> pa.Table:
+def template_rows(
+    batch: pa.Table, *, model: str, chat_template: str | None, trust_remote_code: bool, max_length: int
+) -> pa.Table:
     """Normalised samples -> token ids and spans (TEMPLATED_SCHEMA)."""
     from iterit.templates import template_batch
 
@@ -64,14 +75,18 @@ def resolve_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
-def load_model(model: str, dtype: str = "auto", attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+def load_model(
+    model: str, dtype: str = "auto", attn_implementation: str = "sdpa", trust_remote_code: bool = False
+):
     """The causal LM in eval mode on this worker's device (the GPU Ray assigned, else the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m = AutoModelForCausalLM.from_pretrained(
-        model, dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation,
+        model,
+        dtype=resolve_dtype(dtype, device),
+        attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
     )
     return m.to(device).eval()
@@ -80,8 +95,17 @@ def load_model(model: str, dtype: str = "auto", attn_implementation: str = "sdpa
 class Scorer:
     """Ray Data callable class: one model replica per actor, loaded once."""
 
-    def __init__(self, model: str, dtype: str, token_budget: int, embeddings: bool, attn_implementation: str,
-                 trust_remote_code: bool, torch_threads: int | None = None, prior: bool = True):
+    def __init__(
+        self,
+        model: str,
+        dtype: str,
+        token_budget: int,
+        embeddings: bool,
+        attn_implementation: str,
+        trust_remote_code: bool,
+        torch_threads: int | None = None,
+        prior: bool = True,
+    ):
         if torch_threads:
             import torch
 
@@ -102,16 +126,27 @@ class Scorer:
         reject = batch.column("reject").to_pylist()
         detail = batch.column("detail").to_pylist()
         live = [i for i in range(n) if not reject[i]]
-        cols = {name: batch.column(name).to_pylist() for name in
-                ("cond_ids", "cond_start", "prior_ids", "prior_start", "span_len")}
-        samples = [Templated(cols["cond_ids"][i], cols["cond_start"][i], cols["prior_ids"][i],
-                             cols["prior_start"][i], cols["span_len"][i]) for i in live]
+        cols = {
+            name: batch.column(name).to_pylist()
+            for name in ("cond_ids", "cond_start", "prior_ids", "prior_start", "span_len")
+        }
+        samples = [
+            Templated(
+                cols["cond_ids"][i],
+                cols["cond_start"][i],
+                cols["prior_ids"][i],
+                cols["prior_start"][i],
+                cols["span_len"][i],
+            )
+            for i in live
+        ]
         loss_cond, loss_prior = np.full(n, np.nan), np.full(n, np.nan)
         emb = None
         computed = np.zeros(n, dtype=np.float64)
         if samples:
-            s = score_templated(self.model, samples, self.token_budget, pad_id=0, embeddings=self.embeddings,
-                                prior=self.prior)
+            s = score_templated(
+                self.model, samples, self.token_budget, pad_id=0, embeddings=self.embeddings, prior=self.prior
+            )
             loss_cond[live], loss_prior[live] = s.loss_cond, s.loss_prior
             computed[live] = s.computed_tokens / len(samples)  # each row's share of the padded work
             if s.embedding is not None:
@@ -125,12 +160,21 @@ class Scorer:
                 detail[i] = f"loss_cond={loss_cond[i]}, loss_prior={loss_prior[i]}"
         starts = np.asarray(batch.column("cond_start"), dtype=np.int32)
         out = {
-            "id": batch.column("id"), "source": batch.column("source"), "row": batch.column("row"),
-            "ifd": ifd, "loss_cond": loss_cond, "loss_prior": loss_prior,
-            "n_prompt_tokens": starts, "n_response_tokens": np.asarray(batch.column("span_len"), dtype=np.int32),
-            "real_tokens": np.array([len(c) + (len(p) if self.prior else 0)
-                                     for c, p in zip(cols["cond_ids"], cols["prior_ids"])], dtype=np.int64),
-            "computed_tokens": computed, "reject": reject, "detail": detail,
+            "id": batch.column("id"),
+            "source": batch.column("source"),
+            "row": batch.column("row"),
+            "ifd": ifd,
+            "loss_cond": loss_cond,
+            "loss_prior": loss_prior,
+            "n_prompt_tokens": starts,
+            "n_response_tokens": np.asarray(batch.column("span_len"), dtype=np.int32),
+            "real_tokens": np.array(
+                [len(c) + (len(p) if self.prior else 0) for c, p in zip(cols["cond_ids"], cols["prior_ids"])],
+                dtype=np.int64,
+            ),
+            "computed_tokens": computed,
+            "reject": reject,
+            "detail": detail,
         }
         if self.embeddings:
             dim = emb.shape[1] if emb is not None else self.model.config.hidden_size

@@ -103,14 +103,15 @@ def span_nll_and_hidden(
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
     cap = getattr(model.config, "final_logit_softcapping", None)
     for i in range(0, len(b_idx), chunk):
-        logits = head(rows[i:i + chunk]).float()  # (chunk, V), fp32 log-softmax
+        logits = head(rows[i : i + chunk]).float()  # (chunk, V), fp32 log-softmax
         if cap:
             logits = torch.tanh(logits / cap) * cap
         logp = torch.log_softmax(logits, dim=-1)
-        nll[i:i + chunk] = -logp.gather(1, targets[i:i + chunk, None])[:, 0]
+        nll[i : i + chunk] = -logp.gather(1, targets[i : i + chunk, None])[:, 0]
     sums = torch.zeros(B, dtype=torch.float64, device=device).index_add_(0, b_idx_t, nll.double())
     counts = torch.zeros(B, dtype=torch.float64, device=device).index_add_(
-        0, b_idx_t, torch.ones_like(nll, dtype=torch.float64))
+        0, b_idx_t, torch.ones_like(nll, dtype=torch.float64)
+    )
     mean_nll = sums / counts  # NaN for a sequence with nothing to predict
 
     pooled = None
@@ -118,13 +119,19 @@ def span_nll_and_hidden(
         # Mean over the span tokens themselves, in fp32.
         span_mask = torch.zeros((B, T), dtype=torch.float32, device=device)
         for b, (st, ln) in enumerate(zip(starts, lengths)):
-            span_mask[b, st:st + ln] = 1.0
+            span_mask[b, st : st + ln] = 1.0
         pooled = (hidden.float() * span_mask[..., None]).sum(1) / span_mask.sum(1, keepdim=True).clamp_min(1)
     return mean_nll, pooled
 
 
-def score_templated(model, samples: list[Templated], token_budget: int, pad_id: int,
-                    embeddings: bool = True, prior: bool = True) -> Scores:
+def score_templated(
+    model,
+    samples: list[Templated],
+    token_budget: int,
+    pad_id: int,
+    embeddings: bool = True,
+    prior: bool = True,
+) -> Scores:
     """Both passes of every sample, micro-batched under `token_budget`. Inference only.
 
     `prior=False` runs the conditional pass only (held-out loss needs nothing else): loss_prior is
@@ -152,7 +159,13 @@ def score_templated(model, samples: list[Templated], token_budget: int, pad_id: 
             want_hidden = embeddings and any(is_prior[j] for j in mb)
             try:
                 mean_nll, pooled = span_nll_and_hidden(
-                    model, [seqs[j] for j in mb], [starts[j] for j in mb], [lens[j] for j in mb], pad_id, want_hidden)
+                    model,
+                    [seqs[j] for j in mb],
+                    [starts[j] for j in mb],
+                    [lens[j] for j in mb],
+                    pad_id,
+                    want_hidden,
+                )
             except torch.cuda.OutOfMemoryError:
                 if len(mb) == 1:
                     raise
@@ -185,7 +198,7 @@ def reference_scores(model, sample: Templated) -> tuple[float, float]:
             logits = model(input_ids=x).logits[0].float()  # (T, V)
             labels = x[0].clone()
             labels[:st] = -100
-            labels[st + sample.span_len:] = -100
+            labels[st + sample.span_len :] = -100
             nll = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100)
             out.append(float(nll))
     return out[0], out[1]

@@ -24,10 +24,16 @@ from iterit.config import Config
 from iterit.io import atomic_open, atomic_write_text, join, read_parquet
 from iterit.scoring.actor import Scorer, template_rows
 
-SCORES_SCHEMA = pa.schema([
-    ("id", pa.string()), ("ifd", pa.float64()), ("loss_cond", pa.float64()), ("loss_prior", pa.float64()),
-    ("n_prompt_tokens", pa.int32()), ("n_response_tokens", pa.int32()),
-])
+SCORES_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("ifd", pa.float64()),
+        ("loss_cond", pa.float64()),
+        ("loss_prior", pa.float64()),
+        ("n_prompt_tokens", pa.int32()),
+        ("n_response_tokens", pa.int32()),
+    ]
+)
 EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))
 
 
@@ -63,17 +69,27 @@ def check_pool_fits(sc, gpus: float, log=print) -> None:
     need_gpu = sc.min_actors * gpus
     if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
         return
-    msg = (f"scoring needs {need_cpu:g} CPUs ({sc.min_actors} actors x {sc.cpus_per_actor:g} + "
-           f"{max(1.0, sc.template_cpus):g} for reading and templating) and {need_gpu:g} GPUs; the cluster has "
-           f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs")
+    msg = (
+        f"scoring needs {need_cpu:g} CPUs ({sc.min_actors} actors x {sc.cpus_per_actor:g} + "
+        f"{max(1.0, sc.template_cpus):g} for reading and templating) and {need_gpu:g} GPUs; the cluster has "
+        f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
+    )
     if _LOCAL_RAY:
-        raise IteritError(msg + ": lower scoring.min_actors or scoring.cpus_per_actor (on one machine: "
-                          "cpus_per_actor=1 and torch_threads=<cores>)")
+        raise IteritError(
+            msg + ": lower scoring.min_actors or scoring.cpus_per_actor (on one machine: "
+            "cpus_per_actor=1 and torch_threads=<cores>)"
+        )
     log(f"warning: {msg}; scoring waits until the autoscaler adds them")
 
 
-def scoring_dataset(cfg: Config, samples_path: str, only_ids: list[str] | None = None,
-                    actor_env: dict[str, str] | None = None, log=print, prior: bool = True):
+def scoring_dataset(
+    cfg: Config,
+    samples_path: str,
+    only_ids: list[str] | None = None,
+    actor_env: dict[str, str] | None = None,
+    log=print,
+    prior: bool = True,
+):
     """The lazy Ray Dataset of scored rows (nothing runs until it is iterated). `prior=False`: the
     conditional pass only (held-out loss), no IFD and no embeddings."""
     import ray
@@ -84,16 +100,26 @@ def scoring_dataset(cfg: Config, samples_path: str, only_ids: list[str] | None =
     ds = ray.data.read_parquet(samples_path, num_cpus=sc.template_cpus)
     if only_ids is not None:  # later iterations re-score a window of the corpus
         wanted = pa.array(only_ids, pa.string())
-        ds = ds.map_batches(lambda t: t.filter(pc.is_in(t.column("id"), value_set=wanted)),
-                            batch_format="pyarrow", num_cpus=sc.template_cpus)
+        ds = ds.map_batches(
+            lambda t: t.filter(pc.is_in(t.column("id"), value_set=wanted)),
+            batch_format="pyarrow",
+            num_cpus=sc.template_cpus,
+        )
     # A pool actor takes whole blocks, and a Parquet row group (4,096 rows) or a small file is one
     # block: without this split one actor scores it all while the others idle. Blocks of batch_size
     # rows spread the work over every actor (and templating over every CPU).
     ds = ds.repartition(target_num_rows_per_block=sc.batch_size)
     ds = ds.map_batches(
-        template_rows, batch_format="pyarrow", batch_size=sc.batch_size, num_cpus=sc.template_cpus,
-        fn_kwargs=dict(model=cfg.base_model, chat_template=cfg.chat_template,
-                       trust_remote_code=cfg.trust_remote_code, max_length=cfg.sequence_len),
+        template_rows,
+        batch_format="pyarrow",
+        batch_size=sc.batch_size,
+        num_cpus=sc.template_cpus,
+        fn_kwargs=dict(
+            model=cfg.base_model,
+            chat_template=cfg.chat_template,
+            trust_remote_code=cfg.trust_remote_code,
+            max_length=cfg.sequence_len,
+        ),
     )
     gpus = sc.gpus_per_actor
     if gpus is None:
@@ -102,24 +128,41 @@ def scoring_dataset(cfg: Config, samples_path: str, only_ids: list[str] | None =
     # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a dead actor is
     # restarted and its batch retried (the crash test holds it to that).
     return ds.map_batches(
-        Scorer, batch_format="pyarrow", batch_size=sc.batch_size,
+        Scorer,
+        batch_format="pyarrow",
+        batch_size=sc.batch_size,
         # Ray's default queues 4 batches per actor: the first actor up would take them all while
         # the others load their model. One (CPU) or two (GPU, to hide the transfer) keep them even.
-        compute=ray.data.ActorPoolStrategy(min_size=sc.min_actors, max_size=sc.max_actors,
-                                           max_tasks_in_flight_per_actor=2 if gpus > 0 else 1),
-        num_gpus=gpus, num_cpus=sc.cpus_per_actor,
-        fn_constructor_kwargs=dict(model=cfg.base_model, dtype=sc.dtype, token_budget=sc.token_budget,
-                                   embeddings=sc.embeddings and prior,  # embeddings pool the prior pass
-                                   attn_implementation=sc.attn_implementation,
-                                   trust_remote_code=cfg.trust_remote_code, torch_threads=sc.torch_threads,
-                                   prior=prior),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=sc.min_actors, max_size=sc.max_actors, max_tasks_in_flight_per_actor=2 if gpus > 0 else 1
+        ),
+        num_gpus=gpus,
+        num_cpus=sc.cpus_per_actor,
+        fn_constructor_kwargs=dict(
+            model=cfg.base_model,
+            dtype=sc.dtype,
+            token_budget=sc.token_budget,
+            embeddings=sc.embeddings and prior,  # embeddings pool the prior pass
+            attn_implementation=sc.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+            torch_threads=sc.torch_threads,
+            prior=prior,
+        ),
         runtime_env={"env_vars": dict(actor_env)} if actor_env else None,
     )
 
 
-def run_scoring(cfg: Config, samples_path: str, output_dir: str, only_ids: list[str] | None = None,
-                actor_env: dict[str, str] | None = None, rejects_prefix: str | None = None,
-                log=print, progress_every: float = 10.0, prior: bool = True) -> dict:
+def run_scoring(
+    cfg: Config,
+    samples_path: str,
+    output_dir: str,
+    only_ids: list[str] | None = None,
+    actor_env: dict[str, str] | None = None,
+    rejects_prefix: str | None = None,
+    log=print,
+    progress_every: float = 10.0,
+    prior: bool = True,
+) -> dict:
     """Score every sample (or `only_ids`) into OUTPUT/scores.parquet; rejects into OUTPUT/rejects.jsonl.
 
     `rejects_prefix`: a rejects.jsonl (from ingest) copied first, so one file holds every reject.
@@ -131,9 +174,11 @@ def run_scoring(cfg: Config, samples_path: str, output_dir: str, only_ids: list[
     n_scored = n_rows = real = 0
     computed = 0.0
     by_reason: dict[str, int] = {}
-    with atomic_open(join(output_dir, "scores.parquet")) as fout, \
-            atomic_open(join(output_dir, "rejects.jsonl"), "w") as frej, \
-            pq.ParquetWriter(fout, schema, compression="zstd") as writer:
+    with (
+        atomic_open(join(output_dir, "scores.parquet")) as fout,
+        atomic_open(join(output_dir, "rejects.jsonl"), "w") as frej,
+        pq.ParquetWriter(fout, schema, compression="zstd") as writer,
+    ):
         if rejects_prefix:
             from iterit.io import filesystem
 
@@ -148,10 +193,19 @@ def run_scoring(cfg: Config, samples_path: str, output_dir: str, only_ids: list[
             for i, r in enumerate(rej):
                 if r:
                     by_reason[r] = by_reason.get(r, 0) + 1
-                    frej.write(json.dumps({
-                        "source": batch.column("source")[i].as_py(), "row": batch.column("row")[i].as_py(),
-                        "id": batch.column("id")[i].as_py(), "reason": r,
-                        "detail": batch.column("detail")[i].as_py()}, ensure_ascii=False) + "\n")
+                    frej.write(
+                        json.dumps(
+                            {
+                                "source": batch.column("source")[i].as_py(),
+                                "row": batch.column("row")[i].as_py(),
+                                "id": batch.column("id")[i].as_py(),
+                                "reason": r,
+                                "detail": batch.column("detail")[i].as_py(),
+                            },
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
             good = batch.filter(ok)
             if good.num_rows:
                 cols = [good.column(f.name).cast(f.type) for f in schema]
@@ -162,15 +216,23 @@ def run_scoring(cfg: Config, samples_path: str, output_dir: str, only_ids: list[
             now = time.perf_counter()
             if now - last >= progress_every:
                 el = now - t0
-                log(f"  scored {n_scored:,} samples ({n_scored / el:,.1f}/s), {real:,} tokens ({real / el:,.0f}/s)")
+                log(
+                    f"  scored {n_scored:,} samples ({n_scored / el:,.1f}/s), {real:,} tokens ({real / el:,.0f}/s)"
+                )
                 last = now
     seconds = time.perf_counter() - t0
     summary = {
-        "rows": n_rows, "scored": n_scored, "rejected": sum(by_reason.values()), "rejected_by_reason": by_reason,
-        "tokens": real, "padding_fraction": round(1 - real / computed, 4) if computed else 0.0,
-        "seconds": round(seconds, 2), "samples_per_s": round(n_scored / seconds, 2),
+        "rows": n_rows,
+        "scored": n_scored,
+        "rejected": sum(by_reason.values()),
+        "rejected_by_reason": by_reason,
+        "tokens": real,
+        "padding_fraction": round(1 - real / computed, 4) if computed else 0.0,
+        "seconds": round(seconds, 2),
+        "samples_per_s": round(n_scored / seconds, 2),
         "tokens_per_s": round(real / seconds, 1),
-        "scores": join(output_dir, "scores.parquet"), "rejects": join(output_dir, "rejects.jsonl"),
+        "scores": join(output_dir, "scores.parquet"),
+        "rejects": join(output_dir, "rejects.jsonl"),
     }
     atomic_write_text(join(output_dir, "score_summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary

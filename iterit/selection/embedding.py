@@ -15,8 +15,9 @@ import heapq
 import numpy as np
 
 
-def lazy_embedding_greedy(ifd: np.ndarray, emb: np.ndarray, k: int, block: int = 512,
-                          rows_per_product: int = 65_536) -> tuple[list[int], list[float]]:
+def lazy_embedding_greedy(
+    ifd: np.ndarray, emb: np.ndarray, k: int, block: int = 512, rows_per_product: int = 65_536
+) -> tuple[list[int], list[float]]:
     """(picks in order, gain of each pick). `emb` rows are L2-normalised (as scoring stores them)."""
     ifd = np.asarray(ifd, dtype=np.float64)
     emb = np.asarray(emb, dtype=np.float32)
@@ -31,15 +32,15 @@ def lazy_embedding_greedy(ifd: np.ndarray, emb: np.ndarray, k: int, block: int =
     heapq.heapify(heap)
     while heap and len(picks) < k:
         if len(picks) - folded >= block:  # fold the last block of picks into every document at once
-            new = picked_vecs[folded:len(picks)].T  # (d, block)
+            new = picked_vecs[folded : len(picks)].T  # (d, block)
             for r in range(0, n, rows_per_product):  # row blocks bound the (rows, block) temporary
-                part = max_sim[r:r + rows_per_product]
-                np.maximum(part, (emb[r:r + rows_per_product] @ new).max(axis=1), out=part)
+                part = max_sim[r : r + rows_per_product]
+                np.maximum(part, (emb[r : r + rows_per_product] @ new).max(axis=1), out=part)
             seen[:] = len(picks)
             folded = len(picks)
         neg, i = heapq.heappop(heap)
         if seen[i] < len(picks):  # catch up on this block's picks only
-            max_sim[i] = max(max_sim[i], (picked_vecs[seen[i]:len(picks)] @ emb[i]).max())
+            max_sim[i] = max(max_sim[i], (picked_vecs[seen[i] : len(picks)] @ emb[i]).max())
             seen[i] = len(picks)
         s = float(ifd[i] * (1.0 - float(max_sim[i])))
         if s == -neg:

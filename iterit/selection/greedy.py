@@ -19,7 +19,9 @@ import numpy as np
 import scipy.sparse as sp
 
 
-def reference_greedy(ifd: np.ndarray, tfidf: sp.spmatrix, k: int, decay: float) -> tuple[list[int], list[float]]:
+def reference_greedy(
+    ifd: np.ndarray, tfidf: sp.spmatrix, k: int, decay: float
+) -> tuple[list[int], list[float]]:
     """A plain port of the official loop (src/data_utils.py), kept as the yardstick for tests and
     benchmarks. One deliberate difference: a picked row never comes back (the official loop zeroes it,
     and np.argmax could return it again once every remaining score is 0)."""
@@ -64,7 +66,7 @@ def lazy_greedy(ifd: np.ndarray, tfidf: sp.spmatrix, k: int, decay: float) -> tu
         if s == -neg:  # unchanged since pushed: no other candidate can beat it (ties: lower i first)
             picks.append(i)
             gains.append(s)
-            cols = indices[indptr[i]:indptr[i + 1]]
+            cols = indices[indptr[i] : indptr[i + 1]]
             factor[cols] *= decay
         else:
             heapq.heappush(heap, (-s, i))

@@ -28,8 +28,9 @@ EXACT_MAX_DOCS = 200_000  # `auto` switches to hashed above this many responses
 def _hash_counts(texts: list[str]) -> sp.csr_matrix:
     from sklearn.feature_extraction.text import HashingVectorizer
 
-    hv = HashingVectorizer(ngram_range=NGRAMS, n_features=HASH_FEATURES, alternate_sign=False, norm=None,
-                           dtype=np.float32)
+    hv = HashingVectorizer(
+        ngram_range=NGRAMS, n_features=HASH_FEATURES, alternate_sign=False, norm=None, dtype=np.float32
+    )
     return hv.transform(texts).tocsr()
 
 
@@ -46,7 +47,7 @@ def exact_tfidf(texts: list[str]) -> sp.csr_matrix:
         lengths[d] = len(words)
         ids.extend([vocab.setdefault(w, len(vocab)) for w in words])
     v = max(1, len(vocab))
-    if v + v ** 2 + v ** 3 >= 2 ** 63:
+    if v + v**2 + v**3 >= 2**63:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         return TfidfVectorizer(ngram_range=NGRAMS).fit_transform(texts).tocsr()
@@ -58,8 +59,9 @@ def exact_tfidf(texts: list[str]) -> sp.csr_matrix:
     # distinct keys, as TfidfVectorizer's distinct strings ("a b" never equals a word: words have no space).
     bi = pos[pos + 1 < end]
     tri = pos[pos + 2 < end]
-    keys = np.concatenate([tok, v + tok[bi] * v + tok[bi + 1],
-                           v + v * v + (tok[tri] * v + tok[tri + 1]) * v + tok[tri + 2]])
+    keys = np.concatenate(
+        [tok, v + tok[bi] * v + tok[bi + 1], v + v * v + (tok[tri] * v + tok[tri + 1]) * v + tok[tri + 2]]
+    )
     rows = np.concatenate([doc, doc[bi], doc[tri]])
     del tok, end, pos, bi, tri
     terms, cols = np.unique(keys, return_inverse=True)
@@ -80,7 +82,7 @@ def weight_inplace(x: sp.csr_matrix, block_rows: int = 65_536) -> sp.csr_matrix:
         a, b = x.indptr[r0], x.indptr[r1]
         seg = x.data[a:b]
         seg *= idf[x.indices[a:b]]
-        starts, lengths = x.indptr[r0:r1] - a, np.diff(x.indptr[r0:r1 + 1])
+        starts, lengths = x.indptr[r0:r1] - a, np.diff(x.indptr[r0 : r1 + 1])
         sums = np.zeros(r1 - r0, dtype=np.float64)
         nonempty = lengths > 0
         if nonempty.any():
@@ -101,7 +103,7 @@ def tfidf_matrix(texts: list[str], mode: str = "auto", workers: int | None = Non
         raise ValueError(f"tfidf mode {mode!r}: expected exact, hashed or auto")
     workers = workers or min(4, os.cpu_count() or 1)
     chunk = min(20_000, max(1, -(-len(texts) // workers)))  # small parts: each worker holds one at a time
-    parts = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
+    parts = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
     if workers > 1 and len(parts) > 1:
         with ProcessPoolExecutor(workers) as pool:
             counts = list(pool.map(_hash_counts, parts))
@@ -115,13 +117,13 @@ def stack_rows(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
     parts empty, so memory peaks near one matrix, not two."""
     nnz, rows, cols = sum(p.nnz for p in parts), sum(p.shape[0] for p in parts), parts[0].shape[1]
     data = np.empty(nnz, dtype=parts[0].dtype)
-    indices = np.empty(nnz, dtype=np.int64 if nnz >= 2 ** 31 else np.int32)
+    indices = np.empty(nnz, dtype=np.int64 if nnz >= 2**31 else np.int32)
     indptr = np.empty(rows + 1, dtype=np.int64)
     indptr[0] = at = r = 0
     for i in range(len(parts)):
         p, parts[i] = parts[i], None
-        data[at:at + p.nnz], indices[at:at + p.nnz] = p.data, p.indices
-        indptr[r + 1:r + 1 + p.shape[0]] = p.indptr[1:] + at
+        data[at : at + p.nnz], indices[at : at + p.nnz] = p.data, p.indices
+        indptr[r + 1 : r + 1 + p.shape[0]] = p.indptr[1:] + at
         at, r = at + p.nnz, r + p.shape[0]
     return sp.csr_matrix((data, indices, indptr), shape=(rows, cols))
 

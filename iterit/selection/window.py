@@ -29,9 +29,17 @@ class WindowOrder:
 
 
 def select_window(
-    ifd: np.ndarray, k: int, method: str = "iterit", *, responses: list[str] | None = None,
-    eos_token: str | None = None, decay: float = 0.1, n_response_tokens: np.ndarray | None = None,
-    embeddings: np.ndarray | None = None, seed: int = 42, tfidf_mode: str = "auto",
+    ifd: np.ndarray,
+    k: int,
+    method: str = "iterit",
+    *,
+    responses: list[str] | None = None,
+    eos_token: str | None = None,
+    decay: float = 0.1,
+    n_response_tokens: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None,
+    seed: int = 42,
+    tfidf_mode: str = "auto",
 ) -> WindowOrder:
     """Order one window. `ifd` has NaN for samples that were rejected or not scored."""
     ifd = np.asarray(ifd, dtype=np.float64)
@@ -78,8 +86,14 @@ def select_window(
     return WindowOrder(order, status, picks, list(map(float, gains)))
 
 
-def reorder(current: list[str], window_ifd: dict[str, float], k: int, method: str = "iterit",
-            responses: dict[str, str] | None = None, **kwargs) -> tuple[list[str], WindowOrder]:
+def reorder(
+    current: list[str],
+    window_ifd: dict[str, float],
+    k: int,
+    method: str = "iterit",
+    responses: dict[str, str] | None = None,
+    **kwargs,
+) -> tuple[list[str], WindowOrder]:
     """Later iterations: re-order the first W = len(window_ifd) ids of `current` by their new scores
     and keep the tail as it was. Returns (the new full order of ids, the window's WindowOrder)."""
     w = len(window_ifd)

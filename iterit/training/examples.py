@@ -42,8 +42,9 @@ def assistant_char_ranges(tok, messages: list[dict], text: str) -> list[tuple[in
     return ranges
 
 
-def training_examples(tok, conversations: list[list[dict]], max_length: int,
-                      train_on: str = "final_response") -> list[tuple[list[int], list[int]] | RowError]:
+def training_examples(
+    tok, conversations: list[list[dict]], max_length: int, train_on: str = "final_response"
+) -> list[tuple[list[int], list[int]] | RowError]:
     """(input_ids, labels) per conversation, or the RowError of scoring (response_truncated)."""
     scored = template_batch(tok, conversations, max_length)
     out: list[tuple[list[int], list[int]] | RowError] = []
@@ -52,7 +53,7 @@ def training_examples(tok, conversations: list[list[dict]], max_length: int,
             out.append(t)
             continue
         ids = list(t.cond_ids)
-        labels = [IGNORE] * t.cond_start + ids[t.cond_start:]
+        labels = [IGNORE] * t.cond_start + ids[t.cond_start :]
         if train_on == "all_assistant":
             text = render(tok, messages)
             enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -78,5 +78,13 @@ def export_model(engine, c: dict, e: int, rank: int) -> None:
         for f in sorted(Path(tmp).iterdir()):
             fs.put_file(str(f), f"{p}/{f.name}")
     with fs.open(join(p, EXPORT_MARKER), "w") as f:
-        f.write(json.dumps({"iteration": e, "base_model": c["base_model"], "lora": bool(c["lora"]),
-                            "lora_export": c["lora_export"] if c["lora"] else None}))
+        f.write(
+            json.dumps(
+                {
+                    "iteration": e,
+                    "base_model": c["base_model"],
+                    "lora": bool(c["lora"]),
+                    "lora_export": c["lora_export"] if c["lora"] else None,
+                }
+            )
+        )

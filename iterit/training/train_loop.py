@@ -40,8 +40,11 @@ def build_model(c: dict, dtype):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        c["base_model"], dtype=dtype, trust_remote_code=c["trust_remote_code"],
-        attn_implementation=c.get("attn_implementation") or "sdpa")
+        c["base_model"],
+        dtype=dtype,
+        trust_remote_code=c["trust_remote_code"],
+        attn_implementation=c.get("attn_implementation") or "sdpa",
+    )
     model.config.use_cache = False
     if c["lora"]:
         from peft import LoraConfig, get_peft_model
@@ -95,15 +98,27 @@ def train_loop_per_worker(c: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
 
     def schedule(optimizer):
-        return get_scheduler(c["lr_scheduler"], optimizer, num_warmup_steps=c["warmup_steps"],
-                             num_training_steps=c["total_steps"])
+        return get_scheduler(
+            c["lr_scheduler"],
+            optimizer,
+            num_warmup_steps=c["warmup_steps"],
+            num_training_steps=c["total_steps"],
+        )
 
     # A torch optimizer avoids DeepSpeed's JIT-built fused Adam; CPU offload needs DeepSpeed's CPU Adam
     # (configured in ds_config["optimizer"] by trainer.deepspeed_config).
-    optimizer = None if "optimizer" in c["ds_config"] else torch.optim.AdamW(
-        params, lr=c["learning_rate"], weight_decay=c["weight_decay"])
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
-                                                   lr_scheduler=schedule, config=c["ds_config"])
+    optimizer = (
+        None
+        if "optimizer" in c["ds_config"]
+        else torch.optim.AdamW(params, lr=c["learning_rate"], weight_decay=c["weight_decay"])
+    )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=c["ds_config"],
+    )
     state = {"iteration": None, "micro_done": 0, "global_step": 0, "done": False, "metrics": []}
     ckpt = ray.train.get_checkpoint()  # set when this fit restarted after a worker failure
     if ckpt is None and c.get("resume_from"):
@@ -118,8 +133,10 @@ def train_loop_per_worker(c: dict) -> None:
             engine.save_checkpoint(tmp, tag=DS_TAG)
             if rank == 0:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-                atomic_write_text(join(c["run_dir"], f"iter_{e}", "train_metrics.jsonl"),
-                                  "".join(json.dumps(m) + "\n" for m in state["metrics"]))
+                atomic_write_text(
+                    join(c["run_dir"], f"iter_{e}", "train_metrics.jsonl"),
+                    "".join(json.dumps(m) + "\n" for m in state["metrics"]),
+                )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     from iterit.tracking import Tracker
@@ -127,14 +144,18 @@ def train_loop_per_worker(c: dict) -> None:
     tracker = Tracker(c.get("report_to") if rank == 0 else None, c["run_dir"])
     device = engine.device
     for e in c["iterations"]:
-        if state["iteration"] is not None and (state["iteration"] > e or (state["iteration"] == e and state["done"])):
+        if state["iteration"] is not None and (
+            state["iteration"] > e or (state["iteration"] == e and state["done"])
+        ):
             continue  # finished before a restart
         if state["iteration"] != e:
             state.update(iteration=e, micro_done=0, done=False, metrics=[])
         shard = ray.train.get_dataset_shard(f"iter_{e}")
         engine.train()
         t_last = t_report = time.perf_counter()
-        for step in _steps(_micro_batches(shard, c["micro_batch_size"], state["micro_done"], c["pad_id"]), c["grad_accum"]):
+        for step in _steps(
+            _micro_batches(shard, c["micro_batch_size"], state["micro_done"], c["pad_id"]), c["grad_accum"]
+        ):
             n_tok = sum(trained_tokens(b["labels"]) for b in step)
             lr = scheduler.get_last_lr()[0]  # the rate this step applies (the scheduler moves on after it)
             loss_sum = 0.0
@@ -151,21 +172,37 @@ def train_loop_per_worker(c: dict) -> None:
                 engine.step()
             state["micro_done"] += len(step)
             state["global_step"] += 1
-            totals = torch.tensor([loss_sum, float(n_tok), float(sum(int(b["attention_mask"].sum()) for b in step))],
-                                  dtype=torch.float64)
+            totals = torch.tensor(
+                [loss_sum, float(n_tok), float(sum(int(b["attention_mask"].sum()) for b in step))],
+                dtype=torch.float64,
+            )
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(totals)
             now = time.perf_counter()
-            m = {"iteration": e, "step": state["global_step"], "lr": lr,
-                 "loss": totals[0].item() / max(1.0, totals[1].item()), "tokens": int(totals[2].item()),
-                 "seconds": round(now - t_last, 4)}
+            m = {
+                "iteration": e,
+                "step": state["global_step"],
+                "lr": lr,
+                "loss": totals[0].item() / max(1.0, totals[1].item()),
+                "tokens": int(totals[2].item()),
+                "seconds": round(now - t_last, 4),
+            }
             t_last = now
             state["metrics"].append(m)
-            tracker.log({"train/loss": m["loss"], "train/lr": m["lr"],
-                         "train/tokens_per_s": m["tokens"] / max(1e-9, m["seconds"])}, m["step"])
+            tracker.log(
+                {
+                    "train/loss": m["loss"],
+                    "train/lr": m["lr"],
+                    "train/tokens_per_s": m["tokens"] / max(1e-9, m["seconds"]),
+                },
+                m["step"],
+            )
             if rank == 0 and (now - t_report >= c["progress_every"]):
-                print(f"train iteration {e} step {m['step']}/{c['total_steps']} loss {m['loss']:.4f} "
-                      f"lr {m['lr']:.3g} {m['tokens'] / max(1e-9, m['seconds']):,.0f} tokens/s", flush=True)
+                print(
+                    f"train iteration {e} step {m['step']}/{c['total_steps']} loss {m['loss']:.4f} "
+                    f"lr {m['lr']:.3g} {m['tokens'] / max(1e-9, m['seconds']):,.0f} tokens/s",
+                    flush=True,
+                )
                 t_report = now
             _maybe_crash(c.get("crash"), state["global_step"], rank)
             if c["checkpoint_every"] and state["global_step"] % c["checkpoint_every"] == 0:

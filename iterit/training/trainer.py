@@ -26,7 +26,9 @@ from iterit.io import filesystem, join, read_jsonl, read_parquet
 from iterit.training.examples import steps_per_iteration, training_examples, warmup_steps
 from iterit.training.train_loop import CRASH_ENV, train_loop_per_worker
 
-TRAIN_SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+TRAIN_SCHEMA = pa.schema(
+    [("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]
+)
 
 
 def use_gpu(cfg: Config) -> bool:
@@ -48,15 +50,17 @@ def deepspeed_config(cfg: Config, workers: int, gpu: bool) -> dict:
         ds = {"zero_optimization": {"stage": cfg.deepspeed}}
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     bf16 = gpu if cfg.bf16 == "auto" else bool(cfg.bf16)
-    ds.update({
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * workers,
-        "gradient_clipping": cfg.max_grad_norm,
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,  # a torch AdamW: no JIT-built fused Adam
-        "steps_per_print": 10**9,
-    })
+    ds.update(
+        {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * workers,
+            "gradient_clipping": cfg.max_grad_norm,
+            "bf16": {"enabled": bf16},
+            "zero_allow_untested_optimizer": True,  # a torch AdamW: no JIT-built fused Adam
+            "steps_per_print": 10**9,
+        }
+    )
     if zero.get("stage", 0) == 3:  # export gathers the 16-bit weights on rank 0
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     if cfg.offload_optimizer:
@@ -64,13 +68,18 @@ def deepspeed_config(cfg: Config, workers: int, gpu: bool) -> dict:
             raise IteritError("offload_optimizer needs deepspeed: 2 or 3 (ZeRO-Offload)")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
         # ZeRO-Offload runs DeepSpeed's CPU Adam, so the optimizer is configured here, not in torch.
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}}
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay},
+        }
     return ds
 
 
 def total_steps(cfg: Config, k: int, workers: int | None = None) -> int:
     """Optimizer steps of the whole run: `iterations` epochs over k samples each."""
-    per = steps_per_iteration(k, workers or cfg.ray_num_workers, cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    per = steps_per_iteration(
+        k, workers or cfg.ray_num_workers, cfg.micro_batch_size, cfg.gradient_accumulation_steps
+    )
     return per * cfg.iterations
 
 
@@ -80,16 +89,27 @@ def seeded_order(ids: list[str], seed: int, iteration: int) -> list[str]:
     return [ids[i] for i in perm]
 
 
-def tokenise_rows(batch: pa.Table, *, model: str, chat_template: str | None, trust_remote_code: bool,
-                  max_length: int, train_on: str) -> pa.Table:
+def tokenise_rows(
+    batch: pa.Table,
+    *,
+    model: str,
+    chat_template: str | None,
+    trust_remote_code: bool,
+    max_length: int,
+    train_on: str,
+) -> pa.Table:
     from iterit.errors import RowError
     from iterit.scoring.actor import _tokenizer
 
     tok = _tokenizer(model, chat_template, trust_remote_code)
     ids, inputs, labels = batch.column("id").to_pylist(), [], []
-    for sid, ex in zip(ids, training_examples(tok, batch.column("messages").to_pylist(), max_length, train_on)):
+    for sid, ex in zip(
+        ids, training_examples(tok, batch.column("messages").to_pylist(), max_length, train_on)
+    ):
         if isinstance(ex, RowError):  # selected samples were scored with the same template and length
-            raise IteritError(f"sample {sid}: {ex.reason} ({ex.detail}); was it scored with another sequence_len?")
+            raise IteritError(
+                f"sample {sid}: {ex.reason} ({ex.detail}); was it scored with another sequence_len?"
+            )
         inputs.append(ex[0])
         labels.append(ex[1])
     return pa.table({"id": ids, "input_ids": inputs, "labels": labels}, schema=TRAIN_SCHEMA)
@@ -107,9 +127,18 @@ def training_dataset(cfg: Config, samples_path: str, ids: list[str], iteration: 
         raise IteritError(f"{len(missing)} selected ids are not in {samples_path} (first: {missing[0]})")
     table = table.take(pa.array([where[sid] for sid in seeded_order(ids, cfg.seed, iteration)]))
     return ray.data.from_arrow(table).map_batches(
-        tokenise_rows, batch_format="pyarrow", batch_size=256, num_cpus=cfg.scoring.template_cpus,
-        fn_kwargs=dict(model=cfg.base_model, chat_template=cfg.chat_template,
-                       trust_remote_code=cfg.trust_remote_code, max_length=cfg.sequence_len, train_on=cfg.train_on))
+        tokenise_rows,
+        batch_format="pyarrow",
+        batch_size=256,
+        num_cpus=cfg.scoring.template_cpus,
+        fn_kwargs=dict(
+            model=cfg.base_model,
+            chat_template=cfg.chat_template,
+            trust_remote_code=cfg.trust_remote_code,
+            max_length=cfg.sequence_len,
+            train_on=cfg.train_on,
+        ),
+    )
 
 
 def storage_path(cfg: Config, run_dir: str) -> str:
@@ -135,9 +164,14 @@ def check_shared_storage(paths: list[str]) -> None:
 
     exists = ray.remote(num_cpus=0)(_exists)
     try:
-        checks = {n["NodeManagerAddress"]: ray.get(exists.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(markers))
-            for n in nodes}
+        checks = {
+            n["NodeManagerAddress"]: ray.get(
+                exists.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote(markers)
+            )
+            for n in nodes
+        }
     finally:
         for m in markers:
             os.remove(m)
@@ -147,7 +181,8 @@ def check_shared_storage(paths: list[str]) -> None:
                 raise IteritError(
                     f"{p} is not visible from node {node}: multi-node training writes checkpoints and models "
                     "there from every node; put output_dir / storage_path on shared storage (NFS mounted at the "
-                    "same path on every node) or an s3:// / gs:// URI")
+                    "same path on every node) or an s3:// / gs:// URI"
+                )
 
 
 def _exists(paths: list[str]) -> list[bool]:
@@ -158,14 +193,22 @@ def read_metrics(run_dir: str, e: int) -> list[dict]:
     return read_jsonl(join(run_dir, f"iter_{e}", "train_metrics.jsonl"))
 
 
-def train(cfg: Config, run_dir: str, subsets: dict[int, list[str]], samples_path: str, *, k: int,
-          resume_from: str | None = None, name: str | None = None, log=print) -> dict:
+def train(
+    cfg: Config,
+    run_dir: str,
+    subsets: dict[int, list[str]],
+    samples_path: str,
+    *,
+    k: int,
+    resume_from: str | None = None,
+    name: str | None = None,
+    log=print,
+) -> dict:
     """Train one epoch per iteration in `subsets` (iteration -> selected ids) in one Ray Train fit.
 
     `k` sizes the schedule (total steps = iterations x steps per epoch of k samples); `resume_from`
     is the checkpoint of the previous iteration (None in iteration 0). Returns the fit's checkpoint
     path and per-iteration training summaries."""
-    import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -186,18 +229,36 @@ def train(cfg: Config, run_dir: str, subsets: dict[int, list[str]], samples_path
     lora = None
     if cfg.lora_r:
         targets = cfg.lora_target_modules
-        lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-                "target_modules": targets if isinstance(targets, str) else list(targets)}
+        lora = {
+            "r": cfg.lora_r,
+            "lora_alpha": cfg.lora_alpha,
+            "lora_dropout": cfg.lora_dropout,
+            "target_modules": targets if isinstance(targets, str) else list(targets),
+        }
     loop_config = {
-        "base_model": cfg.base_model, "trust_remote_code": cfg.trust_remote_code, "chat_template": cfg.chat_template,
-        "attn_implementation": cfg.scoring.attn_implementation, "lora": lora, "lora_export": cfg.lora_export,
-        "ds_config": deepspeed_config(cfg, workers, gpu), "learning_rate": cfg.learning_rate,
-        "weight_decay": cfg.weight_decay, "lr_scheduler": cfg.lr_scheduler, "total_steps": steps_total,
-        "warmup_steps": warmup_steps(steps_total, cfg.warmup_ratio), "micro_batch_size": cfg.micro_batch_size,
-        "grad_accum": cfg.gradient_accumulation_steps, "checkpoint_every": cfg.checkpoint_every,
-        "iterations": iterations, "run_dir": run_dir, "seed": cfg.seed, "pad_id": tok.pad_token_id,
-        "resume_from": resume_from, "progress_every": 10.0,
-        "torch_threads": None if gpu else cfg.scoring.torch_threads, "report_to": cfg.report_to,
+        "base_model": cfg.base_model,
+        "trust_remote_code": cfg.trust_remote_code,
+        "chat_template": cfg.chat_template,
+        "attn_implementation": cfg.scoring.attn_implementation,
+        "lora": lora,
+        "lora_export": cfg.lora_export,
+        "ds_config": deepspeed_config(cfg, workers, gpu),
+        "learning_rate": cfg.learning_rate,
+        "weight_decay": cfg.weight_decay,
+        "lr_scheduler": cfg.lr_scheduler,
+        "total_steps": steps_total,
+        "warmup_steps": warmup_steps(steps_total, cfg.warmup_ratio),
+        "micro_batch_size": cfg.micro_batch_size,
+        "grad_accum": cfg.gradient_accumulation_steps,
+        "checkpoint_every": cfg.checkpoint_every,
+        "iterations": iterations,
+        "run_dir": run_dir,
+        "seed": cfg.seed,
+        "pad_id": tok.pad_token_id,
+        "resume_from": resume_from,
+        "progress_every": 10.0,
+        "torch_threads": None if gpu else cfg.scoring.torch_threads,
+        "report_to": cfg.report_to,
     }
     if os.environ.get(CRASH_ENV):  # tests: forwarded to the workers, whose environment is Ray's
         loop_config["crash"] = os.environ[CRASH_ENV]
@@ -207,9 +268,11 @@ def train(cfg: Config, run_dir: str, subsets: dict[int, list[str]], samples_path
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name or f"train_iter_{iterations[0]}", storage_path=storage,
+            name=name or f"train_iter_{iterations[0]}",
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
         datasets={f"iter_{e}": training_dataset(cfg, samples_path, subsets[e], e) for e in iterations},
         dataset_config=DataConfig(execution_options=_ordered()),
     )
@@ -222,12 +285,21 @@ def train(cfg: Config, run_dir: str, subsets: dict[int, list[str]], samples_path
     for e in iterations:
         m = read_metrics(run_dir, e)
         tokens, busy = sum(x["tokens"] for x in m), sum(x["seconds"] for x in m)
-        summaries[e] = {"steps": len(m), "tokens": tokens, "train_seconds": round(busy, 2),
-                        "tokens_per_s": round(tokens / busy, 1) if busy else 0.0,
-                        "final_loss": m[-1]["loss"] if m else None, "mean_loss": float(np.mean([x["loss"] for x in m])) if m else None,
-                        "model": join(run_dir, "model", f"iter_{e}")}
-    return {"checkpoint": result.checkpoint.path if result.checkpoint else None, "fit_seconds": round(seconds, 2),
-            "total_steps": steps_total, "iterations": summaries}
+        summaries[e] = {
+            "steps": len(m),
+            "tokens": tokens,
+            "train_seconds": round(busy, 2),
+            "tokens_per_s": round(tokens / busy, 1) if busy else 0.0,
+            "final_loss": m[-1]["loss"] if m else None,
+            "mean_loss": float(np.mean([x["loss"] for x in m])) if m else None,
+            "model": join(run_dir, "model", f"iter_{e}"),
+        }
+    return {
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "fit_seconds": round(seconds, 2),
+        "total_steps": steps_total,
+        "iterations": summaries,
+    }
 
 
 def _ordered():
