@@ -30,6 +30,15 @@ from iterit.errors import IteritError
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
+def iteration_rng(seed: int, iteration: int):
+    """The one source of every random choice of iteration `iteration` of a run seeded `seed` (the random
+    baseline's order, the training order). numpy's SeedSequence mixes both words, so no two (seed,
+    iteration) pairs share a stream: seed 42's iteration 1 is not seed 43's iteration 0."""
+    import numpy as np
+
+    return np.random.default_rng([seed, iteration])
+
+
 # A path or id where "~" means the user's home, as in a shell.
 HomePath = Annotated[str, AfterValidator(os.path.expanduser)]
 

@@ -13,6 +13,7 @@ uses the same L tokens. L = 0 is the reject `response_truncated`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from iterit.errors import IteritError, RowError
@@ -61,6 +62,13 @@ def load_tokenizer(model: str, chat_template: str | None = None, trust_remote_co
         ) from None
     apply_template_choice(tok, chat_template)
     return tok
+
+
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(model: str, chat_template: str | None = None, trust_remote_code: bool = False):
+    """load_tokenizer, once per process: Ray reuses worker processes for tasks, so templating and
+    tokenising tasks load the tokenizer once per worker, not once per batch."""
+    return load_tokenizer(model, chat_template, trust_remote_code)
 
 
 def apply_template_choice(tok, chat_template: str | None) -> None:

@@ -1,0 +1,149 @@
+"""Cluster access: starting or joining Ray, and the resource checks of the preflight.
+
+    connect()              RAY_ADDRESS set (`ray job submit`, a cluster): join it; else start a Ray on
+                           this machine. The only place in iterit that calls ray.init.
+    is_local()             Ray was started here by iterit: no autoscaler will grow it, so a request
+                           that does not fit is an error, not a wait
+    scoring_gpus(sc)       GPUs per scoring actor (the config's, else 1 when the cluster has GPUs)
+    check_pool_fits        an actor pool (and Ray Data's own tasks) against the cluster
+    use_gpu / check_training_fits / check_shared_storage   training workers against the cluster
+"""
+
+from __future__ import annotations
+
+import os
+
+from iterit.errors import IteritError
+
+_started_here = False  # True once connect() started Ray on this machine
+
+
+def connect() -> None:
+    """Join the cluster in RAY_ADDRESS (as `ray job submit` sets it), else start a local Ray; no-op when
+    Ray is already up in this process."""
+    import ray
+
+    global _started_here
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, logging_level="WARNING")
+    _started_here = address is None
+
+
+def is_local() -> bool:
+    return _started_here
+
+
+def resources() -> dict[str, float]:
+    import ray
+
+    return ray.cluster_resources()
+
+
+def _short(msg: str, fix: str, log) -> None:
+    """A request the cluster cannot meet: an error on a Ray started here, else a warning (an autoscaler
+    may still add the nodes)."""
+    if is_local():
+        raise IteritError(f"{msg}: {fix}")
+    log(f"warning: {msg}; waiting until the autoscaler adds them")
+
+
+def scoring_gpus(sc) -> float:
+    """GPUs per scoring (or generation) actor: scoring.gpus_per_actor, else 1 when the cluster has GPUs."""
+    if sc.gpus_per_actor is not None:
+        return sc.gpus_per_actor
+    return 1.0 if resources().get("GPU", 0) > 0 else 0.0
+
+
+def check_pool_fits(sc, gpus: float, log=print) -> None:
+    """The pool's minimum plus Ray Data's read task must fit the cluster, or Ray Data waits forever."""
+    have = resources()
+    # Ray Data's file listing task takes 1 CPU whatever the config says; reads and templating take
+    # template_cpus. Both must fit beside the actors, which hold their CPUs for life.
+    io_cpus = max(1.0, sc.template_cpus)
+    need_cpu = sc.min_actors * sc.cpus_per_actor + io_cpus
+    need_gpu = sc.min_actors * gpus
+    if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
+        return
+    _short(
+        f"scoring needs {need_cpu:g} CPUs ({sc.min_actors} actors x {sc.cpus_per_actor:g} + {io_cpus:g} for "
+        f"reading and templating) and {need_gpu:g} GPUs; the cluster has {have.get('CPU', 0):g} CPUs and "
+        f"{have.get('GPU', 0):g} GPUs",
+        "lower scoring.min_actors or scoring.cpus_per_actor (on one machine: cpus_per_actor=1 and "
+        "torch_threads=<cores>)",
+        log,
+    )
+
+
+def use_gpu(flag: bool | None) -> bool:
+    """Train on GPUs: the config's use_gpu, else yes when the cluster has any."""
+    return flag if flag is not None else resources().get("GPU", 0) > 0
+
+
+def worker_resources(per_worker: dict[str, float] | None, gpu: bool) -> dict[str, float]:
+    """Ray resources of one training worker: the config's, else 1 GPU (on GPUs) or 1 CPU."""
+    return per_worker or ({"GPU": 1} if gpu else {"CPU": 1})
+
+
+def check_training_fits(workers: int, per_worker: dict[str, float], want_gpu: bool | None, log=print) -> None:
+    have = resources()
+    for res, amount in per_worker.items():
+        need, got = amount * workers, have.get(res, 0)
+        if need > got:
+            _short(
+                f"training needs {need:g} {res} ({workers} workers x {amount:g}); the cluster has {got:g}",
+                "lower ray_num_workers or resources_per_worker",
+                log,
+            )
+    if want_gpu and not have.get("GPU"):
+        log("warning: use_gpu is true but the cluster has no GPU yet")
+
+
+def absolute(path: str) -> str:
+    """A path as every node and worker must see it: URIs as they are, local paths made absolute (Ray
+    workers run in other directories, on other nodes)."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def check_shared_storage(paths: list[str]) -> None:
+    """Every alive node must see local paths (workers write checkpoints, models and metrics there):
+    a multi-node cluster needs them on shared storage (NFS at the same path) or an s3:// / gs:// URI."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    local = [p for p in paths if "://" not in p]
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if not local or len(nodes) < 2:
+        return
+    markers = [os.path.join(p, f".iterit-visible-{os.getpid()}") for p in local]
+    for p, m in zip(local, markers):
+        os.makedirs(p, exist_ok=True)
+        with open(m, "w") as f:
+            f.write("ok")
+
+    exists = ray.remote(num_cpus=0)(_exists)
+    try:
+        checks = {
+            n["NodeManagerAddress"]: ray.get(
+                exists.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote(markers)
+            )
+            for n in nodes
+        }
+    finally:
+        for m in markers:
+            os.remove(m)
+    for node, seen in checks.items():
+        for p, ok in zip(local, seen):
+            if not ok:
+                raise IteritError(
+                    f"{p} is not visible from node {node}: multi-node training writes checkpoints and models "
+                    "there from every node; put output_dir / storage_path on shared storage (NFS mounted at "
+                    "the same path on every node) or an s3:// / gs:// URI"
+                )
+
+
+def _exists(paths: list[str]) -> list[bool]:
+    return [os.path.exists(p) for p in paths]

@@ -1,0 +1,280 @@
+"""The run directory (DESIGN section 3): every path of a run, its manifest, and the one reader and
+writer of a selection. Nothing else builds a run's paths or stage names.
+
+    RUN/config.yaml                 the resolved config (what --resume goes on with)
+    RUN/manifest.json               stage -> status, timings, result; seed, versions
+    RUN/ingest/                     samples.parquet, rejects.jsonl, summary.json (data.ingest)
+    RUN/iter_<e>/                   scores.parquet, rejects.jsonl, score_summary.json (scoring),
+                                    selection.jsonl, order.parquet (selection), train_metrics.jsonl
+    RUN/eval/iter_<e>.json          held-out evaluation of RUN/model/iter_<e> (iterit compare),
+    RUN/eval/iter_<e>/              with its scores and rejects
+    RUN/checkpoints/                Ray Train's storage: resumable DeepSpeed state (unless storage_path)
+    RUN/model/iter_<e>/             HF weights, tokenizer and chat template of iteration e
+    RUN/report/                     report.md, report.html, PNG plots
+    RUN/logs/                       Ray's own logs
+
+Stages are named `ingest`, `iter_<e>/score`, `iter_<e>/select`, `iter_<e>/train` and `report`; Ray
+Train's dataset of iteration e is named `iter_<e>` too (`iteration_key`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from iterit.errors import IteritError
+from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_jsonl, read_parquet
+
+MANIFEST_FORMAT = 1
+ITERATION_STAGES = ("score", "select", "train")
+ORDER_SCHEMA = pa.schema(
+    [("id", pa.string()), ("position", pa.int64()), ("ifd", pa.float64()), ("status", pa.string())]
+)
+
+
+def iteration_key(e: int) -> str:
+    """`iter_<e>`: the folder of iteration e, the prefix of its stages, its Ray Train dataset name."""
+    return f"iter_{e}"
+
+
+def stage_name(e: int, kind: str) -> str:
+    """The manifest key of iteration e's `kind` stage (score, select or train)."""
+    if kind not in ITERATION_STAGES:
+        raise ValueError(f"unknown iteration stage {kind!r}; expected one of {ITERATION_STAGES}")
+    return f"{iteration_key(e)}/{kind}"
+
+
+# --------------------------------------------------------------------------------------------
+# What one stage writes into its folder: an iteration's, or the --output of `iterit score/select`
+
+
+@dataclass(frozen=True)
+class ScoreFiles:
+    """The scoring stage's outputs in `dir`."""
+
+    dir: str
+
+    @property
+    def scores(self) -> str:
+        return join(self.dir, "scores.parquet")
+
+    @property
+    def rejects(self) -> str:
+        return join(self.dir, "rejects.jsonl")
+
+    @property
+    def summary(self) -> str:
+        return join(self.dir, "score_summary.json")
+
+
+@dataclass(frozen=True)
+class SelectionFiles:
+    """The selection stage's outputs in `dir`: the picks (selection.jsonl) and the order (order.parquet)."""
+
+    dir: str
+
+    @property
+    def selection(self) -> str:
+        return join(self.dir, "selection.jsonl")
+
+    @property
+    def order(self) -> str:
+        return join(self.dir, "order.parquet")
+
+    def write(self, order: list[str], ifd: np.ndarray, status: list[str], gains: list[float]) -> None:
+        """The picks are order[: len(gains)] (in pick order); `ifd` and `status` are aligned with `order`
+        (NaN and "tail" past the re-ordered window)."""
+        ifd = np.asarray(ifd, dtype=np.float64)
+        with atomic_open(self.selection, "w") as f:
+            for rank, (sid, gain) in enumerate(zip(order, gains)):
+                f.write(json.dumps({"id": sid, "rank": rank, "ifd": float(ifd[rank]), "gain": gain}) + "\n")
+        table = pa.table(
+            {"id": order, "position": np.arange(len(order), dtype=np.int64), "ifd": ifd, "status": status},
+            schema=ORDER_SCHEMA,
+        )
+        with atomic_open(self.order) as f:
+            pq.write_table(table, f)
+
+    def read_selection(self, missing_ok: bool = True) -> list[dict]:
+        return read_jsonl(self.selection, missing_ok=missing_ok)
+
+    def read_picks(self) -> list[str]:
+        return [r["id"] for r in read_jsonl(self.selection, missing_ok=False)]
+
+    def read_order(self) -> list[str]:
+        return read_parquet(self.order).column("id").to_pylist()
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# The run directory
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run (local or an fsspec URI). Frozen and small: it travels into Ray workers."""
+
+    path: str
+
+    @property
+    def config(self) -> str:
+        return join(self.path, "config.yaml")
+
+    @property
+    def manifest(self) -> str:
+        return join(self.path, "manifest.json")
+
+    @property
+    def ingest(self) -> str:
+        return join(self.path, "ingest")
+
+    @property
+    def ingest_summary(self) -> str:
+        return join(self.ingest, "summary.json")
+
+    @property
+    def checkpoints(self) -> str:
+        return join(self.path, "checkpoints")
+
+    @property
+    def report(self) -> str:
+        return join(self.path, "report")
+
+    @property
+    def logs(self) -> str:
+        return join(self.path, "logs")
+
+    def iteration(self, e: int) -> str:
+        return join(self.path, iteration_key(e))
+
+    def scoring(self, e: int) -> ScoreFiles:
+        return ScoreFiles(self.iteration(e))
+
+    def selection(self, e: int) -> SelectionFiles:
+        return SelectionFiles(self.iteration(e))
+
+    def train_metrics(self, e: int) -> str:
+        return join(self.iteration(e), "train_metrics.jsonl")
+
+    def model(self, e: int) -> str:
+        return join(self.path, "model", iteration_key(e))
+
+    def eval_json(self, e: int) -> str:
+        return join(self.path, "eval", f"{iteration_key(e)}.json")
+
+    def eval_dir(self, e: int) -> str:
+        return join(self.path, "eval", iteration_key(e))
+
+    @property
+    def base_eval_json(self) -> str:
+        return join(self.path, "eval", "base.json")
+
+    def iterations_on_disk(self) -> list[int]:
+        """The e of every RUN/iter_<e> folder, sorted."""
+        fs, root = filesystem(self.path)
+        found = (re.fullmatch(r"iter_(\d+)", d.rstrip("/").rsplit("/", 1)[-1]) for d in fs.glob(f"{root.rstrip('/')}/iter_*"))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def exists(self) -> bool:
+        fs, p = filesystem(self.manifest)
+        return fs.exists(p)
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("iterit", "torch", "ray", "transformers", "deepspeed"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+class Manifest:
+    """RUN/manifest.json: stage name -> {status, started, finished, seconds, result | error}."""
+
+    def __init__(self, run: RunDir, data: dict):
+        self.run_dir, self.data = run, data
+
+    @classmethod
+    def create(cls, run: RunDir, seed: int | None = None, iterations: int | None = None) -> Manifest:
+        """A new, empty manifest (saved): a run's, or that of the shared stages of a compare."""
+        data = {"format": MANIFEST_FORMAT, "run_dir": run.path, "created": _now(), "versions": _versions()}
+        if seed is not None:
+            data["seed"] = seed
+        if iterations is not None:
+            data["iterations"] = iterations
+        manifest = cls(run, {**data, "stages": {}})
+        manifest.save()
+        return manifest
+
+    @classmethod
+    def load(cls, run: RunDir) -> Manifest:
+        fs, p = filesystem(run.manifest)
+        if not fs.exists(p):
+            raise IteritError(
+                f"{run.path}: not an iterit run directory (no manifest.json); start one with `iterit run CONFIG`"
+            )
+        with fs.open(p, "r") as f:
+            return cls(run, json.load(f))
+
+    @classmethod
+    def open(cls, run: RunDir, **create) -> Manifest:
+        """The run's manifest, created (with `create`'s seed and iterations) when there is none yet."""
+        return cls.load(run) if run.exists() else cls.create(run, **create)
+
+    def save(self) -> None:
+        atomic_write_text(self.run_dir.manifest, json.dumps(self.data, indent=2) + "\n")
+
+    @property
+    def stages(self) -> dict:
+        return self.data["stages"]
+
+    def done(self, name: str) -> dict | None:
+        rec = self.stages.get(name)
+        return rec["result"] if rec and rec["status"] == "done" else None
+
+    def record_done(self, name: str, result: dict, **extra) -> None:
+        """Mark `name` done with `result` without running it (a stage whose outputs were copied in)."""
+        self.stages[name] = {"status": "done", "started": _now(), "finished": _now(), "seconds": 0.0,
+                             "result": result, **extra}
+        self.save()
+
+    def run(self, name: str, fn, log=print) -> dict:
+        """Run stage `name` unless it is done; record status, timing and result (or the error)."""
+        if (result := self.done(name)) is not None:
+            log(f"[{name}] done earlier, skipped")
+            return result
+        rec = {"status": "running", "started": _now()}
+        self.stages[name] = rec
+        self.save()
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except BaseException as e:
+            rec.update(status="failed", finished=_now(), seconds=round(time.perf_counter() - t0, 2),
+                       error=f"{type(e).__name__}: {e}")
+            self.save()
+            raise
+        rec.update(status="done", finished=_now(), seconds=round(time.perf_counter() - t0, 2), result=result)
+        self.save()
+        return result
