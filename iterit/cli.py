@@ -47,13 +47,14 @@ def ingest(
     from iterit.config import DEFAULT_SYSTEM_PROMPT, DatasetConfig, load_config
     from iterit.data import format_summary
     from iterit.data import ingest as run_ingest
+    from iterit.rundir import RunDir
 
     if config:
         cfg = load_config(config, set)
         datasets, system_prompt = cfg.datasets, cfg.system_prompt
         if data:
             raise IteritError("give either --config (its datasets are used) or --data, not both")
-        output = output or f"{cfg.output_dir}/ingest"
+        output = output or RunDir(cfg.output_dir).ingest
     else:
         if not data:
             raise IteritError(
@@ -97,7 +98,8 @@ def score(
     from iterit.config import apply_overrides, config_from_dict, load_config, save_config
     from iterit.data import ingest as run_ingest
     from iterit.io import join
-    from iterit.scoring.pipeline import ensure_ray, run_scoring
+    from iterit import cluster
+    from iterit.scoring.pipeline import run_scoring
 
     extra = list(set or []) + ([f"sequence_len={max_length}"] if max_length else [])
     if config:
@@ -117,7 +119,7 @@ def score(
     ingested = run_ingest(cfg.datasets, join(out, "ingest"), cfg.system_prompt)
     typer.echo(f"ingest: {ingested['accepted']:,} of {ingested['read']:,} rows accepted")
     save_config(cfg, join(out, "config.yaml"))
-    ensure_ray()
+    cluster.connect()
     s = run_scoring(cfg, ingested["samples"], out, rejects_prefix=ingested["rejects"], log=typer.echo)
     reasons = ", ".join(f"{r} {n}" for r, n in s["rejected_by_reason"].items()) or "none"
     typer.echo(
@@ -228,9 +230,7 @@ def report(run_dir: Annotated[str, typer.Argument(help="A run directory (output_
     from iterit.report import write_report
 
     out = write_report(run_dir)
-    typer.echo(
-        f"report: {out['report']}\nhtml: {out['html']}\nplots: {len(out['plots'])} in {run_dir}/report"
-    )
+    typer.echo(f"report: {out['report']}\nhtml: {out['html']}\nplots: {len(out['plots'])} beside them")
 
 
 @app.command("eval")

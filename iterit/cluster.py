@@ -1,12 +1,12 @@
 """Cluster access: starting or joining Ray, and the resource checks of the preflight.
 
-    connect()              RAY_ADDRESS set (`ray job submit`, a cluster): join it; else start a Ray on
-                           this machine. The only place in iterit that calls ray.init.
-    is_local()             Ray was started here by iterit: no autoscaler will grow it, so a request
-                           that does not fit is an error, not a wait
-    scoring_gpus(sc)       GPUs per scoring actor (the config's, else 1 when the cluster has GPUs)
-    check_pool_fits        an actor pool (and Ray Data's own tasks) against the cluster
-    use_gpu / check_training_fits / check_shared_storage   training workers against the cluster
+connect()              RAY_ADDRESS set (`ray job submit`, a cluster): join it; else start a Ray on
+                       this machine. The only place in iterit that calls ray.init.
+is_local()             Ray was started here by iterit: no autoscaler will grow it, so a request
+                       that does not fit is an error, not a wait
+scoring_gpus(sc)       GPUs per scoring actor (the config's, else 1 when the cluster has GPUs)
+check_pool_fits        an actor pool (and Ray Data's own tasks) against the cluster
+use_gpu / check_training_fits / check_shared_storage   training workers against the cluster
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@
     OUT/compare.md, compare.json, compare.png
 
 `full` trains on every scored sample for one iteration (iterations: 1). Stopped and started again, a
-compare redoes nothing finished: the shared stages and every run resume from their manifests, and an evaluation whose json exists is read.
+compare redoes nothing finished: the shared stages and every run resume from their manifests, and an
+evaluation whose json exists is read.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from collections.abc import Sequence
 from iterit.config import Config, config_from_dict, save_config
 from iterit.errors import IteritError
 from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_jsonl
+from iterit.rundir import Manifest, RunDir, ScoreFiles, done_record, stage_name
 from iterit.selection.window import METHODS
 
-SHARED = ("ingest", "iter_0/score")  # the stages every run of a compare has in common
+SHARED = ("ingest", stage_name(0, "score"))  # the stages every run of a compare has in common
 
 
 def parse_methods(text: str, cfg: Config) -> list[str]:
@@ -86,10 +88,11 @@ def _check_same(run_dir: str, cfg: Config) -> None:
     """A directory made by an earlier compare must have been made with this config, else its results lie."""
     from iterit.loop import read_run_config
 
-    fs, p = filesystem(join(run_dir, "config.yaml"))
+    run = RunDir(run_dir)
+    fs, p = filesystem(run.config)
     if not fs.exists(p):
         return
-    saved = read_run_config(run_dir).model_dump(mode="json")
+    saved = read_run_config(run).model_dump(mode="json")
     new = cfg.model_dump(mode="json")
     diff = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
     if diff:
@@ -100,30 +103,15 @@ def _check_same(run_dir: str, cfg: Config) -> None:
 
 
 def shared_stages(base: Config, shared: str, log=print) -> dict:
-    """Ingest and iteration 0's scoring in OUT/shared, with loop's stage functions and manifest."""
+    """Ingest and iteration 0's scoring in OUT/shared, with loop's stage functions and the manifest."""
     from iterit.data import ingest
-    from iterit.loop import MANIFEST_FORMAT, Manifest, _now, _versions, score_stage
+    from iterit.loop import score_stage
 
-    save_config(base, join(shared, "config.yaml"))
-    fs, p = filesystem(join(shared, "manifest.json"))
-    manifest = (
-        Manifest.load(shared)
-        if fs.exists(p)
-        else Manifest(
-            shared,
-            {
-                "format": MANIFEST_FORMAT,
-                "run_dir": shared,
-                "created": _now(),
-                "versions": _versions(),
-                "stages": {},
-            },
-        )
-    )
-    ing = manifest.run(
-        "ingest", lambda: ingest(base.datasets, join(shared, "ingest"), base.system_prompt), log
-    )
-    manifest.run("iter_0/score", lambda: score_stage(base, shared, 0, ing["samples"], log), log)
+    run = RunDir(shared)
+    save_config(base, run.config)
+    manifest = Manifest.open(run)
+    ing = manifest.run(SHARED[0], lambda: ingest(base.datasets, run.ingest, base.system_prompt), log)
+    manifest.run(SHARED[1], lambda: score_stage(base, run, 0, ing["samples"], log), log)
     return manifest.data
 
 
@@ -149,48 +137,39 @@ def _repoint(obj, shared: str, run_dir: str):
 def seed_run(cfg: Config, shared: str, shared_manifest: dict) -> None:
     """A fresh run directory that starts where the shared stages ended; the manifest is written last,
     so a directory without one is an interrupted seeding and is seeded again."""
-    from iterit.loop import MANIFEST_FORMAT, Manifest, _now, _versions
-
-    run_dir = cfg.output_dir
-    fs, root = filesystem(shared)
-    for src in fs.find(root.rstrip("/") + "/ingest") + fs.find(root.rstrip("/") + "/iter_0"):
-        rel = src[len(root.rstrip("/")) + 1 :]
-        if ".tmp-" not in rel:  # an atomic write that did not finish
-            _copy(join(shared, rel), join(run_dir, rel), shared, run_dir)
-    save_config(cfg, join(run_dir, "config.yaml"))
-    stages = {}
-    for name in SHARED:  # done here, at no cost: the time is the shared directory's, counted once
-        rec = shared_manifest["stages"][name]
-        stages[name] = {
-            "status": "done",
-            "started": _now(),
-            "finished": _now(),
-            "seconds": 0.0,
-            "result": _repoint(rec["result"], shared, run_dir),
-            "shared_from": shared,
-            "shared_seconds": rec["seconds"],
-        }
-    Manifest(
-        run_dir,
-        {
-            "format": MANIFEST_FORMAT,
-            "run_dir": run_dir,
-            "seed": cfg.seed,
-            "created": _now(),
-            "iterations": cfg.iterations,
-            "versions": _versions(),
-            "stages": stages,
-        },
-    ).save()
+    src, dst = RunDir(shared), RunDir(cfg.output_dir)
+    for a, b in ((src.ingest, dst.ingest), (src.iteration(0), dst.iteration(0))):
+        fs, root = filesystem(a)
+        for f in fs.find(root):
+            rel = f[len(root.rstrip("/")) + 1 :]
+            if ".tmp-" not in rel:  # an atomic write that did not finish
+                _copy(join(a, rel), join(b, rel), src.path, dst.path)
+    save_config(cfg, dst.config)
+    # Done here at no cost: the time is the shared directory's, counted once.
+    stages = {
+        name: done_record(
+            _repoint(rec["result"], src.path, dst.path), shared_from=src.path, shared_seconds=rec["seconds"]
+        )
+        for name, rec in ((n, shared_manifest["stages"][n]) for n in SHARED)
+    }
+    Manifest.create(dst, seed=cfg.seed, iterations=cfg.iterations, stages=stages)
 
 
 def evaluate(
-    cfg: Config, model: str, path: str, heldout: list[str], gsm8k: str | None, limit: int | None, log=print
+    cfg: Config,
+    model: str,
+    run: RunDir,
+    e: int | None,
+    heldout: list[str],
+    gsm8k: str | None,
+    limit: int | None,
+    log=print,
 ) -> dict:
-    """Held-out loss (and GSM8K) of `model` -> `path` (json); a part already there for the same inputs is kept."""
+    """Held-out loss (and GSM8K) of `model` -> run.eval_json(e) (e = None: the base model), its work in
+    run.eval_dir(e); a part already there for the same inputs is kept."""
     from iterit.evaluation import evaluate_gsm8k, evaluate_loss
 
-    work = path.removesuffix(".json")  # evaluate_loss's ingest, scores and loss.json
+    path, work = run.eval_json(e), run.eval_dir(e)
     result = _read_json(path) or {"model": model}
     before = json.dumps(result, sort_keys=True)
     mcfg = cfg.model_copy(update={"base_model": model})
@@ -220,19 +199,15 @@ def _stats(values: list[float]) -> dict:
 
 
 def collect_run(run_dir: str, method: str, seed: int) -> dict:
-    from iterit.loop import Manifest
-
-    m = Manifest.load(run_dir).data
+    run = RunDir(run_dir)
+    m = Manifest.load(run).data
     iters = m["iterations"]
-    evals = {e: _read_json(join(run_dir, "eval", f"iter_{e}.json")) or {} for e in range(iters)}
-    tokens = [
-        sum(r["tokens"] for r in read_jsonl(join(run_dir, f"iter_{e}", "train_metrics.jsonl")))
-        for e in range(iters)
-    ]
+    evals = {e: _read_json(run.eval_json(e)) or {} for e in range(iters)}
+    tokens = [sum(r["tokens"] for r in read_jsonl(run.train_metrics(e))) for e in range(iters)]
     own = {k: st.get("seconds", 0.0) for k, st in m["stages"].items() if "shared_from" not in st}
-    selections = [read_jsonl(join(run_dir, f"iter_{e}", "selection.jsonl")) for e in range(iters)]
+    selections = [run.selection(e).read_selection() for e in range(iters)]
     picks = [[r["id"] for r in sel] for sel in selections]
-    tokens_of = _by_id(join(run_dir, "iter_0", "scores.parquet"), ["n_response_tokens"])
+    tokens_of = _by_id(run.scoring(0).scores, ["n_response_tokens"])
     return {
         "method": method,
         "seed": seed,
@@ -302,7 +277,7 @@ def selection_overlap(runs: list[dict], methods: list[str]) -> list[dict]:
 
 def heldout_losses(run_dir: str, e: int) -> dict[str, tuple[float, int]]:
     """id -> (span loss, span tokens) of each held-out conversation under RUN/model/iter_e."""
-    return _by_id(join(run_dir, "eval", f"iter_{e}", "scores.parquet"), ["loss_cond", "n_response_tokens"])
+    return _by_id(ScoreFiles(RunDir(run_dir).eval_dir(e)).scores, ["loss_cond", "n_response_tokens"])
 
 
 def paired_bootstrap(runs: list[dict], methods: list[str], n_boot: int = 2000, seed: int = 0) -> dict:
@@ -402,7 +377,8 @@ def to_markdown(data: dict) -> str:
         "| method | iterations | samples per iteration | loss | perplexity | loss per seed | "
         "tokens trained (mean per seed) | wall-clock s (all seeds) |",
         "|---|---|---|---|---|---|---|---|",
-        f"| base model | 0 | - | {_num(base['loss']['loss'])} | {_num(base['loss']['ppl'], '.2f')} | - | - | - |",
+        f"| base model | 0 | - | {_num(base['loss']['loss'])} | {_num(base['loss']['ppl'], '.2f')} "
+        "| - | - | - |",
     ]
     for method, s in summ.items():
         per_seed = ", ".join(f"{seed}: {_num(v)}" for seed, v in zip(s["seeds"], s["final_loss"]["values"]))
@@ -550,10 +526,10 @@ def compare(
     gsm8k_limit: int | None = None,
     log=print,
 ) -> dict:
-    """Run every (seed, method), evaluate every model, write OUT/compare.{md,json,png}. Returns the json's dict."""
+    """Run every (seed, method), evaluate every model, write OUT/compare.{md,json,png}; returns the json."""
+    from iterit import cluster
     from iterit.data import expand_paths
-    from iterit.loop import Manifest, preflight, run
-    from iterit.scoring.pipeline import ensure_ray
+    from iterit.loop import preflight, run
 
     if not heldout:
         raise IteritError(
@@ -567,31 +543,22 @@ def compare(
     runs = {(s, m): run_config(cfg, out, s, m) for s in seeds for m in methods}
     for rc in [base, *runs.values()]:  # before any work: a changed config must not mix with old results
         _check_same(rc.output_dir, rc)
-    ensure_ray()
-    preflight(base, shared, log)
+    cluster.connect()
+    preflight(base, RunDir(shared), log)
     sm = shared_stages(base, shared, log)
     for (seed, method), rc in runs.items():
-        fs, p = filesystem(join(rc.output_dir, "manifest.json"))
-        if not fs.exists(p):
+        rd = RunDir(rc.output_dir)
+        if not rd.exists():
             seed_run(rc, shared, sm)
-        elif Manifest.load(rc.output_dir).done("report") is not None:
+        elif Manifest.load(rd).done("report") is not None:
             continue  # finished earlier
         log(f"[compare] seed {seed}, method {method}: {rc.output_dir}")
         run(rc, resume=rc.output_dir, log=log)
-    base_eval = evaluate(
-        base, base.base_model, join(shared, "eval", "base.json"), heldout, gsm8k, gsm8k_limit, log
-    )
+    base_eval = evaluate(base, base.base_model, RunDir(shared), None, heldout, gsm8k, gsm8k_limit, log)
     for rc in runs.values():
+        rd = RunDir(rc.output_dir)
         for e in range(rc.iterations):
-            evaluate(
-                base,
-                join(rc.output_dir, "model", f"iter_{e}"),
-                join(rc.output_dir, "eval", f"iter_{e}.json"),
-                heldout,
-                gsm8k,
-                gsm8k_limit,
-                log,
-            )
+            evaluate(base, rd.model(e), rd, e, heldout, gsm8k, gsm8k_limit, log)
     collected = [collect_run(rc.output_dir, m, s) for (s, m), rc in runs.items()]
     st = sm["stages"]
     accepted = st["ingest"]["result"]["accepted"]
@@ -609,9 +576,9 @@ def compare(
             "dir": shared,
             "accepted": accepted,
             "k": cfg.selection.num_selected(accepted),
-            "scored": st["iter_0/score"]["result"]["scored"],
+            "scored": st[SHARED[1]]["result"]["scored"],
             "ingest_seconds": st["ingest"]["seconds"],
-            "score_seconds": st["iter_0/score"]["seconds"],
+            "score_seconds": st[SHARED[1]]["seconds"],
         },
         "base": {
             k: base_eval[k] for k in ("loss", "gsm8k") if k == "loss" or gsm8k

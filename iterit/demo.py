@@ -261,15 +261,17 @@ def run_demo(overrides: list[str] | None = None, log=print, samples: int = DEMO_
     """The whole loop on the demo assets, on local Ray on this machine's CPU."""
     from iterit.io import filesystem
     from iterit.loop import run
+    from iterit.rundir import RunDir
 
     info = prepare_demo(log=log)
     cfg = demo_config(info, overrides)
-    fs, p = filesystem(join(cfg.output_dir, "manifest.json"))
-    if fs.exists(p):  # a second `make demo` finishes (or just reprints) the first one
+    rd = RunDir(cfg.output_dir)
+    if rd.exists():  # a second `make demo` finishes (or just reprints) the first one
         log(f"{cfg.output_dir} holds a demo run: resuming it (delete the directory for a fresh one)")
-        tokens = json.loads(fs.cat_file(join(p.rsplit("/", 1)[0], "corpus", "tokens.json")))
+        fs, p = filesystem(join(rd.corpus, "tokens.json"))
+        tokens = json.loads(fs.cat_file(p))
         return {"assets": info, "tokens": tokens, **run(resume=cfg.output_dir, log=log)}
-    corpus, tokens = demo_corpus(cfg, join(cfg.output_dir, "corpus"), samples, log)
+    corpus, tokens = demo_corpus(cfg, rd.corpus, samples, log)
     cfg = cfg.model_copy(update={"datasets": [DatasetConfig(path=corpus, type="messages")]})
     out = run(cfg, log=log)
     return {"assets": info, "tokens": tokens, **out}

@@ -56,10 +56,8 @@ def extract_answer(text: str) -> str | None:
         m = NUMBER.search(text.rsplit("####", 1)[1])
         if m:
             return _number(m)
-    last = None
-    for last in NUMBER.finditer(text):
-        pass
-    return _number(last) if last else None
+    matches = list(NUMBER.finditer(text))
+    return _number(matches[-1]) if matches else None
 
 
 def gold_answer(answer: str) -> str:
@@ -215,30 +213,21 @@ def _stop_ids(tok, model) -> list[int]:
 class Generator:
     """Ray Data callable class: one model replica per actor, greedy answers for a batch of questions."""
 
-    def __init__(
-        self,
-        model: str,
-        chat_template: str | None,
-        system_prompt: str | None,
-        max_new_tokens: int,
-        dtype: str,
-        attn_implementation: str,
-        trust_remote_code: bool,
-        torch_threads: int | None = None,
-    ):
+    def __init__(self, cfg: Config, max_new_tokens: int):
         from transformers import GenerationConfig
 
         from iterit.scoring.actor import load_model
         from iterit.templates import load_tokenizer
 
-        if torch_threads:
+        sc = cfg.scoring
+        if sc.torch_threads:
             import torch
 
-            torch.set_num_threads(torch_threads)
-        self.model = load_model(model, dtype, attn_implementation, trust_remote_code)
-        self.tok = load_tokenizer(model, chat_template, trust_remote_code)
+            torch.set_num_threads(sc.torch_threads)
+        self.model = load_model(cfg.base_model, sc.dtype, sc.attn_implementation, cfg.trust_remote_code)
+        self.tok = load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code)
         self.tok.padding_side = "left"  # generation appends on the right: prompts end at the same column
-        self.system_prompt = system_prompt
+        self.system_prompt = cfg.system_prompt
         self.gen = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -282,7 +271,7 @@ def evaluate_gsm8k(
     `limit`: the first `limit` usable rows only. Rows without a gold "#### N" are rejects, counted."""
     import ray
 
-    from iterit.scoring.pipeline import check_pool_fits, ensure_ray
+    from iterit import cluster
 
     t0 = time.perf_counter()
     rows, rejects = read_gsm8k(data_path, limit)
@@ -294,12 +283,10 @@ def evaluate_gsm8k(
             f"no usable GSM8K rows in {data_path} ({len(rejects)} rejected: {by_reason}); "
             "rows need {question, answer ending in '#### N'} or {instruction, output}"
         )
-    ensure_ray()
+    cluster.connect()
     sc = cfg.scoring
-    gpus = sc.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    check_pool_fits(sc, gpus, log)
+    gpus = cluster.scoring_gpus(sc)
+    cluster.check_pool_fits(sc, gpus, log)
     table = pa.table(
         {"pos": pa.array(range(len(rows)), pa.int64()), "question": [r["question"] for r in rows]}
     )
@@ -314,16 +301,7 @@ def evaluate_gsm8k(
         ),
         num_gpus=gpus,
         num_cpus=sc.cpus_per_actor,
-        fn_constructor_kwargs=dict(
-            model=cfg.base_model,
-            chat_template=cfg.chat_template,
-            system_prompt=cfg.system_prompt,
-            max_new_tokens=max_new_tokens,
-            dtype=sc.dtype,
-            attn_implementation=sc.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-            torch_threads=sc.torch_threads,
-        ),
+        fn_constructor_kwargs=dict(cfg=cfg, max_new_tokens=max_new_tokens),
     )
     outputs: list[str | None] = [None] * len(rows)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -370,12 +348,13 @@ def evaluate_loss(
     """Held-out response loss and perplexity of cfg.base_model over the scoring span -> OUTPUT/loss.json.
 
     Ingests into OUTPUT/ingest and scores into OUTPUT (scores.parquet, rejects.jsonl with every reject)."""
+    from iterit import cluster
     from iterit.data import ingest
-    from iterit.scoring.pipeline import ensure_ray, read_scores, run_scoring
+    from iterit.scoring.pipeline import read_scores, run_scoring
 
     t0 = time.perf_counter()
     ingested = ingest(_datasets(data_paths), join(output_dir, "ingest"), cfg.system_prompt)
-    ensure_ray()
+    cluster.connect()
     # The loss is loss_cond's: the prior pass (IFD's denominator, and the embeddings' input) would
     # double the work for nothing.
     scored = run_scoring(
@@ -509,7 +488,8 @@ def run_eval(
     log=print,
 ) -> dict:
     """Held-out loss on `data_paths`, GSM8K exact match on `gsm8k` (its first `limit` questions) and/or
-    lm-evaluation-harness tasks (their first `limit` rows) -> OUTPUT/eval.json {model, loss?, gsm8k?, lm_eval?}."""
+    lm-evaluation-harness tasks (their first `limit` rows)
+    -> OUTPUT/eval.json {model, loss?, gsm8k?, lm_eval?}."""
     if not data_paths and not gsm8k and not lm_eval_tasks:
         raise IteritError(
             "nothing to evaluate: give held-out data (--data), a GSM8K file (--gsm8k) "

@@ -1,109 +1,49 @@
-"""The iterative run (DESIGN sections 1-3): stages over one run directory, recorded in manifest.json.
+"""The iterative run (DESIGN sections 1-3): stages over one run directory, recorded in its manifest.
+
+    iterit run configs/demo.yaml [--set key=value ...]      a fresh run in output_dir
+    iterit run --resume RUN                                 go on from the first stage not done
 
     ingest                      corpus -> RUN/ingest/samples.parquet (N samples; their file order is
                                 the initial order)
     for e in 0 .. iterations-1:
-      iter_e/score              e = 0: all N with the base model; e > 0: the first W = k x update_ratio
-                                ids of the current order with RUN/model/iter_{e-1} (random and
-                                longest, which do not read scores, keep iteration 0's for the window)
-      iter_e/select             re-order those W (picks, then others, then candidates by IFD), k picks;
-                                RUN/iter_e/order.parquet is the full order after e (tail: status "tail")
-      iter_e/train              one epoch over the k picks (Ray Train + DeepSpeed), resuming the
-                                previous iteration's checkpoint; exports RUN/model/iter_e
+      score (iteration e)       e = 0: all N with the base model; e > 0: the first W = k x update_ratio
+                                ids of the current order with iteration e-1's exported model (random
+                                and longest, which do not read scores, keep iteration 0's for the window)
+      select                    re-order those W (picks, then others, then candidates by IFD), k picks;
+                                the iteration's order.parquet is the full order after e (tail: "tail")
+      train                     one epoch over the k picks (Ray Train + DeepSpeed), resuming the
+                                previous iteration's checkpoint; exports the iteration's model
     report                      RUN/report/
 
-A stage marked done is never redone: `iterit run --resume RUN` reads the manifest and goes on from
-the first stage that is not done, with the config saved in RUN/config.yaml. Every stage is a
-function of its inputs and the seed, so a resumed run ends with the selections of an uninterrupted one.
+Paths and stage names come from iterit.rundir. A stage marked done is never redone: --resume reads
+the manifest and the config saved in the run. Every stage is a function of its inputs and the seed, so
+a resumed run ends with the selections of an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import functools
 import json
-import os
-import platform
 import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import yaml
 
-from iterit.config import Config, save_config
+from iterit import cluster
+from iterit.config import Config, config_from_dict, save_config
 from iterit.errors import IteritError
-from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_jsonl, read_parquet
-from iterit.selection.window import reorder, select_window
+from iterit.io import atomic_open, atomic_write_text, filesystem, read_parquet
+from iterit.rundir import Manifest, RunDir, iteration_key, stage_name
+from iterit.selection.stage import read_score_rows, window_inputs
+from iterit.selection.window import reorder
 from iterit.tracking import Tracker, run_key
 
-MANIFEST_FORMAT = 1
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("iterit", "torch", "ray", "transformers", "deepspeed"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-class Manifest:
-    """RUN/manifest.json: stage name -> {status, started, finished, seconds, result | error}."""
-
-    def __init__(self, run_dir: str, data: dict):
-        self.path, self.data = join(run_dir, "manifest.json"), data
-
-    @classmethod
-    def load(cls, run_dir: str) -> Manifest:
-        fs, p = filesystem(join(run_dir, "manifest.json"))
-        if not fs.exists(p):
-            raise IteritError(
-                f"{run_dir}: not an iterit run directory (no manifest.json); start one with `iterit run CONFIG`"
-            )
-        with fs.open(p, "r") as f:
-            return cls(run_dir, json.load(f))
-
-    def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
-
-    def done(self, name: str) -> dict | None:
-        rec = self.data["stages"].get(name)
-        return rec["result"] if rec and rec["status"] == "done" else None
-
-    def run(self, name: str, fn, log=print) -> dict:
-        """Run stage `name` unless it is done; record status, timing and result (or the error)."""
-        if (result := self.done(name)) is not None:
-            log(f"[{name}] done earlier, skipped")
-            return result
-        rec = {"status": "running", "started": _now()}
-        self.data["stages"][name] = rec
-        self.save()
-        t0 = time.perf_counter()
-        try:
-            result = fn()
-        except BaseException as e:
-            rec.update(
-                status="failed",
-                finished=_now(),
-                seconds=round(time.perf_counter() - t0, 2),
-                error=f"{type(e).__name__}: {e}",
-            )
-            self.save()
-            raise
-        rec.update(status="done", finished=_now(), seconds=round(time.perf_counter() - t0, 2), result=result)
-        self.save()
-        return result
-
-
-# --------------------------------------------------------------------------------------------
-# The stages
+# Methods whose order does not read the model's scores (only which samples were scored at all): later
+# iterations keep iteration 0's scores for their window instead of running the model again.
+SCORE_FREE = ("random", "longest")
 
 
 def _corpus(samples_path: str) -> tuple[list[str], dict[str, str]]:
@@ -113,110 +53,37 @@ def _corpus(samples_path: str) -> tuple[list[str], dict[str, str]]:
     return ids, {i: m[-1]["content"] for i, m in zip(ids, table.column("messages").to_pylist())}
 
 
-def _scores(path: str) -> dict[str, dict]:
-    from iterit.selection.stage import read_score_rows
-
-    return read_score_rows(path)
+# --------------------------------------------------------------------------------------------
+# The stages
 
 
-def _window_inputs(ids: list[str], scores: dict[str, dict], method: str) -> dict:
-    """select_window's per-sample arrays for `ids` (NaN IFD for samples rejected while scoring)."""
-    out = {"ifd": np.array([scores[i]["ifd"] if i in scores else np.nan for i in ids], dtype=np.float64)}
-    if method == "longest":
-        out["n_response_tokens"] = np.array(
-            [scores[i]["n_response_tokens"] if i in scores else 0 for i in ids]
-        )
-    if method == "embedding":
-        dim = len(next(iter(scores.values()))["embedding"])
-        out["embeddings"] = np.array(
-            [scores[i]["embedding"] if i in scores else np.zeros(dim) for i in ids], dtype=np.float32
-        )
-    return out
+def score_stage(cfg: Config, run: RunDir, e: int, samples_path: str, log) -> dict:
+    from iterit.scoring.pipeline import run_scoring
+    from iterit.training.export import is_exported
 
-
-def write_order(out_dir: str, order: list[str], window_ifd: dict[str, float], wo, k_picked: int) -> None:
-    """selection.jsonl (picks in pick order) and order.parquet (the full order; the tail marked)."""
-    w = len(wo.order)
-    with atomic_open(join(out_dir, "selection.jsonl"), "w") as f:
-        for rank, (sid, gain) in enumerate(zip(order[:k_picked], wo.gains)):
-            f.write(json.dumps({"id": sid, "rank": rank, "ifd": window_ifd[sid], "gain": gain}) + "\n")
-    table = pa.table(
-        {
-            "id": order,
-            "position": np.arange(len(order), dtype=np.int64),
-            "ifd": np.array([window_ifd.get(i, np.nan) for i in order[:w]] + [np.nan] * (len(order) - w)),
-            "status": list(wo.status) + ["tail"] * (len(order) - w),
-        }
-    )
-    with atomic_open(join(out_dir, "order.parquet")) as f:
-        pq.write_table(table, f)
-
-
-def read_order(run_dir: str, e: int) -> list[str]:
-    return read_parquet(join(run_dir, f"iter_{e}", "order.parquet")).column("id").to_pylist()
-
-
-def read_picks(run_dir: str, e: int) -> list[str]:
-    return [r["id"] for r in read_jsonl(join(run_dir, f"iter_{e}", "selection.jsonl"), missing_ok=False)]
-
-
-def select_stage(cfg: Config, run_dir: str, e: int, samples_path: str, eos: str | None) -> dict:
-    """Order the window of iteration e by the method and pick k (DESIGN section 2, Iteration)."""
-    t0 = time.perf_counter()
-    sel = cfg.selection
-    ids, responses = _corpus(samples_path)
-    n = len(ids)
-    k = sel.num_selected(n)
-    scores = _scores(join(run_dir, f"iter_{e}", "scores.parquet"))
-    current = ids if e == 0 else read_order(run_dir, e - 1)
-    w = n if e == 0 else sel.window(n)
-    window = current[:w]
-    arrays = _window_inputs(window, scores, sel.method)
-    window_ifd = dict(zip(window, arrays["ifd"].tolist()))
-    kwargs = dict(
-        eos_token=eos,
-        decay=sel.decay,
-        seed=cfg.seed + e,
-        tfidf_mode=sel.tfidf,
-        n_response_tokens=arrays.get("n_response_tokens"),
-        embeddings=arrays.get("embeddings"),
-    )
     if e == 0:
-        wo = select_window(arrays["ifd"], k, sel.method, responses=[responses[i] for i in window], **kwargs)
-        order = [window[p] for p in wo.order]
-    else:
-        order, wo = reorder(current, window_ifd, k, sel.method, responses=responses, **kwargs)
-    write_order(join(run_dir, f"iter_{e}"), order, window_ifd, wo, len(wo.picks))
-    return {
-        "samples": n,
-        "window": w,
-        "scored": int(np.isfinite(arrays["ifd"]).sum()),
-        "candidates": wo.status.count("selected") + wo.status.count("candidate"),
-        "k": len(wo.picks),
-        "method": sel.method,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "mean_ifd_selected": float(np.mean([window_ifd[i] for i in order[: len(wo.picks)]]))
-        if wo.picks
-        else None,
-    }
+        return run_scoring(cfg, samples_path, run.scoring(0).dir, log=log)
+    window = run.selection(e - 1).read_order()[: cfg.selection.window(len(_corpus(samples_path)[0]))]
+    if cfg.selection.method in SCORE_FREE:
+        return reuse_scores(run, e, window)
+    model = run.model(e - 1)
+    if not is_exported(model):
+        raise IteritError(
+            f"{model} is missing or incomplete: iteration {e - 1}'s training did not finish its export"
+        )
+    tuned = cfg.model_copy(update={"base_model": model})
+    return run_scoring(tuned, samples_path, run.scoring(e).dir, only_ids=window, log=log)
 
 
-# Methods whose order does not read the model's scores (only which samples were scored at all): later
-# iterations keep iteration 0's scores for their window instead of running the model again.
-SCORE_FREE = ("random", "longest")
-
-
-def reuse_scores(run_dir: str, e: int, window: list[str]) -> dict:
-    """iter_e/scores.parquet = iteration 0's rows of the window's ids, with no model run."""
-    import pyarrow.compute as pc
-
+def reuse_scores(run: RunDir, e: int, window: list[str]) -> dict:
+    """Iteration e's scores = iteration 0's rows of the window's ids, with no model run."""
     t0 = time.perf_counter()
-    table = read_parquet(join(run_dir, "iter_0", "scores.parquet"))
+    table = read_parquet(run.scoring(0).scores)
     table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(window, pa.string())))
-    out = join(run_dir, f"iter_{e}")
-    with atomic_open(join(out, "scores.parquet")) as f:
+    out = run.scoring(e)
+    with atomic_open(out.scores) as f:
         pq.write_table(table, f, compression="zstd")
-    atomic_write_text(join(out, "rejects.jsonl"), "")  # iteration 0's rejects.jsonl holds them all
+    atomic_write_text(out.rejects, "")  # iteration 0's rejects.jsonl holds them all
     summary = {
         "rows": len(window),
         "scored": table.num_rows,
@@ -227,58 +94,72 @@ def reuse_scores(run_dir: str, e: int, window: list[str]) -> dict:
         "seconds": round(time.perf_counter() - t0, 2),
         "samples_per_s": 0.0,
         "tokens_per_s": 0.0,
-        "reused_from": "iter_0",
-        "scores": join(out, "scores.parquet"),
-        "rejects": join(out, "rejects.jsonl"),
+        "reused_from": iteration_key(0),
+        "scores": out.scores,
+        "rejects": out.rejects,
     }
-    atomic_write_text(join(out, "score_summary.json"), json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out.summary, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def score_stage(cfg: Config, run_dir: str, e: int, samples_path: str, log) -> dict:
-    from iterit.scoring.pipeline import run_scoring
-    from iterit.training.export import is_exported, model_dir
-
-    if e == 0:
-        return run_scoring(cfg, samples_path, join(run_dir, "iter_0"), log=log)
-    window = read_order(run_dir, e - 1)[: cfg.selection.window(len(_corpus(samples_path)[0]))]
-    if cfg.selection.method in SCORE_FREE:
-        return reuse_scores(run_dir, e, window)
-    model = model_dir(run_dir, e - 1)
-    if not is_exported(model):
-        raise IteritError(
-            f"{model} is missing or incomplete: iteration {e - 1}'s training did not finish its export"
-        )
-    return run_scoring(
-        cfg.model_copy(update={"base_model": model}),
-        samples_path,
-        join(run_dir, f"iter_{e}"),
-        only_ids=window,
-        log=log,
+def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str | None) -> dict:
+    """Order the window of iteration e by the method and pick k (DESIGN section 2, Iteration)."""
+    t0 = time.perf_counter()
+    sel = cfg.selection
+    ids, responses = _corpus(samples_path)
+    n = len(ids)
+    current = ids if e == 0 else run.selection(e - 1).read_order()
+    window = current[: n if e == 0 else sel.window(n)]
+    arrays = window_inputs(window, read_score_rows(run.scoring(e).scores), sel.method)
+    window_ifd = dict(zip(window, arrays["ifd"].tolist()))
+    order, wo = reorder(
+        current,
+        window_ifd,
+        sel.num_selected(n),
+        sel.method,
+        responses=responses,
+        eos_token=eos,
+        decay=sel.decay,
+        seed=cfg.seed,
+        iteration=e,
+        tfidf_mode=sel.tfidf,
+        n_response_tokens=arrays.get("n_response_tokens"),
+        embeddings=arrays.get("embeddings"),
     )
+    tail = len(order) - len(window)
+    ifd = np.concatenate([arrays["ifd"][wo.order], np.full(tail, np.nan)])
+    run.selection(e).write(order, ifd, wo.status + ["tail"] * tail, wo.gains)
+    picked = [window_ifd[i] for i in order[: len(wo.picks)]]
+    return {
+        "samples": n,
+        "window": len(window),
+        "scored": int(np.isfinite(arrays["ifd"]).sum()),
+        "candidates": wo.status.count("selected") + wo.status.count("candidate"),
+        "k": len(wo.picks),
+        "method": sel.method,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "mean_ifd_selected": float(np.mean(picked)) if picked else None,
+    }
 
 
-def train_stage(cfg: Config, run_dir: str, e: int, samples_path: str, manifest: Manifest, log) -> dict:
+def train_stage(cfg: Config, run: RunDir, e: int, samples_path: str, manifest: Manifest, log) -> dict:
     from iterit.training.trainer import train
 
-    picks = read_picks(run_dir, e)
+    picks = run.selection(e).read_picks()
     # The schedule is sized by the planned k; `full` trains on every candidate, which is its k.
-    k = (
-        len(picks)
-        if cfg.selection.method == "full"
-        else cfg.selection.num_selected(manifest.done("ingest")["accepted"])
-    )
-    prev = manifest.done(f"iter_{e - 1}/train") if e else None
+    accepted = manifest.done("ingest")["accepted"]
+    k = len(picks) if cfg.selection.method == "full" else cfg.selection.num_selected(accepted)
+    prev = manifest.done(stage_name(e - 1, "train")) if e else None
     # Ray Train resumes a fit whose (storage_path, name) it has seen: a name unique to this run
     # keeps runs that share a storage_path apart.
     out = train(
         cfg,
-        run_dir,
+        run.path,
         {e: picks},
         samples_path,
         k=k,
         resume_from=prev["checkpoint"] if prev else None,
-        name=f"{run_key(run_dir)}-iter_{e}",
+        name=f"{run_key(run.path)}-{iteration_key(e)}",
         log=log,
     )
     return {
@@ -304,92 +185,56 @@ def prune_checkpoint(path: str | None, keep: str | None, log=print) -> None:
 # Preflight and the run
 
 
-def preflight(cfg: Config, run_dir: str, log=print) -> None:
+def preflight(cfg: Config, run: RunDir, log=print) -> None:
     """What the config asks for against the cluster, before any work: one clear line, not a hang."""
-    import ray
-
-    from iterit.scoring import pipeline
     from iterit.templates import load_tokenizer
     from iterit.tracking import check_available
-    from iterit.training.trainer import check_shared_storage, storage_path, use_gpu
+    from iterit.training.trainer import storage_path
 
     load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code)  # the model is reachable
-    sc = cfg.scoring
-    gpus = (
-        sc.gpus_per_actor
-        if sc.gpus_per_actor is not None
-        else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
-    )
-    pipeline.check_pool_fits(sc, gpus, log)
-    have = ray.cluster_resources()
-    gpu = use_gpu(cfg)
-    per = cfg.resources_per_worker or ({"GPU": 1} if gpu else {"CPU": 1})
-    for res, amount in per.items():
-        need, got = amount * cfg.ray_num_workers, have.get(res, 0)
-        if need > got:
-            msg = f"training needs {need:g} {res} ({cfg.ray_num_workers} workers x {amount:g}); the cluster has {got:g}"
-            if pipeline._LOCAL_RAY:
-                raise IteritError(msg + ": lower ray_num_workers or resources_per_worker")
-            log(f"warning: {msg}; training waits until the autoscaler adds them")
-    if cfg.use_gpu and not have.get("GPU"):
-        log("warning: use_gpu is true but the cluster has no GPU yet")
-    check_shared_storage(
-        [storage_path(cfg, run_dir), run_dir if "://" in run_dir else os.path.abspath(run_dir)]
-    )
+    cluster.check_pool_fits(cfg.scoring, cluster.scoring_gpus(cfg.scoring), log)
+    per_worker = cluster.worker_resources(cfg.resources_per_worker, cluster.use_gpu(cfg.use_gpu))
+    cluster.check_training_fits(cfg.ray_num_workers, per_worker, cfg.use_gpu, log)
+    cluster.check_shared_storage([storage_path(cfg, run.path), cluster.absolute(run.path)])
     check_available(cfg.report_to)
 
 
-def read_run_config(run_dir: str) -> Config:
-    """RUN/config.yaml (local or an fsspec URI): the config a resumed run goes on with."""
-    import yaml
-
-    from iterit.config import config_from_dict
-
-    fs, p = filesystem(join(run_dir, "config.yaml"))
+def read_run_config(run: RunDir) -> Config:
+    """The run's config.yaml (local or an fsspec URI): the config a resumed run goes on with."""
+    fs, p = filesystem(run.config)
     if not fs.exists(p):
-        raise IteritError(f"{run_dir} has no config.yaml: it is not a run directory that can be resumed")
+        raise IteritError(f"{run.path} has no config.yaml: it is not a run directory that can be resumed")
     with fs.open(p, "r") as f:
-        return config_from_dict(yaml.safe_load(f.read()) or {}, join(run_dir, "config.yaml"))
+        return config_from_dict(yaml.safe_load(f.read()) or {}, run.config)
+
+
+def _open(cfg: Config | None, resume: str | None) -> tuple[Config, RunDir, Manifest]:
+    """A resumed run's config and manifest, or a fresh run's (its directory must not hold a run)."""
+    if resume:
+        run = RunDir(resume)
+        manifest = Manifest.load(run)
+        return read_run_config(run), run, manifest
+    run = RunDir(cfg.output_dir)
+    if run.exists():
+        raise IteritError(
+            f"{run.path} already holds a run: continue it with `iterit run --resume {run.path}`, "
+            "or set output_dir to a new directory"
+        )
+    save_config(cfg, run.config)
+    return cfg, run, Manifest.create(run, seed=cfg.seed, iterations=cfg.iterations)
 
 
 def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict:
     """The whole loop. `cfg` starts a fresh run in cfg.output_dir; `resume` continues RUN."""
     from iterit.data import ingest
-    from iterit.scoring.pipeline import ensure_ray
+    from iterit.report import write_report
     from iterit.templates import load_tokenizer
 
-    if resume:
-        run_dir = resume
-        manifest = Manifest.load(run_dir)
-        cfg = read_run_config(run_dir)
-    else:
-        run_dir = cfg.output_dir
-        fs, p = filesystem(join(run_dir, "manifest.json"))
-        if fs.exists(p):
-            raise IteritError(
-                f"{run_dir} already holds a run: continue it with `iterit run --resume {run_dir}`, "
-                "or set output_dir to a new directory"
-            )
-        save_config(cfg, join(run_dir, "config.yaml"))
-        manifest = Manifest(
-            run_dir,
-            {
-                "format": MANIFEST_FORMAT,
-                "run_dir": run_dir,
-                "seed": cfg.seed,
-                "created": _now(),
-                "iterations": cfg.iterations,
-                "versions": _versions(),
-                "stages": {},
-            },
-        )
-        manifest.save()
-    ensure_ray()
-    preflight(cfg, run_dir, log)
+    cfg, run, manifest = _open(cfg, resume)
+    cluster.connect()
+    preflight(cfg, run, log)
     t0 = time.perf_counter()
-    ing = manifest.run(
-        "ingest", lambda: ingest(cfg.datasets, join(run_dir, "ingest"), cfg.system_prompt), log
-    )
+    ing = manifest.run("ingest", lambda: ingest(cfg.datasets, run.ingest, cfg.system_prompt), log)
     samples = ing["samples"]
     k = cfg.selection.num_selected(ing["accepted"])
     if k < cfg.ray_num_workers * cfg.micro_batch_size:
@@ -402,34 +247,36 @@ def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict
         f"window W = {cfg.selection.window(ing['accepted']):,}"
     )
     eos = load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code).eos_token
-    tracker = Tracker(cfg.report_to, run_dir, cfg.model_dump(mode="json"))
+    tracker = Tracker(cfg.report_to, run.path, cfg.model_dump(mode="json"))
     rows = []
     for e in range(cfg.iterations):
-        s = manifest.run(f"iter_{e}/score", lambda: score_stage(cfg, run_dir, e, samples, log), log)
+        name = functools.partial(stage_name, e)
+        s = manifest.run(name("score"), functools.partial(score_stage, cfg, run, e, samples, log), log)
         if s.get("reused_from"):
             log(
-                f"[iter_{e}/score] {s['scored']:,} of the window keep {s['reused_from']}'s scores ({cfg.selection.method} "
-                "does not read them)"
+                f"[{name('score')}] {s['scored']:,} of the window keep {s['reused_from']}'s scores "
+                f"({cfg.selection.method} does not read them)"
             )
         else:
             log(
-                f"[iter_{e}/score] {s['scored']:,} scored, {s['rejected']:,} rejected, {s['tokens_per_s']:,.0f} tokens/s"
+                f"[{name('score')}] {s['scored']:,} scored, {s['rejected']:,} rejected, "
+                f"{s['tokens_per_s']:,.0f} tokens/s"
             )
-        sel = manifest.run(f"iter_{e}/select", lambda: select_stage(cfg, run_dir, e, samples, eos), log)
+        sel = manifest.run(name("select"), functools.partial(select_stage, cfg, run, e, samples, eos), log)
         log(
-            f"[iter_{e}/select] {sel['k']:,} of {sel['window']:,} picked ({sel['candidates']:,} candidates) "
+            f"[{name('select')}] {sel['k']:,} of {sel['window']:,} picked ({sel['candidates']:,} candidates) "
             f"in {sel['seconds']:.1f} s"
         )
         tr = manifest.run(
-            f"iter_{e}/train", lambda: train_stage(cfg, run_dir, e, samples, manifest, log), log
+            name("train"), functools.partial(train_stage, cfg, run, e, samples, manifest, log), log
         )
         if e and cfg.keep_checkpoints == "last":  # iteration e resumes from e - 1's no more: it is done
             prune_checkpoint(
-                manifest.done(f"iter_{e - 1}/train")["checkpoint"], keep=tr["checkpoint"], log=log
+                manifest.done(stage_name(e - 1, "train"))["checkpoint"], keep=tr["checkpoint"], log=log
             )
         log(
-            f"[iter_{e}/train] {tr['steps']} steps, loss {tr['final_loss']:.4f}, {tr['tokens_per_s']:,.0f} tokens/s "
-            f"-> {tr['model']}"
+            f"[{name('train')}] {tr['steps']} steps, loss {tr['final_loss']:.4f}, "
+            f"{tr['tokens_per_s']:,.0f} tokens/s -> {tr['model']}"
         )
         tracker.log(
             {
@@ -454,12 +301,10 @@ def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict
                 "steps": tr["steps"],
             }
         )
-    from iterit.report import write_report
-
-    rep = manifest.run("report", lambda: write_report(run_dir), log)
+    rep = manifest.run("report", lambda: write_report(run.path), log)
     tracker.close()
     return {
-        "run_dir": run_dir,
+        "run_dir": run.path,
         "iterations": rows,
         "report": rep["report"],
         "seconds": round(time.perf_counter() - t0, 1),

@@ -12,7 +12,6 @@ import html
 import io
 import json
 import math
-import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -24,6 +23,7 @@ import yaml
 
 from iterit.errors import IteritError
 from iterit.io import atomic_open, atomic_write_text, filesystem, join
+from iterit.rundir import ITERATION_STAGES, RunDir, stage_name
 
 KIND_COLORS = {"ingest": "tab:gray", "score": "tab:blue", "select": "tab:orange", "train": "tab:green"}
 MAX_POINTS = 20_000  # scatter points per panel: more only blur into one blot and slow the PNG down
@@ -100,43 +100,37 @@ def _columns(path: str, columns: list[str], notes: list[str]) -> dict | None:
 
 def load_run(run_dir: str) -> Run:
     notes: list[str] = []
-    manifest = _read(join(run_dir, "manifest.json"), notes, json.loads)
+    rd = RunDir(run_dir)
+    manifest = _read(rd.manifest, notes, json.loads)
     if notes:
         raise IteritError(notes[0])
     if manifest is None:
         raise IteritError(
             f"{run_dir}: not an iterit run directory (no manifest.json); give the output_dir of a run"
         )
-    config = _read(join(run_dir, "config.yaml"), notes, yaml.safe_load)
+    config = _read(rd.config, notes, yaml.safe_load)
     config = config if isinstance(config, dict) else {}
-    fs, root = filesystem(run_dir)
-    found = [
-        int(m.group(1))
-        for d in fs.glob(root.rstrip("/") + "/iter_*")
-        if (m := re.fullmatch(r"iter_(\d+)", d.rstrip("/").rsplit("/", 1)[-1]))
-    ]
+    planned = manifest.get("iterations") or config.get("iterations") or 0
     iters = []
-    for e in range(
-        max([manifest.get("iterations") or config.get("iterations") or 0, *(f + 1 for f in found)])
-    ):
-        d = join(run_dir, f"iter_{e}")
-        scores = _columns(join(d, "scores.parquet"), ["id", "ifd"], notes) or {}
-        selection = _read(join(d, "selection.jsonl"), notes, _jsonl)
+    for e in range(max([planned, *(f + 1 for f in rd.iterations_on_disk())])):
+        scoring, selection_files = rd.scoring(e), rd.selection(e)
+        scores = _columns(scoring.scores, ["id", "ifd"], notes) or {}
+        selection = _read(selection_files.selection, notes, _jsonl)
         iters.append(
             Iteration(
                 e,
                 scores.get("id"),
                 None if not scores else scores["ifd"].astype(np.float64),
-                _read(join(d, "score_summary.json"), notes, json.loads),
+                _read(scoring.summary, notes, json.loads),
                 None
                 if selection is None
                 else [str(r["id"]) for r in selection if isinstance(r, dict) and "id" in r],
-                _columns(join(d, "order.parquet"), ["id", "position", "status"], notes),
-                _read(join(d, "train_metrics.jsonl"), notes, _jsonl),
+                _columns(selection_files.order, ["id", "position", "status"], notes),
+                _read(rd.train_metrics(e), notes, _jsonl),
             )
         )
     run = Run(run_dir, manifest, config, {}, iters, notes)
-    run.ingest = _read(join(run_dir, "ingest", "summary.json"), notes, json.loads) or run.result("ingest")
+    run.ingest = _read(rd.ingest_summary, notes, json.loads) or run.result("ingest")
     return run
 
 
@@ -180,8 +174,8 @@ def _iteration_rows(run: Run) -> list[list[str]]:
     """One table row per iteration that has anything on disk or in the manifest."""
     rows, prev = [], None
     for it in run.iters:
-        sel, res = it.selected, run.result(f"iter_{it.e}/select")
-        if it.ids is None and sel is None and not it.metrics and not run.stage(f"iter_{it.e}/score"):
+        sel, res = it.selected, run.result(stage_name(it.e, "select"))
+        if it.ids is None and sel is None and not it.metrics and not run.stage(stage_name(it.e, "score")):
             continue
         scored = len(it.ids) if it.ids is not None else (it.summary or {}).get("scored")
         cands = (
@@ -198,7 +192,7 @@ def _iteration_rows(run: Run) -> list[list[str]]:
             overlap = f"{overlap_matrix([prev.selected, sel])[0, 1]:.2f}"
             moved = f"{len(set(sel) - set(prev.selected)):,} / {len(set(prev.selected) - set(sel)):,}"
         losses = [r.get("loss") for r in it.metrics or () if isinstance(r.get("loss"), (int, float))]
-        steps = len(it.metrics) if it.metrics else run.result(f"iter_{it.e}/train").get("steps")
+        steps = len(it.metrics) if it.metrics else run.result(stage_name(it.e, "train")).get("steps")
         rows.append(
             [
                 str(it.e),
@@ -217,8 +211,8 @@ def _iteration_rows(run: Run) -> list[list[str]]:
 
 
 def _missing(run: Run) -> list[str]:
-    """Planned stages that have not finished (not started, running, failed) and files that could not be read."""
-    names = ["ingest"] + [f"iter_{e}/{k}" for e in range(run.planned) for k in ("score", "select", "train")]
+    """Planned stages that have not finished (not started, running, failed), and unreadable files."""
+    names = ["ingest"] + [stage_name(e, k) for e in range(run.planned) for k in ITERATION_STAGES]
     out = []
     # The report stage is this page being written: its own "running" is not something missing.
     for name in names + [s for s in run.manifest.get("stages", {}) if s not in names and s != "report"]:
@@ -548,7 +542,7 @@ def _when(s) -> datetime | None:
 
 def _summary_rows(run: Run) -> list[list[str]]:
     sel, ing, stages = run.config.get("selection") or {}, run.ingest, run.manifest.get("stages", {})
-    done = sum(run.stage(f"iter_{e}/train").get("status") == "done" for e in range(run.planned))
+    done = sum(run.stage(stage_name(e, "train")).get("status") == "done" for e in range(run.planned))
     first = run.iters[0] if run.iters else None
     n = ing.get("accepted", len(first.order["id"]) if first and first.order else None)
     ks = ", ".join(_fmt(len(it.selected)) for it in run.iters if it.selected is not None) or "-"
@@ -625,9 +619,10 @@ def _blocks(run: Run, plots: list[tuple[str, str]], skipped: list[str]) -> list[
         ("h", 2, "Iterations"),
         (
             "p",
-            "Scored: samples scored in the iteration (all of N in iteration 0, the window W later). Mean IFD of "
-            "the selected samples vs the rest of that iteration's scored samples. Overlap: |S_e & S_e-1| / k. "
-            "Entered / left: samples that joined / dropped out of the previous iteration's selection.",
+            "Scored: samples scored in the iteration (all of N in iteration 0, the window W later). "
+            "Mean IFD of the selected samples vs the rest of that iteration's scored samples. "
+            "Overlap: |S_e & S_e-1| / k. Entered / left: samples that joined / dropped out of the previous "
+            "iteration's selection.",
         ),
         (
             "table",
@@ -707,7 +702,7 @@ def to_html(blocks: list[tuple]) -> str:
 
 def write_report(run_dir: str) -> dict:
     """Write RUN/report/report.md, report.html and the PNG plots. Returns {report, html, plots: [paths]}."""
-    run, out = load_run(run_dir), join(run_dir, "report")
+    run, out = load_run(run_dir), RunDir(run_dir).report
     try:
         import matplotlib.figure  # noqa: F401
 

@@ -6,12 +6,14 @@ writer of a selection. Nothing else builds a run's paths or stage names.
     RUN/ingest/                     samples.parquet, rejects.jsonl, summary.json (data.ingest)
     RUN/iter_<e>/                   scores.parquet, rejects.jsonl, score_summary.json (scoring),
                                     selection.jsonl, order.parquet (selection), train_metrics.jsonl
-    RUN/eval/iter_<e>.json          held-out evaluation of RUN/model/iter_<e> (iterit compare),
-    RUN/eval/iter_<e>/              with its scores and rejects
+    RUN/eval/iter_<e>.json          held-out evaluation of RUN/model/iter_<e> (iterit compare), with
+    RUN/eval/iter_<e>/              its scores and rejects (base.json, base/: the base model's)
     RUN/checkpoints/                Ray Train's storage: resumable DeepSpeed state (unless storage_path)
     RUN/model/iter_<e>/             HF weights, tokenizer and chat template of iteration e
     RUN/report/                     report.md, report.html, PNG plots
     RUN/logs/                       Ray's own logs
+    RUN/tensorboard/                event files (report_to: tensorboard)
+    RUN/corpus/                     the corpus `iterit demo` built for its run
 
 Stages are named `ingest`, `iter_<e>/score`, `iter_<e>/select`, `iter_<e>/train` and `report`; Ray
 Train's dataset of iteration e is named `iter_<e>` too (`iteration_key`).
@@ -113,10 +115,12 @@ class SelectionFiles:
         return read_parquet(self.order).column("id").to_pylist()
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # The run directory
+
+
+def _eval_name(e: int | None) -> str:
+    return "base" if e is None else iteration_key(e)
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,15 @@ class RunDir:
     def logs(self) -> str:
         return join(self.path, "logs")
 
+    @property
+    def tensorboard(self) -> str:
+        return join(self.path, "tensorboard")
+
+    @property
+    def corpus(self) -> str:
+        """The corpus `iterit demo` builds for its run (demo_corpus.jsonl, tokens.json)."""
+        return join(self.path, "corpus")
+
     def iteration(self, e: int) -> str:
         return join(self.path, iteration_key(e))
 
@@ -168,20 +181,21 @@ class RunDir:
     def model(self, e: int) -> str:
         return join(self.path, "model", iteration_key(e))
 
-    def eval_json(self, e: int) -> str:
-        return join(self.path, "eval", f"{iteration_key(e)}.json")
+    def eval_json(self, e: int | None) -> str:
+        """Held-out evaluation of iteration e's model (e = None: the base model)."""
+        return join(self.path, "eval", f"{_eval_name(e)}.json")
 
-    def eval_dir(self, e: int) -> str:
-        return join(self.path, "eval", iteration_key(e))
-
-    @property
-    def base_eval_json(self) -> str:
-        return join(self.path, "eval", "base.json")
+    def eval_dir(self, e: int | None) -> str:
+        """That evaluation's ingest, scores and rejects."""
+        return join(self.path, "eval", _eval_name(e))
 
     def iterations_on_disk(self) -> list[int]:
         """The e of every RUN/iter_<e> folder, sorted."""
         fs, root = filesystem(self.path)
-        found = (re.fullmatch(r"iter_(\d+)", d.rstrip("/").rsplit("/", 1)[-1]) for d in fs.glob(f"{root.rstrip('/')}/iter_*"))
+        found = (
+            re.fullmatch(r"iter_(\d+)", d.rstrip("/").rsplit("/", 1)[-1])
+            for d in fs.glob(f"{root.rstrip('/')}/iter_*")
+        )
         return sorted(int(m.group(1)) for m in found if m)
 
     def exists(self) -> bool:
@@ -209,6 +223,18 @@ def _versions() -> dict:
     return out
 
 
+def done_record(result: dict, **extra) -> dict:
+    """The manifest record of a stage done elsewhere, at no cost here (a compare's shared stages)."""
+    return {
+        "status": "done",
+        "started": _now(),
+        "finished": _now(),
+        "seconds": 0.0,
+        "result": result,
+        **extra,
+    }
+
+
 class Manifest:
     """RUN/manifest.json: stage name -> {status, started, finished, seconds, result | error}."""
 
@@ -216,14 +242,17 @@ class Manifest:
         self.run_dir, self.data = run, data
 
     @classmethod
-    def create(cls, run: RunDir, seed: int | None = None, iterations: int | None = None) -> Manifest:
-        """A new, empty manifest (saved): a run's, or that of the shared stages of a compare."""
+    def create(
+        cls, run: RunDir, seed: int | None = None, iterations: int | None = None, stages: dict | None = None
+    ) -> Manifest:
+        """A new manifest, saved: a run's (seed, iterations), or that of the shared stages of a compare.
+        `stages`: records of stages done elsewhere (done_record), written in the same save."""
         data = {"format": MANIFEST_FORMAT, "run_dir": run.path, "created": _now(), "versions": _versions()}
         if seed is not None:
             data["seed"] = seed
         if iterations is not None:
             data["iterations"] = iterations
-        manifest = cls(run, {**data, "stages": {}})
+        manifest = cls(run, {**data, "stages": dict(stages or {})})
         manifest.save()
         return manifest
 
@@ -232,7 +261,8 @@ class Manifest:
         fs, p = filesystem(run.manifest)
         if not fs.exists(p):
             raise IteritError(
-                f"{run.path}: not an iterit run directory (no manifest.json); start one with `iterit run CONFIG`"
+                f"{run.path}: not an iterit run directory (no manifest.json); "
+                "start one with `iterit run CONFIG`"
             )
         with fs.open(p, "r") as f:
             return cls(run, json.load(f))
@@ -253,12 +283,6 @@ class Manifest:
         rec = self.stages.get(name)
         return rec["result"] if rec and rec["status"] == "done" else None
 
-    def record_done(self, name: str, result: dict, **extra) -> None:
-        """Mark `name` done with `result` without running it (a stage whose outputs were copied in)."""
-        self.stages[name] = {"status": "done", "started": _now(), "finished": _now(), "seconds": 0.0,
-                             "result": result, **extra}
-        self.save()
-
     def run(self, name: str, fn, log=print) -> dict:
         """Run stage `name` unless it is done; record status, timing and result (or the error)."""
         if (result := self.done(name)) is not None:
@@ -271,8 +295,12 @@ class Manifest:
         try:
             result = fn()
         except BaseException as e:
-            rec.update(status="failed", finished=_now(), seconds=round(time.perf_counter() - t0, 2),
-                       error=f"{type(e).__name__}: {e}")
+            rec.update(
+                status="failed",
+                finished=_now(),
+                seconds=round(time.perf_counter() - t0, 2),
+                error=f"{type(e).__name__}: {e}",
+            )
             self.save()
             raise
         rec.update(status="done", finished=_now(), seconds=round(time.perf_counter() - t0, 2), result=result)

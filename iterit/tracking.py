@@ -56,10 +56,10 @@ class Tracker:
         if report_to == "tensorboard":
             from tensorboardX import SummaryWriter
 
-            from iterit.io import join
+            from iterit.rundir import RunDir
 
             # One writer per process; a filename suffix per process keeps concurrent writers apart.
-            self._tb = SummaryWriter(join(run_dir, "tensorboard"), filename_suffix=f".{os.getpid()}")
+            self._tb = SummaryWriter(RunDir(run_dir).tensorboard, filename_suffix=f".{os.getpid()}")
         elif report_to == "mlflow":
             import mlflow
 

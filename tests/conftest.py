@@ -99,6 +99,55 @@ def smollm_tokenizer(demo_assets):
 
 
 @pytest.fixture(scope="session")
+def tiny_run_config(tiny_model_dir):
+    """The config tree of a whole run on the tiny model: k = 6 samples per iteration (of a 60-row corpus),
+    window 12, 2 iterations of 3 optimizer steps on 1 CPU worker. Call it with the corpus, the run
+    directory and any keys to change."""
+
+    def tree(corpus, run_dir, **changes) -> dict:
+        return {
+            "base_model": tiny_model_dir,
+            "datasets": [{"path": str(corpus)}],
+            "output_dir": str(run_dir),
+            "sequence_len": 64,
+            "iterations": 2,
+            "seed": 7,
+            "selection": {"ratio": 6, "update_ratio": 2},
+            "scoring": {"torch_threads": 1, "batch_size": 16, "template_cpus": 0.5},
+            "ray_num_workers": 1,
+            "deepspeed": 0,
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-3,
+            "resources_per_worker": {"CPU": 1},
+            **changes,
+        }
+
+    return tree
+
+
+def iterit_main(argv: list) -> int:
+    """`iterit ARGV` in this process; its exit code (for fixtures wider than one test, without capsys)."""
+    from iterit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    return e.value.code
+
+
+@pytest.fixture()
+def cli(capsys):
+    """`iterit ARGV` in this process: (exit code, stdout, stderr)."""
+
+    def run(argv: list) -> tuple[int, str, str]:
+        code = iterit_main(argv)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session, shut down at the end."""
     import ray

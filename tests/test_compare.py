@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import WORDS
+from conftest import WORDS, iterit_main
 
 METHODS = ["iterit", "full"]  # each method more costs two Ray Train fits and two evaluations
 SEED = 7
@@ -30,33 +30,14 @@ def _rows(rng, n, prefix):
     ]
 
 
-def _config(tiny_model_dir, corpus, out) -> dict:
-    # As test_loop's: k = 6 of 60 per iteration, window 12, 3 optimizer steps per iteration.
-    return {
-        "base_model": tiny_model_dir,
-        "datasets": [{"path": str(corpus)}],
-        "output_dir": str(out),
-        "sequence_len": 64,
-        "iterations": 2,
-        "seed": SEED,
-        "selection": {"ratio": 6, "update_ratio": 2},
-        "scoring": {"torch_threads": 1, "batch_size": 16, "template_cpus": 0.5},
-        "ray_num_workers": 1,
-        "deepspeed": 0,
-        "micro_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3,
-        "resources_per_worker": {"CPU": 1},
-    }
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_model_dir) -> dict:
+def files(tmp_path_factory, tiny_run_config) -> dict:
     d = tmp_path_factory.mktemp("compare")
     rng = random.Random(11)
     (d / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(rng, 60, "q")))
     (d / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(rng, 10, "h")))
-    (d / "config.yaml").write_text(yaml.safe_dump(_config(tiny_model_dir, d / "corpus.jsonl", d / "runs")))
+    # k = 6 of 60 per iteration, window 12, 3 optimizer steps per iteration (the tiny run's config)
+    (d / "config.yaml").write_text(yaml.safe_dump(tiny_run_config(d / "corpus.jsonl", d / "runs", seed=SEED)))
     return {
         "dir": d,
         "config": d / "config.yaml",
@@ -65,19 +46,11 @@ def files(tmp_path_factory, tiny_model_dir) -> dict:
     }
 
 
-def _cli(argv) -> int:
-    from iterit.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    return e.value.code
-
-
 @pytest.fixture(scope="module")
 def compared(ray_local, files) -> Path:
     """The whole compare through the command line, into the default OUTPUT_DIR/compare."""
     assert (
-        _cli(
+        iterit_main(
             [
                 "compare",
                 str(files["config"]),
@@ -236,10 +209,9 @@ def test_a_changed_config_is_refused_on_the_same_output(compared, files):
         (["--methods", "iterit", "--heldout", "/nonexistent/h.jsonl"], "error: data path not found"),
     ],
 )
-def test_errors_are_one_clear_line(files, extra, message, capsys):
-    argv = ["compare", str(files["config"]), *[str(files["heldout"]) if a == "H" else a for a in extra]]
-    assert _cli(argv) == 2
-    err = capsys.readouterr().err
+def test_errors_are_one_clear_line(files, extra, message, cli):
+    code, _, err = cli(["compare", files["config"], *[files["heldout"] if a == "H" else a for a in extra]])
+    assert code == 2
     assert err.startswith(message) and err.count("\n") == 1, err
 
 

@@ -110,17 +110,15 @@ def test_demo_yaml_has_the_demo_settings():
     assert ours == demo and ours["datasets"][0]["max_samples"] == DEMO_READ_ROWS
 
 
-def test_prepare_demo_writes_the_demo_corpus(demo_assets, tmp_path, capsys):
+def test_prepare_demo_writes_the_demo_corpus(demo_assets, tmp_path, cli):
     """`iterit prepare-demo --corpus DIR` (what configs/compare-cpu.yaml reads): the first conversations
     of the demo's rows whose response fits in 256 tokens, ids kept, every one with room for a response."""
-    from iterit.cli import main
     from iterit.demo import DEMO_SAMPLES, demo_config
     from iterit.templates import load_tokenizer, template_batch
 
     out = tmp_path / "corpus"
-    with pytest.raises(SystemExit) as e:
-        main(["prepare-demo", "--corpus", str(out), "--samples", "15"])
-    assert e.value.code == 0
+    code, _, err = cli(["prepare-demo", "--corpus", out, "--samples", "15"])
+    assert code == 0, err
     rows = [json.loads(line) for line in open(out / "demo_corpus.jsonl", encoding="utf-8")]
     assert len(rows) == 15 and len({r["id"] for r in rows}) == 15
     tok = load_tokenizer(demo_assets["model"])

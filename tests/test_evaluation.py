@@ -238,7 +238,7 @@ def test_gsm8k_on_the_actor_pool_answers_every_question_once(ray_local, tiny_mod
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        gen = Generator(tiny_model_dir, None, cfg.system_prompt, 256, "float32", "sdpa", False)
+        gen = Generator(cfg, 256)
         assert gen.generate([r["question"] for r in read_gsm8k(str(gsm8k_file))[0]]) == [
             p["output"] for p in preds
         ]

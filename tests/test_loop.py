@@ -35,25 +35,6 @@ def loop_corpus(tmp_path_factory) -> Path:
     return p
 
 
-def _config(tiny_model_dir, corpus, run_dir) -> dict:
-    return {
-        "base_model": tiny_model_dir,
-        "datasets": [{"path": str(corpus)}],
-        "output_dir": str(run_dir),
-        "sequence_len": 64,
-        "iterations": 2,
-        "seed": 7,
-        "selection": {"ratio": 6, "update_ratio": 2},
-        "scoring": {"torch_threads": 1, "batch_size": 16, "template_cpus": 0.5},
-        "ray_num_workers": 1,
-        "deepspeed": 0,
-        "micro_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3,
-        "resources_per_worker": {"CPU": 1},
-    }
-
-
 def _selections(run_dir: Path) -> dict:
     out = {}
     for e in range(2):
@@ -64,12 +45,12 @@ def _selections(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_local, tiny_model_dir, loop_corpus, tmp_path_factory):
+def uninterrupted(ray_local, tiny_run_config, loop_corpus, tmp_path_factory):
     from iterit.config import config_from_dict
     from iterit.loop import run
 
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    tree = {**_config(tiny_model_dir, loop_corpus, run_dir), "report_to": "tensorboard"}
+    tree = tiny_run_config(loop_corpus, run_dir, report_to="tensorboard")
     out = run(config_from_dict(tree), log=lambda *_: None)
     return run_dir, out
 
@@ -80,7 +61,7 @@ def test_run_writes_every_artifact(uninterrupted):
     run_dir, out = uninterrupted
     manifest = json.loads((run_dir / "manifest.json").read_text())
     stages = manifest["stages"]
-    assert [s for s in stages] == [
+    assert list(stages) == [
         "ingest",
         "iter_0/score",
         "iter_0/select",
@@ -140,14 +121,14 @@ def test_run_mirrors_its_numbers_to_tensorboard(uninterrupted):
     ]
 
 
-def test_a_run_directory_is_not_overwritten(uninterrupted, tiny_model_dir, loop_corpus):
+def test_a_run_directory_is_not_overwritten(uninterrupted, tiny_run_config, loop_corpus):
     from iterit.config import config_from_dict
     from iterit.errors import IteritError
     from iterit.loop import run
 
     run_dir, _ = uninterrupted
     with pytest.raises(IteritError, match="--resume"):
-        run(config_from_dict(_config(tiny_model_dir, loop_corpus, run_dir)), log=lambda *_: None)
+        run(config_from_dict(tiny_run_config(loop_corpus, run_dir)), log=lambda *_: None)
 
 
 def _driver(args: list[str], address: str) -> subprocess.Popen:
@@ -179,14 +160,14 @@ def _kill_when_running(
 
 
 def test_killed_driver_resumes_to_the_same_selections(
-    uninterrupted, ray_local, tiny_model_dir, loop_corpus, tmp_path
+    uninterrupted, ray_local, tiny_run_config, loop_corpus, tmp_path
 ):
     from iterit.loop import run
 
     address = ray_local.get_runtime_context().gcs_address
     run_dir = tmp_path / "run"
     cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(tiny_model_dir, loop_corpus, run_dir)))
+    cfg_path.write_text(yaml.safe_dump(tiny_run_config(loop_corpus, run_dir)))
     manifest = run_dir / "manifest.json"
 
     _kill_when_running(_driver(["run", str(cfg_path)], address), manifest, "iter_1/score", delay=1.0)
@@ -223,6 +204,7 @@ def test_methods_that_ignore_scores_keep_iteration_0s_for_the_window(method, tmp
 
     from iterit.config import config_from_dict
     from iterit.loop import score_stage, select_stage
+    from iterit.rundir import RunDir
 
     run_dir = tmp_path / "run"
     ids = [f"s{i}" for i in range(12)]
@@ -253,17 +235,17 @@ def test_methods_that_ignore_scores_keep_iteration_0s_for_the_window(method, tmp
         }
     )
     samples = str(run_dir / "ingest" / "samples.parquet")
-    select_stage(cfg, str(run_dir), 0, samples, eos=None)
+    select_stage(cfg, RunDir(str(run_dir)), 0, samples, eos=None)
     window = pq.read_table(run_dir / "iter_0" / "order.parquet").column("id").to_pylist()[:4]
 
-    summary = score_stage(cfg, str(run_dir), 1, samples, log=lambda *_: None)
+    summary = score_stage(cfg, RunDir(str(run_dir)), 1, samples, log=lambda *_: None)
     assert summary["reused_from"] == "iter_0" and (summary["scored"], summary["tokens"]) == (4, 0)
     kept = pq.read_table(run_dir / "iter_1" / "scores.parquet")
     assert sorted(kept.column("id").to_pylist()) == sorted(window)
     want = {r["id"]: r for r in scores.to_pylist()}
     assert all(r == want[r["id"]] for r in kept.to_pylist())  # iteration 0's rows, unchanged
     assert json.loads((run_dir / "iter_1" / "score_summary.json").read_text()) == summary
-    sel = select_stage(cfg, str(run_dir), 1, samples, eos=None)
+    sel = select_stage(cfg, RunDir(str(run_dir)), 1, samples, eos=None)
     assert sel["k"] == 2 and sel["window"] == 4
 
 
@@ -271,6 +253,7 @@ def test_methods_that_read_scores_rescore_with_the_last_model(tmp_path):
     from iterit.config import config_from_dict
     from iterit.errors import IteritError
     from iterit.loop import score_stage
+    from iterit.rundir import RunDir
 
     run_dir = tmp_path / "run"
     (run_dir / "iter_0").mkdir(parents=True)
@@ -291,7 +274,7 @@ def test_methods_that_read_scores_rescore_with_the_last_model(tmp_path):
         }
     )
     with pytest.raises(IteritError, match="iter_0 is missing or incomplete"):
-        score_stage(cfg, str(run_dir), 1, str(run_dir / "ingest" / "samples.parquet"), log=print)
+        score_stage(cfg, RunDir(str(run_dir)), 1, str(run_dir / "ingest" / "samples.parquet"), log=print)
 
 
 def test_prune_checkpoint_removes_only_a_superseded_directory(tmp_path):

@@ -207,45 +207,42 @@ def test_a_crashed_actor_is_restarted_and_no_id_is_lost_or_doubled(
     assert len(ids) == len(set(ids)) == len(by_id) - 1 and summary["rejected"] == 1
 
 
-def test_score_command(ray_local, tiny_model_dir, mixed_corpus, tmp_path, capsys):
-    from iterit.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(
-            [
-                "score",
-                "--model",
-                tiny_model_dir,
-                "--data",
-                str(mixed_corpus),
-                "--output",
-                str(tmp_path / "s"),
-                "--max-length",
-                str(MAX_LEN),
-                "--set",
-                "scoring.batch_size=8",
-                "--set",
-                "scoring.template_cpus=0.25",
-            ]
-        )
-    out = capsys.readouterr().out
-    assert e.value.code == 0 and "scored 19 samples" in out and "response_truncated 1" in out
+def test_score_command(ray_local, tiny_model_dir, mixed_corpus, tmp_path, cli):
+    code, out, _ = cli(
+        [
+            "score",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            str(mixed_corpus),
+            "--output",
+            str(tmp_path / "s"),
+            "--max-length",
+            str(MAX_LEN),
+            "--set",
+            "scoring.batch_size=8",
+            "--set",
+            "scoring.template_cpus=0.25",
+        ]
+    )
+    assert code == 0 and "scored 19 samples" in out and "response_truncated 1" in out
     assert pq.read_table(tmp_path / "s" / "scores.parquet").num_rows == 19
     rejects = [json.loads(line) for line in open(tmp_path / "s" / "rejects.jsonl")]
     assert len(rejects) == 1
 
 
 def test_a_pool_that_cannot_fit_is_one_clear_line(ray_local, monkeypatch):
+    from iterit import cluster
     from iterit.errors import IteritError
-    from iterit.scoring import pipeline
 
     sc = scoring_config("m", "o", min_actors=2, max_actors=2, cpus_per_actor=1, template_cpus=0.5).scoring
     warnings = []
-    pipeline.check_pool_fits(sc, 0.0, log=warnings.append)  # a cluster: the autoscaler may add nodes
+    monkeypatch.setattr(cluster, "is_local", lambda: False)  # a cluster: the autoscaler may add nodes
+    cluster.check_pool_fits(sc, 0.0, log=warnings.append)
     assert "needs 3 CPUs (2 actors x 1 + 1 for reading and templating)" in warnings[0]
-    monkeypatch.setattr(pipeline, "_LOCAL_RAY", True)  # a Ray started on this machine cannot grow
+    monkeypatch.setattr(cluster, "is_local", lambda: True)  # a Ray started on this machine cannot grow
     with pytest.raises(IteritError, match="torch_threads=<cores>"):
-        pipeline.check_pool_fits(sc, 0.0)
+        cluster.check_pool_fits(sc, 0.0)
     with pytest.raises(IteritError, match="and 1 GPUs; the cluster has 2 CPUs and 0 GPUs"):
-        pipeline.check_pool_fits(scoring_config("m", "o").scoring, 1.0)
-    pipeline.check_pool_fits(scoring_config("m", "o").scoring, 0.0)  # 1 actor + 1: fits, no error
+        cluster.check_pool_fits(scoring_config("m", "o").scoring, 1.0)
+    cluster.check_pool_fits(scoring_config("m", "o").scoring, 0.0)  # 1 actor + 1: fits, no error

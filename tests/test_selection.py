@@ -145,16 +145,7 @@ def test_reorder_keeps_the_tail():
         reorder(current, {"a": 0.2, "z": 0.1}, 1, "ifd")
 
 
-def run_cli(argv, capsys):
-    from iterit.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
-def test_select_command_writes_the_contracted_files(tmp_path, capsys, real_responses):
+def test_select_command_writes_the_contracted_files(tmp_path, cli, real_responses):
     import pyarrow.parquet as pq
 
     data = tmp_path / "data.jsonl"
@@ -169,7 +160,7 @@ def test_select_command_writes_the_contracted_files(tmp_path, capsys, real_respo
     scores.write_text(
         "".join(json.dumps({"id": f"s{i}", "ifd": float(x)}) + "\n" for i, x in enumerate(ifd) if i != 5)
     )  # s5 has no score: never picked, placed with the others
-    code, out, err = run_cli(
+    code, out, err = cli(
         [
             "select",
             "--data",
@@ -181,7 +172,6 @@ def test_select_command_writes_the_contracted_files(tmp_path, capsys, real_respo
             "--output",
             str(tmp_path / "sel"),
         ],
-        capsys,
     )
     assert code == 0, err
     assert "selected 10 of 200 samples" in out
@@ -202,7 +192,7 @@ def test_select_command_writes_the_contracted_files(tmp_path, capsys, real_respo
     assert tail == sorted(tail, reverse=True)
     assert "s5" in [r["id"] for r in order[10 : 10 + n_other]]
 
-    code, out, _ = run_cli(
+    code, out, _ = cli(
         [
             "select",
             "--data",
@@ -216,7 +206,6 @@ def test_select_command_writes_the_contracted_files(tmp_path, capsys, real_respo
             "--output",
             str(tmp_path / "rnd"),
         ],
-        capsys,
     )
     assert code == 0 and "selected 7 of 200" in out
 
@@ -229,12 +218,12 @@ def test_select_command_writes_the_contracted_files(tmp_path, capsys, real_respo
         ('{"id": "s0", "ifd": 0.5}\n', "1.5", "--ratio 1.5"),
     ],
 )
-def test_select_errors(tmp_path, capsys, scores_text, ratio, message):
+def test_select_errors(tmp_path, cli, scores_text, ratio, message):
     data = tmp_path / "d.jsonl"
     data.write_text('{"id": "s0", "instruction": "q", "output": "a"}\n')
     scores = tmp_path / "s.jsonl"
     scores.write_text(scores_text)
-    code, _, err = run_cli(
+    code, _, err = cli(
         [
             "select",
             "--data",
@@ -246,6 +235,21 @@ def test_select_errors(tmp_path, capsys, scores_text, ratio, message):
             "--output",
             str(tmp_path / "o"),
         ],
-        capsys,
     )
     assert code == 2 and message in err
+
+
+def test_random_selections_of_different_seeds_and_iterations_never_coincide():
+    """iterit compare runs seeds 42, 43, 44 for 3 iterations: every (seed, iteration) draws its own
+    random order (with seed + e, seed 42's iteration 1 was seed 43's iteration 0)."""
+    from iterit.config import iteration_rng
+
+    ifd = np.linspace(0.1, 0.9, 40)
+    orders = {
+        (seed, e): tuple(select_window(ifd, 4, "random", seed=seed, iteration=e).order)
+        for seed in (42, 43, 44)
+        for e in range(3)
+    }
+    assert len(set(orders.values())) == len(orders)
+    # the draw is the run's one stream for that iteration, the one its training order comes from too
+    assert orders[(42, 1)] == tuple(iteration_rng(42, 1).permutation(40).tolist())

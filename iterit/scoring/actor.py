@@ -9,12 +9,12 @@ writer sees every row exactly once.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
 import pyarrow as pa
 
+from iterit.config import Config
 from iterit.errors import RowError
 
 TEMPLATED_SCHEMA = pa.schema(
@@ -36,24 +36,14 @@ CRASH_ONCE_ENV = (
 )
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(model: str, chat_template: str | None, trust_remote_code: bool):
-    # Ray reuses worker processes for tasks: the tokenizer loads once per worker, not once per batch.
-    from iterit.templates import load_tokenizer
+def template_rows(batch: pa.Table, *, cfg: Config) -> pa.Table:
+    """Normalised samples -> token ids and spans (TEMPLATED_SCHEMA), cut at cfg.sequence_len."""
+    from iterit.templates import cached_tokenizer, template_batch
 
-    return load_tokenizer(model, chat_template, trust_remote_code)
-
-
-def template_rows(
-    batch: pa.Table, *, model: str, chat_template: str | None, trust_remote_code: bool, max_length: int
-) -> pa.Table:
-    """Normalised samples -> token ids and spans (TEMPLATED_SCHEMA)."""
-    from iterit.templates import template_batch
-
-    tok = _tokenizer(model, chat_template, trust_remote_code)
+    tok = cached_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code)
     out = {name: [] for name in TEMPLATED_SCHEMA.names}
-    results = template_batch(tok, batch.column("messages").to_pylist(), max_length)
-    for i, r in enumerate(results):
+    results = template_batch(tok, batch.column("messages").to_pylist(), cfg.sequence_len)
+    for r in results:
         ok = not isinstance(r, RowError)
         out["cond_ids"].append(r.cond_ids if ok else [])
         out["cond_start"].append(r.cond_start if ok else 0)
@@ -93,25 +83,17 @@ def load_model(
 
 
 class Scorer:
-    """Ray Data callable class: one model replica per actor, loaded once."""
+    """Ray Data callable class: one model replica per actor, loaded once. `prior=False`: the conditional
+    pass only; `embeddings` (derived on the driver, pipeline.with_embeddings) adds the embedding column."""
 
-    def __init__(
-        self,
-        model: str,
-        dtype: str,
-        token_budget: int,
-        embeddings: bool,
-        attn_implementation: str,
-        trust_remote_code: bool,
-        torch_threads: int | None = None,
-        prior: bool = True,
-    ):
-        if torch_threads:
+    def __init__(self, cfg: Config, prior: bool = True, embeddings: bool = True):
+        sc = cfg.scoring
+        if sc.torch_threads:
             import torch
 
-            torch.set_num_threads(torch_threads)
-        self.model = load_model(model, dtype, attn_implementation, trust_remote_code)
-        self.token_budget, self.embeddings, self.prior = token_budget, embeddings, prior
+            torch.set_num_threads(sc.torch_threads)
+        self.model = load_model(cfg.base_model, sc.dtype, sc.attn_implementation, cfg.trust_remote_code)
+        self.token_budget, self.embeddings, self.prior = sc.token_budget, embeddings, prior
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from iterit.scoring.losses import score_templated

@@ -1,4 +1,9 @@
-"""The selection stage on files: samples + scores -> selection.jsonl + order.parquet (DESIGN section 3)."""
+"""The selection stage on files: samples + scores -> selection.jsonl + order.parquet (DESIGN section 3).
+
+read_score_rows   a scores Parquet (or JSONL {id, ifd}) -> id -> row
+window_inputs     the per-sample arrays a method reads, for the ids of a window, checked
+run_selection     `iterit select`: one window = the whole corpus in file order
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,11 @@ import json
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from iterit.errors import IteritError
-from iterit.io import atomic_open, filesystem, join, read_parquet
-from iterit.selection.window import WindowOrder, select_window
-
-ORDER_SCHEMA = pa.schema(
-    [("id", pa.string()), ("position", pa.int64()), ("ifd", pa.float64()), ("status", pa.string())]
-)
+from iterit.io import filesystem, read_parquet
+from iterit.rundir import SelectionFiles
+from iterit.selection.window import select_window
 
 
 def read_score_rows(path: str) -> dict[str, dict]:
@@ -45,6 +45,31 @@ def read_score_rows(path: str) -> dict[str, dict]:
     return out
 
 
+def window_inputs(ids: list[str], scores: dict[str, dict], method: str) -> dict:
+    """select_window's per-sample arrays for `ids`: ifd (NaN where a sample has no score: rejected while
+    scoring, or never scored), and n_response_tokens (longest) or embeddings (embedding)."""
+    out = {"ifd": np.array([scores[i]["ifd"] if i in scores else np.nan for i in ids], dtype=np.float64)}
+    scored = [scores[i] for i in ids if i in scores]
+    if method == "longest":
+        if not all("n_response_tokens" in r for r in scored):
+            raise IteritError(
+                "method longest needs n_response_tokens in the scores (the scores.parquet of `iterit score`)"
+            )
+        out["n_response_tokens"] = np.array(
+            [scores[i]["n_response_tokens"] if i in scores else 0 for i in ids]
+        )
+    if method == "embedding":
+        if not all(r.get("embedding") is not None for r in scored):
+            raise IteritError(
+                "method embedding needs the embedding column (score with scoring.embeddings: true)"
+            )
+        dim = len(scored[0]["embedding"]) if scored else 0
+        out["embeddings"] = np.array(
+            [scores[i]["embedding"] if i in scores else np.zeros(dim) for i in ids], dtype=np.float32
+        )
+    return out
+
+
 def run_selection(
     samples_path: str,
     scores_path: str,
@@ -60,7 +85,8 @@ def run_selection(
     """Order every sample of `samples_path` (its file order is the window) and write the picks.
 
     `k_of(n)` gives the budget for n samples (SelectionConfig.num_selected). Samples without a score
-    are treated as rejected: they are never picked and sit with the others after the picks."""
+    are treated as rejected: they are never picked and sit with the others after the picks. The random
+    method draws as iteration 0 of a run seeded `seed` would."""
     from iterit.data import read_samples
 
     t0 = time.perf_counter()
@@ -68,41 +94,27 @@ def run_selection(
     ids = table.column("id").to_pylist()
     scores = read_score_rows(scores_path)
     unknown = len(set(scores) - set(ids))
-    ifd = np.array([scores[i]["ifd"] if i in scores else np.nan for i in ids], dtype=np.float64)
-    k = k_of(len(ids))
+    arrays = window_inputs(ids, scores, method)
+    ifd = arrays["ifd"]
     responses = (
         [m[-1]["content"] for m in table.column("messages").to_pylist()] if method == "iterit" else None
     )
-    tokens = emb = None
-    if method == "longest":
-        if not all("n_response_tokens" in scores.get(i, {"n_response_tokens": 0}) for i in ids):
-            raise IteritError(
-                "method longest needs n_response_tokens in --scores (the scores.parquet of `iterit score`)"
-            )
-        tokens = np.array([scores[i]["n_response_tokens"] if i in scores else 0 for i in ids])
-    if method == "embedding":
-        if not all(scores[i].get("embedding") is not None for i in ids if i in scores):
-            raise IteritError(
-                "method embedding needs the embedding column (score with scoring.embeddings: true)"
-            )
-        dim = len(next(iter(scores.values()))["embedding"])
-        emb = np.array(
-            [scores[i]["embedding"] if i in scores else np.zeros(dim) for i in ids], dtype=np.float32
-        )
     wo = select_window(
         ifd,
-        k,
+        k_of(len(ids)),
         method,
         responses=responses,
         eos_token=eos_token,
         decay=decay,
-        n_response_tokens=tokens,
-        embeddings=emb,
+        n_response_tokens=arrays.get("n_response_tokens"),
+        embeddings=arrays.get("embeddings"),
         seed=seed,
+        iteration=0,
         tfidf_mode=tfidf_mode,
     )
-    write_selection(output_dir, ids, ifd, wo)
-    summary = {
+    files = SelectionFiles(output_dir)
+    files.write([ids[p] for p in wo.order], ifd[wo.order], wo.status, wo.gains)
+    return {
         "samples": len(ids),
         "scored": int(np.isfinite(ifd).sum()),
         "unknown_score_ids": unknown,
@@ -110,24 +122,6 @@ def run_selection(
         "k": len(wo.picks),
         "method": method,
         "seconds": round(time.perf_counter() - t0, 2),
-        "selection": join(output_dir, "selection.jsonl"),
-        "order": join(output_dir, "order.parquet"),
+        "selection": files.selection,
+        "order": files.order,
     }
-    return summary
-
-
-def write_selection(output_dir: str, ids: list[str], ifd: np.ndarray, wo: WindowOrder) -> None:
-    with atomic_open(join(output_dir, "selection.jsonl"), "w") as f:
-        for rank, (pos, gain) in enumerate(zip(wo.picks, wo.gains)):
-            f.write(json.dumps({"id": ids[pos], "rank": rank, "ifd": float(ifd[pos]), "gain": gain}) + "\n")
-    order = pa.table(
-        {
-            "id": [ids[p] for p in wo.order],
-            "position": np.arange(len(wo.order), dtype=np.int64),
-            "ifd": ifd[wo.order],
-            "status": wo.status,
-        },
-        schema=ORDER_SCHEMA,
-    )
-    with atomic_open(join(output_dir, "order.parquet")) as f:
-        pq.write_table(order, f)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from iterit.config import iteration_rng
 from iterit.selection.greedy import lazy_greedy, rest_by_ifd
 
 METHODS = ("iterit", "ifd", "random", "longest", "embedding", "full")
@@ -39,9 +40,11 @@ def select_window(
     n_response_tokens: np.ndarray | None = None,
     embeddings: np.ndarray | None = None,
     seed: int = 42,
+    iteration: int = 0,
     tfidf_mode: str = "auto",
 ) -> WindowOrder:
-    """Order one window. `ifd` has NaN for samples that were rejected or not scored."""
+    """Order one window. `ifd` has NaN for samples that were rejected or not scored. The random method
+    draws from iteration_rng(seed, iteration), the run's one stream for that iteration."""
     ifd = np.asarray(ifd, dtype=np.float64)
     finite = np.isfinite(ifd)
     ifd_based = method in ("iterit", "ifd", "embedding")
@@ -69,7 +72,7 @@ def select_window(
         ranked = rest_by_ifd(c_ifd, []) if method == "ifd" else list(range(len(cand)))
         picked, rest = ranked[:k], ranked[k:]
     elif method == "random":
-        ranked = np.random.default_rng(seed).permutation(len(cand)).tolist()
+        ranked = iteration_rng(seed, iteration).permutation(len(cand)).tolist()
         picked, rest = ranked[:k], ranked[k:]
     elif method == "longest":
         if n_response_tokens is None:
