@@ -36,13 +36,14 @@ REJECT_REASONS = {
     "unreadable_file": "the file could not be opened or decoded as its format (e.g. a corrupt Parquet file)",
     "invalid_json": "the line or array element is not valid JSON",
     "bad_encoding": "the text holds bytes that are not valid UTF-8",
-    "wrong_type": "a field has the wrong type (a number where text belongs, a row that is not an object, ...)",
+    "wrong_type": "a field has the wrong type (a number where text belongs, a row that is no object, ...)",
     "missing_field": "a required field is absent (instruction/output, conversations or messages)",
     "bad_role": "a turn's role is none of system/user/assistant (or ShareGPT's human/gpt/system)",
     "no_response": "the conversation has no assistant turn to learn from",
     "empty_response": "the response (the last assistant turn) is empty or only whitespace",
     "duplicate_id": "the id was already used by an earlier row of this run",
     "response_truncated": "at sequence_len, no response token is left after the prompt",
+    "template_error": "the chat template raised on the conversation (the detail is the template's message)",
     "nonfinite_loss": "scoring produced a NaN or infinite loss",
 }
 
@@ -413,8 +414,8 @@ def detect_format(rec: dict, ds: DatasetConfig) -> str:
         return "alpaca"
     raise RowError(
         "missing_field",
-        f"none of '{ds.field_instruction}'/'{ds.field_output}' (Alpaca), '{ds.field_conversations}' (ShareGPT) "
-        f"or '{ds.field_messages}' (messages); fields present: {sorted(rec)[:8]}",
+        f"none of '{ds.field_instruction}'/'{ds.field_output}' (Alpaca), '{ds.field_conversations}' "
+        f"(ShareGPT) or '{ds.field_messages}' (messages); fields present: {sorted(rec)[:8]}",
     )
 
 

@@ -11,7 +11,6 @@ writer of a selection. Nothing else builds a run's paths or stage names.
     RUN/checkpoints/                Ray Train's storage: resumable DeepSpeed state (unless storage_path)
     RUN/model/iter_<e>/             HF weights, tokenizer and chat template of iteration e
     RUN/report/                     report.md, report.html, PNG plots
-    RUN/logs/                       Ray's own logs
     RUN/tensorboard/                event files (report_to: tensorboard)
     RUN/corpus/                     the corpus `iterit demo` built for its run
 
@@ -152,10 +151,6 @@ class RunDir:
     @property
     def report(self) -> str:
         return join(self.path, "report")
-
-    @property
-    def logs(self) -> str:
-        return join(self.path, "logs")
 
     @property
     def tensorboard(self) -> str:

@@ -20,8 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from iterit import cluster
 from iterit.config import Config
-from iterit.io import atomic_open, atomic_write_text, join, read_parquet
+from iterit.io import atomic_open, atomic_write_text, read_parquet
+from iterit.rundir import ScoreFiles
 from iterit.scoring.actor import Scorer, template_rows
 
 SCORES_SCHEMA = pa.schema(
@@ -37,49 +39,9 @@ SCORES_SCHEMA = pa.schema(
 EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))
 
 
-_LOCAL_RAY = False  # True once ensure_ray started Ray on this machine: no autoscaler will grow it
-
-
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (as `ray job submit` sets it), else start a local Ray."""
-    import os
-
-    import ray
-
-    global _LOCAL_RAY
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, logging_level="WARNING")
-        _LOCAL_RAY = address is None
-
-
-def check_pool_fits(sc, gpus: float, log=print) -> None:
-    """The pool's minimum plus Ray Data's read task must fit the cluster, or Ray Data waits forever.
-
-    On a Ray that iterit started on this machine that is an error; on a cluster, a warning (an
-    autoscaler may still add the nodes)."""
-    import ray
-
-    from iterit.errors import IteritError
-
-    have = ray.cluster_resources()
-    # Ray Data's file listing task takes 1 CPU whatever the config says; reads and templating take
-    # template_cpus. Both must fit beside the actors, which hold their CPUs for life.
-    need_cpu = sc.min_actors * sc.cpus_per_actor + max(1.0, sc.template_cpus)
-    need_gpu = sc.min_actors * gpus
-    if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
-        return
-    msg = (
-        f"scoring needs {need_cpu:g} CPUs ({sc.min_actors} actors x {sc.cpus_per_actor:g} + "
-        f"{max(1.0, sc.template_cpus):g} for reading and templating) and {need_gpu:g} GPUs; the cluster has "
-        f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs"
-    )
-    if _LOCAL_RAY:
-        raise IteritError(
-            msg + ": lower scoring.min_actors or scoring.cpus_per_actor (on one machine: "
-            "cpus_per_actor=1 and torch_threads=<cores>)"
-        )
-    log(f"warning: {msg}; scoring waits until the autoscaler adds them")
+def with_embeddings(cfg: Config, prior: bool) -> bool:
+    """Whether the scores carry embeddings: they pool the prior pass, so not without it."""
+    return cfg.scoring.embeddings and prior
 
 
 def scoring_dataset(
@@ -114,17 +76,10 @@ def scoring_dataset(
         batch_format="pyarrow",
         batch_size=sc.batch_size,
         num_cpus=sc.template_cpus,
-        fn_kwargs=dict(
-            model=cfg.base_model,
-            chat_template=cfg.chat_template,
-            trust_remote_code=cfg.trust_remote_code,
-            max_length=cfg.sequence_len,
-        ),
+        fn_kwargs=dict(cfg=cfg),
     )
-    gpus = sc.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    check_pool_fits(sc, gpus, log)
+    gpus = cluster.scoring_gpus(sc)
+    cluster.check_pool_fits(sc, gpus, log)
     # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a dead actor is
     # restarted and its batch retried (the crash test holds it to that).
     return ds.map_batches(
@@ -138,16 +93,7 @@ def scoring_dataset(
         ),
         num_gpus=gpus,
         num_cpus=sc.cpus_per_actor,
-        fn_constructor_kwargs=dict(
-            model=cfg.base_model,
-            dtype=sc.dtype,
-            token_budget=sc.token_budget,
-            embeddings=sc.embeddings and prior,  # embeddings pool the prior pass
-            attn_implementation=sc.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-            torch_threads=sc.torch_threads,
-            prior=prior,
-        ),
+        fn_constructor_kwargs=dict(cfg=cfg, prior=prior, embeddings=with_embeddings(cfg, prior)),
         runtime_env={"env_vars": dict(actor_env)} if actor_env else None,
     )
 
@@ -163,20 +109,22 @@ def run_scoring(
     progress_every: float = 10.0,
     prior: bool = True,
 ) -> dict:
-    """Score every sample (or `only_ids`) into OUTPUT/scores.parquet; rejects into OUTPUT/rejects.jsonl.
+    """Score every sample (or `only_ids`) into OUTPUT (rundir.ScoreFiles: scores.parquet, rejects.jsonl,
+    score_summary.json).
 
     `rejects_prefix`: a rejects.jsonl (from ingest) copied first, so one file holds every reject.
     `prior=False`: the conditional pass only; ifd and loss_prior are NaN, no embedding column.
     """
     ds = scoring_dataset(cfg, samples_path, only_ids, actor_env, log, prior=prior)
-    schema = SCORES_SCHEMA.append(EMBEDDING_FIELD) if cfg.scoring.embeddings and prior else SCORES_SCHEMA
+    schema = SCORES_SCHEMA.append(EMBEDDING_FIELD) if with_embeddings(cfg, prior) else SCORES_SCHEMA
     t0 = last = time.perf_counter()
     n_scored = n_rows = real = 0
     computed = 0.0
     by_reason: dict[str, int] = {}
+    files = ScoreFiles(output_dir)
     with (
-        atomic_open(join(output_dir, "scores.parquet")) as fout,
-        atomic_open(join(output_dir, "rejects.jsonl"), "w") as frej,
+        atomic_open(files.scores) as fout,
+        atomic_open(files.rejects, "w") as frej,
         pq.ParquetWriter(fout, schema, compression="zstd") as writer,
     ):
         if rejects_prefix:
@@ -216,9 +164,8 @@ def run_scoring(
             now = time.perf_counter()
             if now - last >= progress_every:
                 el = now - t0
-                log(
-                    f"  scored {n_scored:,} samples ({n_scored / el:,.1f}/s), {real:,} tokens ({real / el:,.0f}/s)"
-                )
+                rates = f"({n_scored / el:,.1f}/s), {real:,} tokens ({real / el:,.0f}/s)"
+                log(f"  scored {n_scored:,} samples {rates}")
                 last = now
     seconds = time.perf_counter() - t0
     summary = {
@@ -231,10 +178,14 @@ def run_scoring(
         "seconds": round(seconds, 2),
         "samples_per_s": round(n_scored / seconds, 2),
         "tokens_per_s": round(real / seconds, 1),
-        "scores": join(output_dir, "scores.parquet"),
-        "rejects": join(output_dir, "rejects.jsonl"),
+        "scores": files.scores,
+        "rejects": files.rejects,
     }
-    atomic_write_text(join(output_dir, "score_summary.json"), json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(files.summary, json.dumps(summary, indent=2) + "\n")
+    if not n_scored:  # a chat template that refused most rows: one line with the cause and the fix
+        from iterit.templates import check_template_failures, template_failures
+
+        check_template_failures(n_rows, n_scored, template_failures(files.rejects), cfg.system_prompt)
     return summary
 
 
