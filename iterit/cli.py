@@ -253,7 +253,7 @@ def evaluate(
         str | None,
         typer.Option(
             "--lm-eval",
-            help="Comma-separated lm-evaluation-harness tasks, e.g. gsm8k,arc_easy (needs iterit[lm-eval] and the HF hub).",
+            help="Comma-separated lm-evaluation-harness tasks, e.g. gsm8k,arc_easy (needs the extra: pip install 'iterit\\[lm-eval]', and the HF hub).",
         ),
     ] = None,
     num_fewshot: Annotated[

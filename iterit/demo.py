@@ -178,8 +178,8 @@ def demo_config(info: dict, overrides: list[str] | None = None) -> Config:
         "iterations": 3,
         "selection": {"ratio": 0.05, "update_ratio": 3, "decay": 0.1},
         # One machine, no GPU: one actor reserves 1 CPU (Ray's reads need one too) and computes on
-        # every core, in fp32 (dtype auto): bf16 is fast only on CPUs with native bf16 (AVX512-BF16,
-        # AMX) and ~6x slower than fp32 on AVX2 ones (README, Scoring).
+        # every core, in fp32 (dtype auto): bf16 is ~6x slower than fp32 on AVX2 CPUs, and slower
+        # still (0.7x) on an AVX512-BF16 Xeon without AMX (docs/scoring.md, docs/measured.md).
         "scoring": {
             "dtype": "auto",
             "cpus_per_actor": 1,
