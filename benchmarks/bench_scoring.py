@@ -227,12 +227,13 @@ def main() -> None:
         res[c] = r = child(c, args)
         if c == "a":
             print(
-                f"{r['samples']} samples, {r['tokens']:,} tokens (both passes), max_length {args.max_length}, "
-                f"budget {args.budget}, device {r['device']}; GEMM fp32 {r['gemm_gflops']:.0f} GFLOP/s"
+                f"{r['samples']} samples, {r['tokens']:,} tokens (both passes), "
+                f"max_length {args.max_length}, budget {args.budget}, device {r['device']}; "
+                f"GEMM fp32 {r['gemm_gflops']:.0f} GFLOP/s"
             )
             print(
-                f"{'':30} {'tokens/s':>9} {'samples/s':>9} {'FLOP/GEMM':>9} {'padding':>8} {'peak RSS MB':>11} "
-                f"{'x (a)':>6}"
+                f"{'':30} {'tokens/s':>9} {'samples/s':>9} {'FLOP/GEMM':>9} {'padding':>8} "
+                f"{'peak RSS MB':>11} {'x (a)':>6}"
             )
         frac = f"{r['flops_fraction']:.0%}" if r["flops_fraction"] is not None else "-"
         print(

@@ -1,6 +1,6 @@
 """Training throughput: iterit's Ray Train + DeepSpeed fit against a plain PyTorch loop, same data and init.
 
-    python benchmarks/bench_training.py            # --samples 32 --seq-len 256 --micro 2 --accum 2 --zero 2 --threads 2
+    python benchmarks/bench_training.py # --samples 32 --seq-len 256 --micro 2 --accum 2 --zero 2 --threads 2
     python benchmarks/bench_training.py --model PATH --samples 64 --zero 3 --skip-2w
 
 Data: the first demo ShareGPT conversations (ingested with iterit.data.ingest) whose response survives
@@ -21,6 +21,7 @@ the tail (export, checkpoint write + Ray's copy into storage, teardown).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -32,6 +33,9 @@ import threading
 import time
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from iterit.training.train_loop import WorkerJob
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WARMUP = 2  # optimizer steps left out of the steady state (allocator, optimizer state, data pipeline fill)
@@ -58,15 +62,17 @@ def prepare(model: str | None, n: int, seq_len: int, out: str) -> dict:
     while True:
         src = os.path.join(out, "train.jsonl")
         with open(info["train"], encoding="utf-8") as f, open(src, "w", encoding="utf-8") as g:
-            for i, line in zip(range(lines), f):
+            written = 0
+            for line in itertools.islice(f, lines):
                 g.write(line)
+                written += 1
         samples = ingest([DatasetConfig(path=src, type="sharegpt")], os.path.join(out, "ingest"))["samples"]
         table = read_parquet(samples)
         ids, msgs = table.column("id").to_pylist(), table.column("messages").to_pylist()
         ok = [
             sid for sid, ex in zip(ids, training_examples(tok, msgs, seq_len)) if not isinstance(ex, RowError)
         ]
-        if len(ok) >= n or i < lines - 1:
+        if len(ok) >= n or written < lines:  # enough, or the whole file is in
             return {"model": model, "samples": samples, "ids": ok[:n]}
         lines *= 2
 
@@ -88,7 +94,8 @@ def bench_config(args, run_dir: str, workers: int, zero: int, threads: int):
             "bf16": False,
             "learning_rate": args.lr,
             "checkpoint_every": 0,
-            # template_cpus=0: the tokenising tasks do not hold a CPU the workers need (as in tests/test_training.py)
+            # template_cpus=0: the tokenising tasks do not hold a CPU the workers need (as in
+            # tests/test_training.py)
             "scoring": {"torch_threads": threads, "template_cpus": 0},
         }
     )
@@ -192,7 +199,8 @@ def run_reference(args, prep: dict) -> dict:
         loss_sum = 0.0
         for b in step:
             out = model(**{k: torch.from_numpy(v) for k, v in b.items()}, num_items_in_batch=max(1, n_tok))
-            out.loss.backward()  # already / n_tok: the step's gradient is the token mean over its micro-batches
+            # The loss is already / n_tok: the step's gradient is the token mean over its micro-batches.
+            out.loss.backward()
             loss_sum += float(out.loss.detach()) * n_tok
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -220,9 +228,20 @@ def run_reference(args, prep: dict) -> dict:
 # (b), (c) the Ray Train + DeepSpeed fit
 
 
-def probe_loop(c: dict) -> None:
-    """What train_loop_per_worker does before its first batch, timed (wall clock, comparable with the driver)."""
+class Probe(BaseModel):
+    """The probe fit's worker config: the fit's own WorkerJob and where rank 0 writes its timings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job: WorkerJob
+    out: str
+
+
+def probe_loop(config: dict) -> None:
+    """What train_loop_per_worker does before its first batch, timed (wall clock, comparable with the
+    driver): imports, build_model, deepspeed.initialize with the fit's own WorkerJob."""
     t_entry = time.time()
+    probe = Probe.model_validate(config)
     import deepspeed
     import ray.train
     import torch
@@ -230,23 +249,25 @@ def probe_loop(c: dict) -> None:
 
     from iterit.training.train_loop import build_model
 
+    job = probe.job
     t_import = time.time()
-    torch.set_num_threads(c["torch_threads"])
-    torch.manual_seed(c["seed"])
-    model = build_model(c, torch.float32)
+    if job.torch_threads:
+        torch.set_num_threads(job.torch_threads)
+    torch.manual_seed(job.seed)
+    model = build_model(job, torch.float32)
     t_model = time.time()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=c["learning_rate"], weight_decay=c["weight_decay"])
+    opt = torch.optim.AdamW(params, lr=job.training.learning_rate, weight_decay=job.training.weight_decay)
     deepspeed.initialize(
         model=model,
         model_parameters=params,
         optimizer=opt,
-        config=c["ds_config"],
+        config=job.ds_config,
         lr_scheduler=lambda o: get_scheduler("cosine", o, num_warmup_steps=1, num_training_steps=10),
     )
     t_ds = time.time()
     if ray.train.get_context().get_world_rank() == 0:
-        with open(c["out"], "w") as f:
+        with open(probe.out, "w") as f:
             json.dump(
                 {
                     "entry": t_entry,
@@ -264,23 +285,13 @@ def probe_fit(cfg, workers: int, storage: str, out: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from iterit.training.trainer import deepspeed_config
+    from iterit.rundir import RunDir
+    from iterit.training.trainer import worker_job
 
-    c = {
-        "base_model": cfg.base_model,
-        "trust_remote_code": cfg.trust_remote_code,
-        "lora": None,
-        "attn_implementation": cfg.scoring.attn_implementation,
-        "ds_config": deepspeed_config(cfg, workers, False),
-        "learning_rate": cfg.learning_rate,
-        "weight_decay": cfg.weight_decay,
-        "seed": cfg.seed,
-        "torch_threads": cfg.scoring.torch_threads,
-        "out": out,
-    }
+    job = worker_job(cfg, RunDir(os.path.dirname(out)), [0], k=1, gpu=False)
     trainer = TorchTrainer(
         probe_loop,
-        train_loop_config=c,
+        train_loop_config=Probe(job=job, out=out).model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="probe", storage_path=storage),
     )
@@ -309,6 +320,7 @@ def newest_mtime(path: str) -> float:
 def run_ray(args, prep: dict, workers: int, zero: int, threads: int, probe: bool) -> dict:
     import ray
 
+    from iterit.rundir import RunDir
     from iterit.training.export import EXPORT_MARKER
     from iterit.training.trainer import read_metrics, train
 
@@ -343,7 +355,7 @@ def run_ray(args, prep: dict, workers: int, zero: int, threads: int, probe: bool
             metrics=read_metrics(run_dir, 0),
             t_start=t_start,
             t_end=t_end,
-            export_done=os.path.getmtime(os.path.join(run_dir, "model", "iter_0", EXPORT_MARKER)),
+            export_done=os.path.getmtime(os.path.join(RunDir(run_dir).model(0), EXPORT_MARKER)),
             checkpoint_done=newest_mtime(out["checkpoint"]),
             threads=threads,
         )
@@ -453,9 +465,9 @@ def main() -> None:
 
     a = res["a"]
     print(
-        f"model {prep['model']}; {len(prep['ids'])} samples, seq-len {args.seq_len}, micro {args.micro} x accum "
-        f"{args.accum}, fp32, AdamW lr {args.lr:g}; {sum(x['tokens'] for x in a['metrics']):,} tokens in "
-        f"{len(a['metrics'])} steps (1 worker); steady state = steps {WARMUP + 1}.. ; "
+        f"model {prep['model']}; {len(prep['ids'])} samples, seq-len {args.seq_len}, micro {args.micro} "
+        f"x accum {args.accum}, fp32, AdamW lr {args.lr:g}; {sum(x['tokens'] for x in a['metrics']):,} "
+        f"tokens in {len(a['metrics'])} steps (1 worker); steady state = steps {WARMUP + 1}.. ; "
         f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={args.health_check_s:g}"
     )
     print(
@@ -472,8 +484,8 @@ def main() -> None:
             f"{per_step:7.2f} {r['metrics'][-1]['loss']:10.4f} {r['threads']:7} {peak:11,.0f} {tree:>11}"
         )
     print(
-        "peak RSS: (a) the process; (b), (c) the largest Ray worker process; tree RSS: driver + Ray processes + "
-        "workers (shared pages counted per process)"
+        "peak RSS: (a) the process; (b), (c) the largest Ray worker process; tree RSS: driver + Ray "
+        "processes + workers (shared pages counted per process)"
     )
 
     b = res["b"]
@@ -503,18 +515,19 @@ def main() -> None:
     startup = p["worker_group_s"] + p["imports_s"] + p["model_s"] + p["deepspeed_s"]
     last_step_end = fit_start + startup + steps_s  # estimated: the probe's start-up stands in for the fit's
     print(
-        f"(b) fixed costs: train() {b['train_s']:.1f} s = driver set-up {b['train_s'] - b['fit_s']:.1f} s + fit "
-        f"{b['fit_s']:.1f} s; fit - summed step seconds {steps_s:.1f} s = {b['fit_s'] - steps_s:.1f} s of start-up "
-        f"and tail (plain loop: model load {a['load_s']:.1f} s)"
+        f"(b) fixed costs: train() {b['train_s']:.1f} s = driver set-up {b['train_s'] - b['fit_s']:.1f} s "
+        f"+ fit {b['fit_s']:.1f} s; fit - summed step seconds {steps_s:.1f} s = {b['fit_s'] - steps_s:.1f} s "
+        f"of start-up and tail (plain loop: model load {a['load_s']:.1f} s)"
     )
     print(
-        f"  start-up (probe fit, same config, loop = imports + build_model + deepspeed.initialize): worker group "
-        f"{p['worker_group_s']:.1f} s, imports {p['imports_s']:.1f} s, model load {p['model_s']:.1f} s, "
-        f"deepspeed.initialize {p['deepspeed_s']:.1f} s; teardown {p['teardown_s']:.1f} s; probe fit {p['fit_s']:.1f} s"
+        f"  start-up (probe fit, same config, loop = imports + build_model + deepspeed.initialize): worker "
+        f"group {p['worker_group_s']:.1f} s, imports {p['imports_s']:.1f} s, model load {p['model_s']:.1f} "
+        f"s, deepspeed.initialize {p['deepspeed_s']:.1f} s; teardown {p['teardown_s']:.1f} s; probe fit "
+        f"{p['fit_s']:.1f} s"
     )
     print(
-        f"  tail (file times): last step -> export marker ~{b['export_done'] - last_step_end:.1f} s, -> checkpoint "
-        f"persisted {b['checkpoint_done'] - b['export_done']:.1f} s, -> fit returned "
+        f"  tail (file times): last step -> export marker ~{b['export_done'] - last_step_end:.1f} s, -> "
+        f"checkpoint persisted {b['checkpoint_done'] - b['export_done']:.1f} s, -> fit returned "
         f"{b['t_end'] - b['checkpoint_done']:.1f} s; ray.init {b['ray_init_s']:.1f} s, ray.shutdown "
         f"{b['shutdown_s']:.1f} s"
     )
@@ -522,9 +535,9 @@ def main() -> None:
         c = res["c"]
         rc = steady(c["metrics"])[0]
         print(
-            f"(c)/(b) tokens/s: {rc / steady(b['metrics'])[0]:.2f}; (c) fit {c['fit_s']:.1f} s - summed steps "
-            f"{sum(x['seconds'] for x in c['metrics']):.1f} s; (c) trains a global batch of 2 x micro x accum, so "
-            f"its losses are not comparable step by step; 1 CPU and torch_threads=1 per worker"
+            f"(c)/(b) tokens/s: {rc / steady(b['metrics'])[0]:.2f}; (c) fit {c['fit_s']:.1f} s - summed "
+            f"steps {sum(x['seconds'] for x in c['metrics']):.1f} s; (c) trains a global batch of 2 x micro "
+            f"x accum, so its losses are not comparable step by step; 1 CPU and torch_threads=1 per worker"
         )
     print(f"whole benchmark {time.perf_counter() - t_all:.0f} s")
 

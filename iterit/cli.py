@@ -95,10 +95,10 @@ def score(
     set: SetOpt = None,
 ) -> None:
     """Score every sample on Ray Data actors: IFD, span losses, response embeddings -> scores.parquet."""
+    from iterit import cluster
     from iterit.config import apply_overrides, config_from_dict, load_config, save_config
     from iterit.data import ingest as run_ingest
     from iterit.io import join
-    from iterit import cluster
     from iterit.scoring.pipeline import run_scoring
 
     extra = list(set or []) + ([f"sequence_len={max_length}"] if max_length else [])
@@ -187,15 +187,14 @@ def select(
     )
     typer.echo(
         f"{method}: selected {s['k']:,} of {s['samples']:,} samples ({s['candidates']:,} candidates, "
-        f"{s['samples'] - s['scored']:,} without a score) in {s['seconds']:.1f} s\n-> {s['selection']}  {s['order']}"
+        f"{s['samples'] - s['scored']:,} without a score) in {s['seconds']:.1f} s\n"
+        f"-> {s['selection']}  {s['order']}"
     )
 
 
 @app.command()
 def run(
-    config: Annotated[
-        str | None, typer.Argument(help="YAML config of a fresh run (see configs/).")
-    ] = None,
+    config: Annotated[str | None, typer.Argument(help="YAML config of a fresh run (see configs/).")] = None,
     resume: Annotated[
         str | None, typer.Option("--resume", help="Continue the run in this directory.")
     ] = None,
@@ -253,7 +252,8 @@ def evaluate(
         str | None,
         typer.Option(
             "--lm-eval",
-            help="Comma-separated lm-evaluation-harness tasks, e.g. gsm8k,arc_easy (needs the extra: pip install 'iterit\\[lm-eval]', and the HF hub).",
+            help="Comma-separated lm-evaluation-harness tasks, e.g. gsm8k,arc_easy (needs the extra: "
+            "pip install 'iterit\\[lm-eval]', and the HF hub).",
         ),
     ] = None,
     num_fewshot: Annotated[
@@ -265,7 +265,7 @@ def evaluate(
     max_length: Annotated[int, typer.Option("--max-length", help="sequence_len for the loss.")] = 2048,
     set: SetOpt = None,
 ) -> None:
-    """Evaluate a model: held-out response loss / perplexity (scoring's span), GSM8K exact match, lm-eval tasks."""
+    """Evaluate a model: held-out response loss / perplexity (scoring's span), GSM8K, lm-eval tasks."""
     from iterit.config import apply_overrides, config_from_dict
     from iterit.evaluation import parse_tasks, run_eval
 
@@ -325,7 +325,7 @@ def compare(
     ] = None,
     set: SetOpt = None,
 ) -> None:
-    """Run every method on the same model, data, budget and seeds; table and plot of held-out loss per iteration."""
+    """Every method on the same model, data, budget and seeds: held-out loss per iteration, table and plot."""
     from iterit.compare import compare as run_compare
     from iterit.compare import parse_methods, parse_seeds, to_markdown
     from iterit.config import load_config
@@ -356,7 +356,8 @@ def prepare_demo(
         str | None,
         typer.Option(
             "--corpus",
-            help="Also write the demo run's corpus (the conversations that fit in 256 tokens) to DIR/demo_corpus.jsonl, as `iterit demo` does.",
+            help="Also write the demo run's corpus (the conversations that fit in 256 tokens) to "
+            "DIR/demo_corpus.jsonl, as `iterit demo` does.",
         ),
     ] = None,
     samples: Annotated[

@@ -2,6 +2,9 @@
 
 Key names follow axolotl / LLaMA-Factory where one exists (base_model, datasets, chat_template,
 sequence_len, output_dir, seed); iterit's own keys (iterations, selection.ratio, ...) sit beside them.
+The training keys (micro_batch_size, learning_rate, deepspeed, lora_r, ...) stay flat at the top level,
+as in those tools, and are defined once, in TrainingConfig: `Config.training()` is that section, the
+typed config that crosses into the Ray Train workers.
 Unknown keys and wrong types are errors that name the key and the expected type, so a typo fails
 at load time, not forty minutes into a run.
 """
@@ -74,7 +77,7 @@ class SelectionConfig(_Section):
     method: Literal["iterit", "ifd", "random", "longest", "embedding", "full"] = "iterit"
     """How the training subset is chosen each iteration (`iterit` = IFD x TF-IDF diversity greedy)."""
     ratio: float = 0.05
-    """Budget per iteration: a fraction of the corpus (0 < ratio <= 1) or an absolute count (an integer > 1)."""
+    """Budget per iteration: a fraction of the corpus (0 < ratio <= 1) or a count (an integer > 1)."""
     update_ratio: float = Field(3.0, ge=1)
     """Iterations after the first re-score the first k * update_ratio samples of the current order."""
     decay: float = Field(0.1, ge=0, le=1)
@@ -132,43 +135,29 @@ class ScoringConfig(_Section):
         return self
 
 
-class Config(_Section):
-    base_model: HomePath
-    """HF model folder or hub id of the model being tuned (it also scores the corpus)."""
-    datasets: list[DatasetConfig]
-    """Training corpora; all files are normalised into one sample table."""
-    output_dir: HomePath = "runs/iterit"
-    """Run directory: config, manifest, per-iteration artifacts, checkpoints, models, report."""
-    chat_template: str | None = None
-    """None: the tokenizer's own template (ChatML if it has none); `chatml`; or a Jinja template string."""
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    """Put first in every conversation that has no system turn (None: add nothing)."""
-    sequence_len: int = Field(2048, ge=16)
-    """Maximum tokens per templated conversation; longer ones are cut at the end."""
-    trust_remote_code: bool = False
-    """Allow model repositories to run their own Python code (off: untrusted input)."""
-    seed: int = 42
-    """Seed for every random choice (training order, random baseline, demo split)."""
-    iterations: int = Field(3, ge=1)
-    """Select-and-train rounds; one learning-rate schedule spans them all."""
-    selection: SelectionConfig = SelectionConfig()
-    scoring: ScoringConfig = ScoringConfig()
+class TrainingConfig(_Section):
+    """The training settings (axolotl / LLaMA-Factory names). In a config file they are top-level keys,
+    flat as in those tools (Config inherits them); `Config.training()` is this section alone, which the
+    training stage takes and its Ray Train workers rebuild with `TrainingConfig.model_validate`.
+    Paper defaults: micro-batch 1 x 32, lr 2e-5, cosine with 3% warmup."""
 
-    # Training (axolotl / LLaMA-Factory names). Paper defaults: micro-batch 1 x 32, lr 2e-5, cosine.
     micro_batch_size: int = Field(1, ge=1)
     """Sequences per worker per forward/backward."""
     gradient_accumulation_steps: int = Field(32, ge=1)
     """Micro-batches per optimizer step on each worker (global batch = micro x accum x workers)."""
     learning_rate: float = Field(2e-5, gt=0)
+    """Peak learning rate (AdamW), reached at the end of the warmup."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Shape of the one schedule that spans every iteration's optimizer steps."""
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     """Warmup steps as a fraction of the total steps of all iterations."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW's decoupled weight decay."""
     max_grad_norm: float = Field(1.0, ge=0)
     """Gradient clipping (0: off)."""
     deepspeed: int | str = 3
-    """A ZeRO stage (0, 1, 2 or 3) or the path of a DeepSpeed JSON config (its batch keys are set by iterit)."""
+    """A ZeRO stage (0, 1, 2 or 3) or the path of a DeepSpeed JSON config (iterit sets its batch,
+    precision and clipping keys)."""
     offload_optimizer: bool = False
     """ZeRO-2/3: keep the optimizer state in CPU memory (DeepSpeed's CPU Adam)."""
     bf16: Literal["auto", True, False] = "auto"
@@ -178,8 +167,11 @@ class Config(_Section):
     lora_r: int | None = Field(None, ge=1)
     """LoRA rank (peft); None trains every weight."""
     lora_alpha: int = Field(16, ge=1)
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
     lora_dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA branch's input."""
     lora_target_modules: list[str] | str = "all-linear"
+    """Modules that get adapters: names, or peft's `all-linear`."""
     lora_export: Literal["merged", "adapter"] = "merged"
     """Each iteration's exported model: LoRA merged into full weights, or the adapter alone."""
     ray_num_workers: int = Field(1, ge=1)
@@ -195,11 +187,68 @@ class Config(_Section):
     keep_checkpoints: Literal["last", "all"] = "last"
     """last: delete an iteration's DeepSpeed checkpoint once the next iteration's training is done (a
     full model with its optimizer state is ~12 bytes per parameter); all: keep every iteration's."""
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _zero_stage(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v not in (0, 1, 2, 3):
+            raise ValueError("a ZeRO stage is 0, 1, 2 or 3 (or give the path of a DeepSpeed JSON file)")
+        return v
+
+    def bf16_on(self, gpu: bool) -> bool:
+        """Whether training runs in bfloat16 on this hardware (`auto`: on GPUs only)."""
+        return gpu if self.bf16 == "auto" else bool(self.bf16)
+
+    def lora(self) -> dict | None:
+        """peft's LoraConfig keywords (task_type aside); None when every weight is trained."""
+        if not self.lora_r:
+            return None
+        targets = self.lora_target_modules
+        return {
+            "r": self.lora_r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": targets if isinstance(targets, str) else list(targets),
+        }
+
+
+class _RunSettings(_Section):
+    """Config's keys that come before the training keys. A base of its own only for the order of the
+    keys: pydantic lists base classes' fields first, so config.yaml reads model, data, selection and
+    scoring, then training."""
+
+    base_model: HomePath
+    """HF model folder or hub id of the model being tuned (it also scores the corpus)."""
+    datasets: list[DatasetConfig]
+    """Training corpora; all files are normalised into one sample table."""
+    output_dir: HomePath = "runs/iterit"
+    """Run directory: config, manifest, per-iteration artifacts, checkpoints, models, report."""
+    chat_template: str | None = None
+    """None: the tokenizer's own template (ChatML if it has none); `chatml`; or a Jinja template string."""
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    """Put first in every conversation that has no system turn (None: add nothing)."""
+    sequence_len: int = Field(2048, ge=16)
+    """Maximum tokens per templated conversation; longer ones are cut at the end."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own Python code (off: untrusted input)."""
+    seed: int = 42
+    """Seed of every random choice: each iteration's training order and the random baseline's order draw
+    from iteration_rng(seed, iteration); the workers seed torch with it (LoRA's initial adapters)."""
+    iterations: int = Field(3, ge=1)
+    """Select-and-train rounds; one learning-rate schedule spans them all."""
+    selection: SelectionConfig = SelectionConfig()
+    scoring: ScoringConfig = ScoringConfig()
+
+
+class Config(TrainingConfig, _RunSettings):
+    """The whole config: _RunSettings' keys, the training keys flat beside them, then these."""
+
     report_to: Literal["tensorboard", "mlflow", "wandb"] | None = None
     """Also log metrics to an experiment tracker (training steps from rank 0, stage results from the
     driver); None: only the run directory."""
     storage_path: HomePath | None = None
-    """Where Ray Train keeps checkpoints (shared storage for multi-node: NFS or s3://). None: OUTPUT_DIR/checkpoints."""
+    """Where Ray Train keeps checkpoints (shared storage for multi-node: NFS or s3://). None:
+    OUTPUT_DIR/checkpoints."""
 
     @field_validator("datasets")
     @classmethod
@@ -212,11 +261,11 @@ class Config(_Section):
     def _check_method(self) -> Config:
         if self.selection.method == "full" and self.iterations != 1:
             raise ValueError("selection.method=full trains on everything: set iterations: 1")
-        if isinstance(self.deepspeed, int) and self.deepspeed not in (0, 1, 2, 3):
-            raise ValueError(
-                f"deepspeed={self.deepspeed}: a ZeRO stage is 0, 1, 2 or 3 (or give a JSON file)"
-            )
         return self
+
+    def training(self) -> TrainingConfig:
+        """The training keys as their own section (what the training stage and its workers take)."""
+        return TrainingConfig.model_validate({k: getattr(self, k) for k in TrainingConfig.model_fields})
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# Stands in for the response while locating where the template puts it (see _response_start).
+# Stands in for the response while locating where the template puts it (see response_start).
 _SENTINEL = "\u2063ITERIT_RESPONSE_SENTINEL\u2063"
 
 
@@ -90,7 +90,7 @@ def render(tok, messages: list[dict]) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
 
-def _response_start(tok, messages: list[dict], text: str) -> int:
+def response_start(tok, messages: list[dict], text: str) -> int:
     """Character offset in `text` where the response starts.
 
     The template is rendered once more with a sentinel in place of the response; everything before
@@ -146,11 +146,11 @@ def _texts(tok, messages: list[dict]) -> tuple[str, int, str, int] | RowError:
     note = ""
     try:
         cond = render(tok, messages)
-        cond_at = _response_start(tok, messages, cond)
+        cond_at = response_start(tok, messages, cond)
         note = PRIOR_NOTE
         alone = [{"role": "assistant", "content": messages[-1]["content"]}]
         prior = render(tok, alone)
-        return cond, cond_at, prior, _response_start(tok, alone, prior)
+        return cond, cond_at, prior, response_start(tok, alone, prior)
     except RowError as e:
         return e
     except Exception as e:  # jinja2's TemplateError, and TypeError/KeyError/... raised by template code

@@ -6,8 +6,10 @@ numbers where teams already look. Training workers log one point per optimizer s
 iterations); the driver logs each stage's one-line result (`score/*`, `select/*`, `train/*` per
 iteration, x = the iteration). Every process that logs opens the same tracking run by name or id:
 
-    tensorboard   event files in RUN/tensorboard (tensorboardX, a Ray dependency); `tensorboard --logdir RUN/tensorboard`
-    mlflow        the experiment `iterit`, one MLflow run per iterit run (MLFLOW_TRACKING_URI, default ./mlruns)
+    tensorboard   event files in RUN/tensorboard (tensorboardX, a Ray dependency);
+                  `tensorboard --logdir RUN/tensorboard`
+    mlflow        the experiment `iterit`, one MLflow run per iterit run (MLFLOW_TRACKING_URI,
+                  default ./mlruns)
     wandb         project `iterit`, one W&B run per iterit run, id from the run directory (WANDB_* variables)
 
 Secrets (WANDB_API_KEY, MLflow credentials) come from the environment, never from the config.

@@ -2,8 +2,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from iterit.config import Config, SelectionConfig, config_from_dict, load_config, save_config
+from iterit.config import (
+    Config,
+    SelectionConfig,
+    TrainingConfig,
+    config_from_dict,
+    load_config,
+    save_config,
+)
 from iterit.errors import IteritError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -97,3 +105,140 @@ def test_budget_and_window(ratio, n, k, w):
 def test_home_is_expanded():
     cfg = config_from_dict({"base_model": "~/m", "datasets": [{"path": "~/d.jsonl"}]})
     assert not cfg.base_model.startswith("~") and not cfg.datasets[0].path.startswith("~")
+
+
+# The resolved config.yaml of MINIMAL as iterit wrote it before the training keys became a section:
+# runs saved then must load, and a config saved now must read the same, key for key, in this order.
+OLD_RUN_CONFIG = """\
+base_model: m
+datasets:
+- path: d.jsonl
+  type: auto
+  field_id: id
+  field_instruction: instruction
+  field_input: input
+  field_output: output
+  field_conversations: conversations
+  field_messages: messages
+  max_samples: null
+output_dir: runs/iterit
+chat_template: null
+system_prompt: You are a helpful assistant.
+sequence_len: 2048
+trust_remote_code: false
+seed: 42
+iterations: 3
+selection:
+  method: iterit
+  ratio: 0.05
+  update_ratio: 3.0
+  decay: 0.1
+  tfidf: auto
+scoring:
+  dtype: auto
+  token_budget: 16384
+  batch_size: 512
+  min_actors: 1
+  max_actors: 1
+  gpus_per_actor: null
+  cpus_per_actor: 1.0
+  torch_threads: null
+  template_cpus: 0.5
+  embeddings: true
+  attn_implementation: sdpa
+micro_batch_size: 1
+gradient_accumulation_steps: 32
+learning_rate: 2.0e-05
+lr_scheduler: cosine
+warmup_ratio: 0.03
+weight_decay: 0.0
+max_grad_norm: 1.0
+deepspeed: 3
+offload_optimizer: false
+bf16: auto
+train_on: final_response
+lora_r: null
+lora_alpha: 16
+lora_dropout: 0.05
+lora_target_modules: all-linear
+lora_export: merged
+ray_num_workers: 1
+use_gpu: null
+resources_per_worker: null
+max_failures: 1
+checkpoint_every: 0
+keep_checkpoints: last
+report_to: null
+storage_path: null
+"""
+
+
+def test_an_older_runs_config_loads_and_saves_unchanged(tmp_path):
+    cfg = load_config(write(tmp_path, OLD_RUN_CONFIG))
+    assert cfg == load_config(write(tmp_path, MINIMAL))
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert (tmp_path / "run" / "config.yaml").read_text() == OLD_RUN_CONFIG
+    assert list(cfg.model_dump()) == list(yaml.safe_load(OLD_RUN_CONFIG))
+
+
+def test_flat_training_keys_become_the_typed_section(tmp_path):
+    text = MINIMAL + (
+        "micro_batch_size: 4\ngradient_accumulation_steps: 8\nlearning_rate: 1.0e-4\nlr_scheduler: linear\n"
+        "warmup_ratio: 0.1\nweight_decay: 0.01\nmax_grad_norm: 0.5\ndeepspeed: 2\noffload_optimizer: true\n"
+        "bf16: false\ntrain_on: all_assistant\nlora_r: 8\nlora_alpha: 32\nlora_dropout: 0.1\n"
+        "lora_target_modules: [q_proj, v_proj]\nlora_export: adapter\nray_num_workers: 2\nuse_gpu: false\n"
+        "resources_per_worker: {CPU: 2}\nmax_failures: 3\ncheckpoint_every: 5\nkeep_checkpoints: all\n"
+    )
+    cfg = load_config(write(tmp_path, text), ["learning_rate=3e-4"])
+    t = cfg.training()
+    assert type(t) is TrainingConfig
+    assert t.model_dump() == {
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 8,
+        "learning_rate": 3e-4,
+        "lr_scheduler": "linear",
+        "warmup_ratio": 0.1,
+        "weight_decay": 0.01,
+        "max_grad_norm": 0.5,
+        "deepspeed": 2,
+        "offload_optimizer": True,
+        "bf16": False,
+        "train_on": "all_assistant",
+        "lora_r": 8,
+        "lora_alpha": 32,
+        "lora_dropout": 0.1,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "lora_export": "adapter",
+        "ray_num_workers": 2,
+        "use_gpu": False,
+        "resources_per_worker": {"CPU": 2.0},
+        "max_failures": 3,
+        "checkpoint_every": 5,
+        "keep_checkpoints": "all",
+    }
+    # What the workers derive from it.
+    assert t.lora() == {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+    assert not t.bf16_on(gpu=True)  # bf16: false wins; auto is bf16 on GPUs only
+    assert TrainingConfig().bf16_on(gpu=True) and not TrainingConfig().bf16_on(gpu=False)
+    assert TrainingConfig().lora() is None
+    # The section and the flat keys are one definition: the same names, defaults and docs.
+    for name, f in TrainingConfig.model_fields.items():
+        assert Config.model_fields[name].default == f.default and f.description, name
+
+
+def test_the_training_section_rejects_unknown_keys_and_bad_stages():
+    good = TrainingConfig(micro_batch_size=2).model_dump()
+    assert TrainingConfig.model_validate(good).micro_batch_size == 2
+    with pytest.raises(ValidationError, match="micro_batch_sise"):
+        TrainingConfig.model_validate({**good, "micro_batch_sise": 2})
+    with pytest.raises(ValidationError, match="ZeRO stage"):
+        TrainingConfig.model_validate({**good, "deepspeed": 5})
+    with pytest.raises(ValidationError, match="base_model"):  # a key of the whole config, not the section
+        TrainingConfig.model_validate({**good, "base_model": "m"})
+
+
+def test_a_misspelt_flat_training_key_names_the_key_meant(tmp_path):
+    with pytest.raises(IteritError, match="unknown key 'micro_batch_sise'; did you mean 'micro_batch_size'"):
+        load_config(write(tmp_path, MINIMAL + "micro_batch_sise: 2\n"))
+    with pytest.raises(IteritError, match="'deepspeed' = 4: a ZeRO stage is 0, 1, 2 or 3"):
+        load_config(write(tmp_path, MINIMAL + "deepspeed: 4\n"))

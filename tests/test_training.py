@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from iterit.config import config_from_dict
+from iterit.rundir import RunDir
 from iterit.training.examples import IGNORE, collate, steps_per_iteration, trained_tokens, training_examples
 
 CONVERSATIONS = [
@@ -119,6 +120,17 @@ def test_deepspeed_config_stage_offload_and_json(tmp_path, tiny_model_dir):
         config_from_dict({**base, "deepspeed": 4})
 
 
+def test_seeded_order_draws_from_iteration_rng():
+    from iterit.config import iteration_rng
+    from iterit.training.trainer import seeded_order
+
+    ids = [f"s{i}" for i in range(50)]
+    order = seeded_order(ids, 42, 1)
+    assert order == [ids[i] for i in np.random.default_rng([42, 1]).permutation(50)]
+    assert order == [ids[i] for i in iteration_rng(42, 1).permutation(50)]
+    assert sorted(order) == sorted(ids) and order != seeded_order(ids, 42, 2) != seeded_order(ids, 43, 1)
+
+
 # --------------------------------------------------------------------------------------------
 # Ray Train fits
 
@@ -172,6 +184,40 @@ def _cfg(tiny_model_dir, run_dir, **kw):
     return config_from_dict(tree)
 
 
+def test_the_worker_job_carries_the_flat_keys_and_its_rebuild_rejects_unknown_ones(
+    tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch
+):
+    """Flat YAML keys -> cfg.training() -> the WorkerJob the driver sends -> its dump, rebuilt on the
+    worker: the values the loop uses; an unknown, misspelt or missing key fails on the loop's first line."""
+    from pydantic import ValidationError
+
+    from iterit.training.train_loop import CRASH_ENV, WorkerJob, train_loop_per_worker
+    from iterit.training.trainer import worker_job
+
+    monkeypatch.setenv(CRASH_ENV, "/tmp/marker:3")
+    cfg = _cfg(tiny_model_dir, tmp_path, checkpoint_every=2, lora_r=4, lr_scheduler="linear")
+    run = RunDir(str(tmp_path))
+    job = WorkerJob.model_validate(
+        worker_job(cfg, run, [1, 2], k=16, gpu=False, resume_from="/ckpt").model_dump(mode="json")
+    )
+    t = job.training
+    assert (t.micro_batch_size, t.gradient_accumulation_steps, t.learning_rate) == (2, 2, 1e-3)
+    assert (t.lr_scheduler, t.checkpoint_every, t.lora()["r"]) == ("linear", 2, 4)
+    # 16 samples / 2 workers / micro 2 = 4 micro-batches = 2 steps per iteration, 3 iterations
+    assert (job.total_steps, job.warmup_steps) == (6, 2)
+    assert job.ds_config["train_batch_size"] == 8 and job.ds_config["zero_optimization"]["stage"] == 2
+    assert (job.run, job.iterations, job.resume_from, job.crash) == (run, [1, 2], "/ckpt", "/tmp/marker:3")
+    assert job.pad_id == tiny_tokenizer.pad_token_id and job.attn_implementation == "sdpa"
+    assert (job.torch_threads, job.seed, job.bf16) == (1, 42, False)
+
+    good = job.model_dump(mode="json")
+    typo = {**good, "training": {**good["training"], "micro_batch_sise": 4}}
+    missing = {k: v for k, v in good.items() if k != "pad_id"}
+    for bad, key in [({**good, "lr": 1.0}, "lr"), (typo, "micro_batch_sise"), (missing, "pad_id")]:
+        with pytest.raises(ValidationError, match=key):
+            train_loop_per_worker(bad)  # fails before it touches Ray, DeepSpeed or the model
+
+
 def _weights(path):
     from safetensors.torch import load_file
 
@@ -211,12 +257,13 @@ def test_three_one_iteration_fits_equal_one_run(ray_local, tiny_model_dir, train
     cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
     assert [m["lr"] for m in trace_one] == pytest.approx([0.0, 5e-4] + cosine, abs=1e-12)
     assert [m["loss"] for m in trace_one] == pytest.approx([m["loss"] for m in trace_split], rel=1e-5)
-    w1, w2 = _weights(tmp_path / "one/model/iter_2"), _weights(tmp_path / "split/model/iter_2")
+    one_run, split_run = RunDir(str(tmp_path / "one")), RunDir(str(tmp_path / "split"))
+    w1, w2 = _weights(one_run.model(2)), _weights(split_run.model(2))
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-6
     # Each exported model loads with plain transformers and differs from the one before.
     prev = _weights(tiny_model_dir)
     for e in range(3):
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / f"split/model/iter_{e}")
+        model = AutoModelForCausalLM.from_pretrained(split_run.model(e))
         cur = {k: v.detach() for k, v in model.state_dict().items()}
         assert max(float((cur[k] - prev[k]).abs().max()) for k in prev) > 1e-4
         prev = cur
@@ -248,5 +295,5 @@ def test_worker_crash_resumes_from_the_last_checkpoint(
     metrics = read_metrics(str(tmp_path / "run"), 0)
     assert [m["step"] for m in metrics] == list(range(1, 9)) and out["total_steps"] == 8
     assert out["iterations"][0]["steps"] == 8
-    w = _weights(tmp_path / "run/model/iter_0")
+    w = _weights(RunDir(str(tmp_path / "run")).model(0))
     assert all(np.isfinite(v.float().numpy()).all() for v in w.values())

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from iterit.errors import RowError
-from iterit.templates import _response_start, render, template_batch
+from iterit.templates import render, response_start, template_batch
 
 IGNORE = -100
 
@@ -37,8 +37,8 @@ def assistant_char_ranges(tok, messages: list[dict], text: str) -> list[tuple[in
         if not text.startswith(prefix):
             ranges = []
             break
-        ranges.append((_response_start(tok, messages[: j + 1], prefix), len(prefix)))
-    ranges.append((_response_start(tok, messages, text), len(text)))
+        ranges.append((response_start(tok, messages[: j + 1], prefix), len(prefix)))
+    ranges.append((response_start(tok, messages, text), len(text)))
     return ranges
 
 

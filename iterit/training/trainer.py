@@ -1,10 +1,13 @@
 """Training on Ray Train: the selected samples -> tokenised Ray Datasets -> TorchTrainer + DeepSpeed.
 
-    train(cfg, run_dir, iterations=[e], subsets={e: ids}, ...)
-        ray.data.from_arrow(subset in a seeded order).map_batches(tokenise)    CPU tasks
-        TorchTrainer(train_loop_per_worker, ScalingConfig(ray_num_workers, use_gpu, resources_per_worker),
-                     RunConfig(name, storage_path, FailureConfig(max_failures)))
-        -> checkpoint (DeepSpeed state: resumes the next iteration), RUN/model/iter_e, train_metrics.jsonl
+    train(cfg, run_dir, subsets={e: ids}, samples_path, k=...)
+        ray.data.from_arrow(subset in a seeded order).map_batches(tokenise_rows)    CPU tasks
+        worker_job(cfg, ...) -> WorkerJob: cfg.training() + the DeepSpeed config, schedule length, pad id
+        TorchTrainer(train_loop_per_worker, train_loop_config=job's dump,
+                     ScalingConfig(ray_num_workers, use_gpu, resources_per_worker),
+                     RunConfig(name, storage_path, FailureConfig(max_failures)),
+                     datasets={iteration_key(e): ...})
+        -> checkpoint (DeepSpeed state: resumes the next iteration), RunDir.model(e), train_metrics.jsonl
 
 One learning-rate schedule spans every iteration: the driver computes the total optimizer steps of
 the whole run and each fit resumes model, optimizer, scheduler and step from the previous one.
@@ -20,24 +23,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from iterit.config import Config
+from iterit.cluster import absolute, check_shared_storage, use_gpu, worker_resources
+from iterit.config import Config, TrainingConfig, iteration_rng
 from iterit.errors import IteritError
-from iterit.io import filesystem, join, read_jsonl, read_parquet
+from iterit.io import filesystem, read_jsonl, read_parquet
+from iterit.rundir import RunDir, iteration_key
 from iterit.training.examples import steps_per_iteration, training_examples, warmup_steps
-from iterit.training.train_loop import CRASH_ENV, train_loop_per_worker
+from iterit.training.train_loop import CRASH_ENV, WorkerJob, train_loop_per_worker
 
 TRAIN_SCHEMA = pa.schema(
     [("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]
 )
 
 
-def use_gpu(cfg: Config) -> bool:
-    import ray
-
-    return cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-
-
-def deepspeed_config(cfg: Config, workers: int, gpu: bool) -> dict:
+def deepspeed_config(cfg: TrainingConfig, workers: int, gpu: bool) -> dict:
     """The DeepSpeed config: a ZeRO stage (or the user's JSON) with iterit's batch, precision and clipping."""
     if isinstance(cfg.deepspeed, str):
         fs, p = filesystem(cfg.deepspeed)
@@ -49,14 +48,13 @@ def deepspeed_config(cfg: Config, workers: int, gpu: bool) -> dict:
     else:
         ds = {"zero_optimization": {"stage": cfg.deepspeed}}
     zero = ds.setdefault("zero_optimization", {"stage": 0})
-    bf16 = gpu if cfg.bf16 == "auto" else bool(cfg.bf16)
     ds.update(
         {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * workers,
             "gradient_clipping": cfg.max_grad_norm,
-            "bf16": {"enabled": bf16},
+            "bf16": {"enabled": cfg.bf16_on(gpu)},
             "zero_allow_untested_optimizer": True,  # a torch AdamW: no JIT-built fused Adam
             "steps_per_print": 10**9,
         }
@@ -85,7 +83,7 @@ def total_steps(cfg: Config, k: int, workers: int | None = None) -> int:
 
 def seeded_order(ids: list[str], seed: int, iteration: int) -> list[str]:
     """The training order of one iteration: a permutation seeded by (seed, iteration)."""
-    perm = np.random.default_rng([seed, iteration]).permutation(len(ids))
+    perm = iteration_rng(seed, iteration).permutation(len(ids))
     return [ids[i] for i in perm]
 
 
@@ -99,9 +97,9 @@ def tokenise_rows(
     train_on: str,
 ) -> pa.Table:
     from iterit.errors import RowError
-    from iterit.scoring.actor import _tokenizer
+    from iterit.templates import cached_tokenizer
 
-    tok = _tokenizer(model, chat_template, trust_remote_code)
+    tok = cached_tokenizer(model, chat_template, trust_remote_code)
     ids, inputs, labels = batch.column("id").to_pylist(), [], []
     for sid, ex in zip(
         ids, training_examples(tok, batch.column("messages").to_pylist(), max_length, train_on)
@@ -142,55 +140,56 @@ def training_dataset(cfg: Config, samples_path: str, ids: list[str], iteration: 
 
 
 def storage_path(cfg: Config, run_dir: str) -> str:
-    path = cfg.storage_path or join(run_dir, "checkpoints")
-    return path if "://" in path else os.path.abspath(path)
-
-
-def check_shared_storage(paths: list[str]) -> None:
-    """Every alive node must see local paths (workers write checkpoints, models and metrics there):
-    a multi-node cluster needs them on shared storage (NFS at the same path) or an s3:// / gs:// URI."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    local = [p for p in paths if "://" not in p]
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    if not local or len(nodes) < 2:
-        return
-    markers = [os.path.join(p, f".iterit-visible-{os.getpid()}") for p in local]
-    for p, m in zip(local, markers):
-        os.makedirs(p, exist_ok=True)
-        with open(m, "w") as f:
-            f.write("ok")
-
-    exists = ray.remote(num_cpus=0)(_exists)
-    try:
-        checks = {
-            n["NodeManagerAddress"]: ray.get(
-                exists.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-                ).remote(markers)
-            )
-            for n in nodes
-        }
-    finally:
-        for m in markers:
-            os.remove(m)
-    for node, seen in checks.items():
-        for p, ok in zip(local, seen):
-            if not ok:
-                raise IteritError(
-                    f"{p} is not visible from node {node}: multi-node training writes checkpoints and models "
-                    "there from every node; put output_dir / storage_path on shared storage (NFS mounted at the "
-                    "same path on every node) or an s3:// / gs:// URI"
-                )
-
-
-def _exists(paths: list[str]) -> list[bool]:
-    return [os.path.exists(p) for p in paths]
+    """Where Ray Train keeps this run's checkpoints: storage_path, else RUN/checkpoints (absolute)."""
+    return absolute(cfg.storage_path or RunDir(run_dir).checkpoints)
 
 
 def read_metrics(run_dir: str, e: int) -> list[dict]:
-    return read_jsonl(join(run_dir, f"iter_{e}", "train_metrics.jsonl"))
+    return read_jsonl(RunDir(run_dir).train_metrics(e))
+
+
+def worker_job(
+    cfg: Config, run: RunDir, iterations: list[int], *, k: int, gpu: bool, resume_from: str | None = None
+) -> WorkerJob:
+    """What the workers of one fit run: the config's training section and what the driver derives from
+    the whole config (DeepSpeed config, schedule length, pad id, attention kernel, threads)."""
+    from iterit.templates import cached_tokenizer
+
+    steps = total_steps(cfg, k)
+    return WorkerJob(
+        training=cfg.training(),
+        base_model=cfg.base_model,
+        chat_template=cfg.chat_template,
+        trust_remote_code=cfg.trust_remote_code,
+        seed=cfg.seed,
+        attn_implementation=cfg.scoring.attn_implementation,
+        run=run,
+        iterations=iterations,
+        ds_config=deepspeed_config(cfg, cfg.ray_num_workers, gpu),
+        total_steps=steps,
+        warmup_steps=warmup_steps(steps, cfg.warmup_ratio),
+        pad_id=cached_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code).pad_token_id,
+        resume_from=resume_from,
+        torch_threads=None if gpu else cfg.scoring.torch_threads,
+        report_to=cfg.report_to,
+        # tests: forwarded to the workers, whose environment is Ray's
+        crash=os.environ.get(CRASH_ENV) or None,
+    )
+
+
+def iteration_summary(run: RunDir, e: int) -> dict:
+    """Iteration e's training in numbers, from its train_metrics.jsonl."""
+    m = read_metrics(run.path, e)
+    tokens, busy = sum(x["tokens"] for x in m), sum(x["seconds"] for x in m)
+    return {
+        "steps": len(m),
+        "tokens": tokens,
+        "train_seconds": round(busy, 2),
+        "tokens_per_s": round(tokens / busy, 1) if busy else 0.0,
+        "final_loss": m[-1]["loss"] if m else None,
+        "mean_loss": float(np.mean([x["loss"] for x in m])) if m else None,
+        "model": run.model(e),
+    }
 
 
 def train(
@@ -212,68 +211,31 @@ def train(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from iterit.templates import load_tokenizer
-
     # Workers run elsewhere (another directory, another node): every local path goes absolute.
-    run_dir = run_dir if "://" in run_dir else os.path.abspath(run_dir)
-    samples_path = samples_path if "://" in samples_path else os.path.abspath(samples_path)
+    run = RunDir(absolute(run_dir))
+    samples_path = absolute(samples_path)
     if os.path.isdir(cfg.base_model):
         cfg = cfg.model_copy(update={"base_model": os.path.abspath(cfg.base_model)})
-    gpu = use_gpu(cfg)
-    workers = cfg.ray_num_workers
-    storage = storage_path(cfg, run_dir)
-    check_shared_storage([storage, run_dir])
+    gpu = use_gpu(cfg.use_gpu)
+    storage = storage_path(cfg, run.path)
+    check_shared_storage([storage, run.path])
     iterations = sorted(subsets)
-    steps_total = total_steps(cfg, k, workers)
-    tok = load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code)
-    lora = None
-    if cfg.lora_r:
-        targets = cfg.lora_target_modules
-        lora = {
-            "r": cfg.lora_r,
-            "lora_alpha": cfg.lora_alpha,
-            "lora_dropout": cfg.lora_dropout,
-            "target_modules": targets if isinstance(targets, str) else list(targets),
-        }
-    loop_config = {
-        "base_model": cfg.base_model,
-        "trust_remote_code": cfg.trust_remote_code,
-        "chat_template": cfg.chat_template,
-        "attn_implementation": cfg.scoring.attn_implementation,
-        "lora": lora,
-        "lora_export": cfg.lora_export,
-        "ds_config": deepspeed_config(cfg, workers, gpu),
-        "learning_rate": cfg.learning_rate,
-        "weight_decay": cfg.weight_decay,
-        "lr_scheduler": cfg.lr_scheduler,
-        "total_steps": steps_total,
-        "warmup_steps": warmup_steps(steps_total, cfg.warmup_ratio),
-        "micro_batch_size": cfg.micro_batch_size,
-        "grad_accum": cfg.gradient_accumulation_steps,
-        "checkpoint_every": cfg.checkpoint_every,
-        "iterations": iterations,
-        "run_dir": run_dir,
-        "seed": cfg.seed,
-        "pad_id": tok.pad_token_id,
-        "resume_from": resume_from,
-        "progress_every": 10.0,
-        "torch_threads": None if gpu else cfg.scoring.torch_threads,
-        "report_to": cfg.report_to,
-    }
-    if os.environ.get(CRASH_ENV):  # tests: forwarded to the workers, whose environment is Ray's
-        loop_config["crash"] = os.environ[CRASH_ENV]
-    resources = cfg.resources_per_worker or ({"CPU": 1} if not gpu else None)
+    job = worker_job(cfg, run, iterations, k=k, gpu=gpu, resume_from=resume_from)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
+        train_loop_config=job.model_dump(mode="json"),  # rebuilt into a WorkerJob on each worker
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray_num_workers,
+            use_gpu=gpu,
+            resources_per_worker=worker_resources(cfg.resources_per_worker, gpu),
+        ),
         run_config=RunConfig(
-            name=name or f"train_iter_{iterations[0]}",
+            name=name or f"train_{iteration_key(iterations[0])}",
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={f"iter_{e}": training_dataset(cfg, samples_path, subsets[e], e) for e in iterations},
+        datasets={iteration_key(e): training_dataset(cfg, samples_path, subsets[e], e) for e in iterations},
         dataset_config=DataConfig(execution_options=_ordered()),
     )
     t0 = time.perf_counter()
@@ -281,24 +243,11 @@ def train(
     seconds = time.perf_counter() - t0
     if result.error:
         raise IteritError(f"training failed: {result.error}")
-    summaries = {}
-    for e in iterations:
-        m = read_metrics(run_dir, e)
-        tokens, busy = sum(x["tokens"] for x in m), sum(x["seconds"] for x in m)
-        summaries[e] = {
-            "steps": len(m),
-            "tokens": tokens,
-            "train_seconds": round(busy, 2),
-            "tokens_per_s": round(tokens / busy, 1) if busy else 0.0,
-            "final_loss": m[-1]["loss"] if m else None,
-            "mean_loss": float(np.mean([x["loss"] for x in m])) if m else None,
-            "model": join(run_dir, "model", f"iter_{e}"),
-        }
     return {
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "fit_seconds": round(seconds, 2),
-        "total_steps": steps_total,
-        "iterations": summaries,
+        "total_steps": job.total_steps,
+        "iterations": {e: iteration_summary(run, e) for e in iterations},
     }
 
 
