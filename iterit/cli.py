@@ -92,13 +92,22 @@ def score(
     config: Annotated[
         str | None, typer.Option("--config", help="YAML config (model, datasets, scoring section).")
     ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Score everything again, deleting what an earlier run wrote.")
+    ] = False,
     set: SetOpt = None,
 ) -> None:
-    """Score every sample on Ray Data actors: IFD, span losses, response embeddings -> scores.parquet."""
+    """Score every sample on Ray Data actors: IFD, span losses, response embeddings -> OUTPUT/scores/.
+
+    Run again with the same --output, a stopped run goes on where it stopped (ids already written are
+    not scored again) and a finished one is only summarised; --fresh starts over."""
+    import yaml
+
     from iterit import cluster
     from iterit.config import apply_overrides, config_from_dict, load_config, save_config
     from iterit.data import ingest as run_ingest
-    from iterit.io import join
+    from iterit.io import filesystem, join
+    from iterit.rundir import ScoreFiles, score_parts
     from iterit.scoring.pipeline import run_scoring
 
     extra = list(set or []) + ([f"sequence_len={max_length}"] if max_length else [])
@@ -116,11 +125,21 @@ def score(
         }
         cfg = config_from_dict(apply_overrides(tree, extra), "command line")
     out = output or cfg.output_dir
+    fs, saved = filesystem(join(out, "config.yaml"))
+    if not fresh and score_parts(ScoreFiles(out).scores) and fs.exists(saved):
+        with fs.open(saved, "r") as f:
+            if yaml.safe_load(f.read()) != cfg.model_dump(mode="json"):
+                raise IteritError(
+                    f"{out} holds scores made with another config: score into a new --output, or pass "
+                    "--fresh to replace them"
+                )
     ingested = run_ingest(cfg.datasets, join(out, "ingest"), cfg.system_prompt)
     typer.echo(f"ingest: {ingested['accepted']:,} of {ingested['read']:,} rows accepted")
     save_config(cfg, join(out, "config.yaml"))
     cluster.connect()
-    s = run_scoring(cfg, ingested["samples"], out, rejects_prefix=ingested["rejects"], log=typer.echo)
+    s = run_scoring(
+        cfg, ingested["samples"], out, rejects_prefix=ingested["rejects"], log=typer.echo, fresh=fresh
+    )
     reasons = ", ".join(f"{r} {n}" for r, n in s["rejected_by_reason"].items()) or "none"
     typer.echo(
         f"scored {s['scored']:,} samples, {s['tokens']:,} tokens in {s['seconds']:.1f} s "

@@ -27,7 +27,13 @@ def connect() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, logging_level="WARNING")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        # One logical CPU more than the cores: Ray Data's checkpoint filter (a resumed scoring stage)
+        # is an actor that reserves a CPU and does little work; without it, a one-machine Ray whose
+        # cores the scoring actors hold would wait forever on a resume.
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, logging_level="WARNING")
     _started_here = address is None
 
 
@@ -56,19 +62,21 @@ def scoring_gpus(sc) -> float:
     return 1.0 if resources().get("GPU", 0) > 0 else 0.0
 
 
-def check_pool_fits(sc, gpus: float, log=print) -> None:
-    """The pool's minimum plus Ray Data's read task must fit the cluster, or Ray Data waits forever."""
+def check_pool_fits(sc, gpus: float, log=print, extra_cpus: float = 0.0) -> None:
+    """The pool's minimum plus Ray Data's read task must fit the cluster, or Ray Data waits forever.
+    `extra_cpus`: what else the pipeline holds for its life (Ray Data's checkpoint filter on a resume)."""
     have = resources()
     # Ray Data's file listing task takes 1 CPU whatever the config says; reads and templating take
     # template_cpus. Both must fit beside the actors, which hold their CPUs for life.
-    io_cpus = max(1.0, sc.template_cpus)
+    io_cpus = max(1.0, sc.template_cpus) + extra_cpus
     need_cpu = sc.min_actors * sc.cpus_per_actor + io_cpus
     need_gpu = sc.min_actors * gpus
     if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
         return
     _short(
         f"scoring needs {need_cpu:g} CPUs ({sc.min_actors} actors x {sc.cpus_per_actor:g} + {io_cpus:g} for "
-        f"reading and templating) and {need_gpu:g} GPUs; the cluster has {have.get('CPU', 0):g} CPUs and "
+        f"reading and templating{' and the resume filter' if extra_cpus else ''}) and {need_gpu:g} GPUs; "
+        f"the cluster has {have.get('CPU', 0):g} CPUs and "
         f"{have.get('GPU', 0):g} GPUs",
         "lower scoring.min_actors or scoring.cpus_per_actor (on one machine: cpus_per_actor=1 and "
         "torch_threads=<cores>)",

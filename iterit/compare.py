@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from iterit.config import Config, config_from_dict, save_config
 from iterit.errors import IteritError
 from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_jsonl
-from iterit.rundir import Manifest, RunDir, ScoreFiles, done_record, stage_name
+from iterit.rundir import Manifest, RunDir, ScoreFiles, done_record, read_scores, stage_name
 from iterit.selection.window import METHODS
 
 SHARED = ("ingest", stage_name(0, "score"))  # the stages every run of a compare has in common
@@ -207,7 +207,7 @@ def collect_run(run_dir: str, method: str, seed: int) -> dict:
     own = {k: st.get("seconds", 0.0) for k, st in m["stages"].items() if "shared_from" not in st}
     selections = [run.selection(e).read_selection() for e in range(iters)]
     picks = [[r["id"] for r in sel] for sel in selections]
-    tokens_of = _by_id(run.scoring(0).scores, ["n_response_tokens"])
+    tokens_of = _by_id(run.scoring(0).written, ["n_response_tokens"])
     return {
         "method": method,
         "seed": seed,
@@ -244,13 +244,11 @@ def _mean(values) -> float | None:
 
 
 def _by_id(scores_path: str, columns: list[str]) -> dict[str, tuple]:
-    """id -> the values of `columns` for every row of a scores Parquet; {} when there is none."""
-    from iterit.io import read_parquet
-
+    """id -> the values of `columns` for every scored row of a scores folder (or file); {} without one."""
     fs, p = filesystem(scores_path)
     if not fs.exists(p):
         return {}
-    t = read_parquet(scores_path).select(["id", *columns])
+    t = read_scores(scores_path, ["id", *columns])
     return dict(zip(t.column("id").to_pylist(), zip(*(t.column(c).to_pylist() for c in columns))))
 
 
@@ -277,7 +275,7 @@ def selection_overlap(runs: list[dict], methods: list[str]) -> list[dict]:
 
 def heldout_losses(run_dir: str, e: int) -> dict[str, tuple[float, int]]:
     """id -> (span loss, span tokens) of each held-out conversation under RUN/model/iter_e."""
-    return _by_id(ScoreFiles(RunDir(run_dir).eval_dir(e)).scores, ["loss_cond", "n_response_tokens"])
+    return _by_id(ScoreFiles(RunDir(run_dir).eval_dir(e)).written, ["loss_cond", "n_response_tokens"])
 
 
 def paired_bootstrap(runs: list[dict], methods: list[str], n_boot: int = 2000, seed: int = 0) -> dict:

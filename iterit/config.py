@@ -125,6 +125,13 @@ class ScoringConfig(_Section):
     """CPUs per reading / templating task (0: they share the scoring actors' CPUs)."""
     embeddings: bool = True
     """Also store the response embedding (mean last hidden state over the span, L2-normalised)."""
+    embedding_dim: int | None = Field(None, ge=2)
+    """Stored embedding size. None: the model's hidden size. An integer d >= 2: the embedding times a
+    fixed Gaussian matrix (hidden x d, entries N(0, 1/d), built from a fixed seed and the two sizes
+    only, so every actor and every run uses the same one), then L2-normalised again. At d = 256 a cosine
+    moves by ~0.03, enough to change a quarter of the embedding method's picks (docs/measured.md)."""
+    embedding_dtype: Literal["float32", "float16"] = "float32"
+    """Stored dtype of the embedding values: float16 halves their bytes (each value off by < 2.5e-4)."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa (default), flash_attention_2 (needs flash-attn), eager."""
 

@@ -35,9 +35,9 @@ import yaml
 from iterit import cluster
 from iterit.config import Config, config_from_dict, save_config
 from iterit.errors import IteritError
-from iterit.io import atomic_open, atomic_write_text, filesystem, read_parquet
-from iterit.rundir import Manifest, RunDir, iteration_key, stage_name
-from iterit.selection.stage import read_score_rows, window_inputs
+from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_parquet
+from iterit.rundir import Manifest, RunDir, iter_scores, iteration_key, stage_name
+from iterit.selection.stage import read_score_rows, score_columns, window_inputs
 from iterit.selection.window import reorder
 from iterit.tracking import Tracker, run_key
 
@@ -78,15 +78,21 @@ def score_stage(cfg: Config, run: RunDir, e: int, samples_path: str, log) -> dic
 def reuse_scores(run: RunDir, e: int, window: list[str]) -> dict:
     """Iteration e's scores = iteration 0's rows of the window's ids, with no model run."""
     t0 = time.perf_counter()
-    table = read_parquet(run.scoring(0).scores)
-    table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(window, pa.string())))
     out = run.scoring(e)
-    with atomic_open(out.scores) as f:
-        pq.write_table(table, f, compression="zstd")
+    fs, folder = filesystem(out.scores)
+    if fs.exists(folder):  # an interrupted earlier attempt: this is cheap to redo
+        fs.rm(folder, recursive=True)
+    wanted, kept = pa.array(window, pa.string()), 0
+    for i, table in enumerate(iter_scores(run.scoring(0).written)):  # one part in memory at a time
+        table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
+        if table.num_rows:
+            with atomic_open(join(out.scores, f"reused-{i:05d}.parquet")) as f:
+                pq.write_table(table, f, compression="zstd")
+            kept += table.num_rows
     atomic_write_text(out.rejects, "")  # iteration 0's rejects.jsonl holds them all
     summary = {
         "rows": len(window),
-        "scored": table.num_rows,
+        "scored": kept,
         "rejected": 0,
         "rejected_by_reason": {},
         "tokens": 0,
@@ -94,6 +100,8 @@ def reuse_scores(run: RunDir, e: int, window: list[str]) -> dict:
         "seconds": round(time.perf_counter() - t0, 2),
         "samples_per_s": 0.0,
         "tokens_per_s": 0.0,
+        "resumed_rows": 0,
+        "scored_rows": 0,
         "reused_from": iteration_key(0),
         "scores": out.scores,
         "rejects": out.rejects,
@@ -110,7 +118,8 @@ def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str |
     n = len(ids)
     current = ids if e == 0 else run.selection(e - 1).read_order()
     window = current[: n if e == 0 else sel.window(n)]
-    arrays = window_inputs(window, read_score_rows(run.scoring(e).scores), sel.method)
+    scores = read_score_rows(run.scoring(e).written, score_columns(sel.method))
+    arrays = window_inputs(window, scores, sel.method)
     window_ifd = dict(zip(window, arrays["ifd"].tolist()))
     order, wo = reorder(
         current,

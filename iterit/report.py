@@ -23,7 +23,7 @@ import yaml
 
 from iterit.errors import IteritError
 from iterit.io import atomic_open, atomic_write_text, filesystem, join
-from iterit.rundir import ITERATION_STAGES, RunDir, stage_name
+from iterit.rundir import ITERATION_STAGES, RunDir, read_scores, score_parts, stage_name
 
 KIND_COLORS = {"ingest": "tab:gray", "score": "tab:blue", "select": "tab:orange", "train": "tab:green"}
 MAX_POINTS = 20_000  # scatter points per panel: more only blur into one blot and slow the PNG down
@@ -86,9 +86,12 @@ def _jsonl(text: str) -> list[dict]:
 
 
 def _columns(path: str, columns: list[str], notes: list[str]) -> dict | None:
-    # Only the named columns: scores.parquet may carry an embedding per sample (gigabytes at 1M rows).
+    # Only the named columns: scores may carry an embedding per sample (gigabytes at 1M rows).
     fs, p = filesystem(path)
     try:
+        if fs.isdir(p):  # a scores folder: its scored rows
+            t = read_scores(path, columns) if score_parts(path) else None
+            return None if t is None else {c: t.column(c).to_numpy() for c in columns}
         with fs.open(p, "rb") as f:
             t = pq.read_table(f, columns=columns)
         return {c: t.column(c).to_numpy() for c in columns}
@@ -114,7 +117,7 @@ def load_run(run_dir: str) -> Run:
     iters = []
     for e in range(max([planned, *(f + 1 for f in rd.iterations_on_disk())])):
         scoring, selection_files = rd.scoring(e), rd.selection(e)
-        scores = _columns(scoring.scores, ["id", "ifd"], notes) or {}
+        scores = _columns(scoring.written, ["id", "ifd"], notes) or {}
         selection = _read(selection_files.selection, notes, _jsonl)
         iters.append(
             Iteration(

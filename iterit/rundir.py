@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from iterit.errors import IteritError
@@ -59,13 +60,28 @@ def stage_name(e: int, kind: str) -> str:
 
 @dataclass(frozen=True)
 class ScoreFiles:
-    """The scoring stage's outputs in `dir`."""
+    """The scoring stage's outputs in `dir`.
+
+    scores/             Parquet parts written by the cluster, one per block: every row of the stage with
+                        its `reject` reason ("" when scored) and `detail`; each id in exactly one part
+                        (runs made before hold one scores.parquet instead, scored rows only)
+    scores.checkpoint/  Ray Data's id checkpoint while the stage runs; gone once it has finished
+    rejects.jsonl, score_summary.json   built from the parts when the write is done
+    """
 
     dir: str
 
     @property
     def scores(self) -> str:
+        return join(self.dir, "scores")
+
+    @property
+    def legacy_scores(self) -> str:
         return join(self.dir, "scores.parquet")
+
+    @property
+    def checkpoint(self) -> str:
+        return join(self.dir, "scores.checkpoint")
 
     @property
     def rejects(self) -> str:
@@ -74,6 +90,56 @@ class ScoreFiles:
     @property
     def summary(self) -> str:
         return join(self.dir, "score_summary.json")
+
+    @property
+    def written(self) -> str:
+        """The scores as they are on disk: the parts folder, or an older run's single file."""
+        fs, p = filesystem(self.legacy_scores)
+        return self.legacy_scores if fs.exists(p) and not score_parts(self.scores) else self.scores
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The scored rows (rejects left out), only `columns` (all when None)."""
+        return read_scores(self.written, columns)
+
+
+def score_parts(path: str) -> list[str]:
+    """The Parquet parts of a scores folder (URIs as given), sorted; [] when there is none."""
+    fs, p = filesystem(path)
+    if not fs.isdir(p):
+        return []
+    found = sorted(f for f in fs.find(p) if f.endswith(".parquet"))
+    return [fs.unstrip_protocol(f) for f in found] if "://" in path else found
+
+
+def iter_scores(path: str, columns: list[str] | None = None, scored_only: bool = True):
+    """Tables of a scores folder (part by part, so memory stays that of one part) or of a single scores
+    file: `columns` only, and only scored rows unless scored_only is False."""
+    parts = score_parts(path)
+    if not parts:
+        fs, p = filesystem(path)
+        parts = [path] if fs.isfile(p) else []
+    for part in parts:
+        fs, p = filesystem(part)
+        with fs.open(p, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            want = None if columns is None else [c for c in columns if c in names]
+            has_reject = "reject" in names
+            read = want if want is None or not (scored_only and has_reject) else sorted({*want, "reject"})
+            table = pf.read(columns=read)
+        if scored_only and has_reject:
+            table = table.filter(pc.equal(table.column("reject"), "")).select(want or table.column_names)
+        yield table
+
+
+def read_scores(path: str, columns: list[str] | None = None) -> pa.Table:
+    """The scored rows of a scores folder or file as one table (`columns` only)."""
+    from iterit.errors import IteritError
+
+    tables = list(iter_scores(path, columns))
+    if not tables:
+        raise IteritError(f"scores not found: {path}")
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,9 @@ def ray_local():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # 3 logical CPUs on 2 cores, as iterit's own local Ray (cluster.connect): a resumed scoring stage
+    # runs Ray Data's checkpoint filter actor (1 CPU) beside a 1-CPU scoring actor and the reads.
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -5,7 +5,6 @@ import json
 import math
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -25,13 +24,14 @@ from iterit.evaluation import (
     run_eval,
     score_predictions,
 )
+from iterit.rundir import read_scores
 
 MAX_LEN = 96
 QUIET = dict(log=lambda *_: None)
 
 
 def eval_config(model_dir, out):
-    # The session's Ray has 2 CPUs: one actor (1 CPU) plus reading and templating (0.5).
+    # The session's Ray has 3 logical CPUs: one actor (1 CPU) plus reading and templating (0.5).
     return config_from_dict(
         {
             "base_model": model_dir,
@@ -83,7 +83,7 @@ def test_heldout_loss_is_the_token_weighted_reference_span_loss(
     assert (got["n"], got["tokens"], got["read"]) == (19, sum(lengths), 20)
     assert got["rejected"] == 1 and got["rejected_by_reason"] == {"response_truncated": 1}
     assert json.loads((out / "loss.json").read_text()) == got
-    scores = pq.read_table(out / "scores.parquet")
+    scores = read_scores(str(out / "scores"))
     assert "embedding" not in scores.column_names  # embeddings off
     # The conditional pass only: no prior pass was run, so no IFD; the work counted is the cond texts'.
     assert (

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from conftest import WORDS
 
+from iterit.rundir import read_scores
+
 
 @pytest.fixture(scope="module")
 def loop_corpus(tmp_path_factory) -> Path:
@@ -240,7 +242,7 @@ def test_methods_that_ignore_scores_keep_iteration_0s_for_the_window(method, tmp
 
     summary = score_stage(cfg, RunDir(str(run_dir)), 1, samples, log=lambda *_: None)
     assert summary["reused_from"] == "iter_0" and (summary["scored"], summary["tokens"]) == (4, 0)
-    kept = pq.read_table(run_dir / "iter_1" / "scores.parquet")
+    kept = read_scores(str(run_dir / "iter_1" / "scores"))
     assert sorted(kept.column("id").to_pylist()) == sorted(window)
     want = {r["id"]: r for r in scores.to_pylist()}
     assert all(r == want[r["id"]] for r in kept.to_pylist())  # iteration 0's rows, unchanged

@@ -5,13 +5,13 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from iterit.config import DatasetConfig, config_from_dict
 from iterit.data import ingest, read_samples
 from iterit.errors import RowError
+from iterit.rundir import read_scores
 from iterit.scoring import losses
 from iterit.scoring.actor import load_model
 from iterit.scoring.losses import plan_micro_batches, reference_scores, score_templated
@@ -161,6 +161,7 @@ def test_pipeline_scores_every_id_once(ray_local, tiny_model_dir, tiny_model, te
         scoring_config(tiny_model_dir, tmp_path), samples_path, str(tmp_path), log=lambda *_: None
     )
     table = read_scores(summary["scores"])
+    # DESIGN section 3's columns first, then what the summary and rejects.jsonl are built from
     assert table.schema.names == [
         "id",
         "ifd",
@@ -169,9 +170,16 @@ def test_pipeline_scores_every_id_once(ray_local, tiny_model_dir, tiny_model, te
         "n_prompt_tokens",
         "n_response_tokens",
         "embedding",
+        "source",
+        "row",
+        "reject",
+        "detail",
+        "real_tokens",
+        "computed_tokens",
     ]
+    assert set(table.column("reject").to_pylist()) == {""}  # the readers return scored rows only
     emb_type = table.schema.field("embedding").type
-    assert pa.types.is_list(emb_type) and emb_type.value_type == pa.float32()
+    assert pa.types.is_fixed_size_list(emb_type) and emb_type.value_type == pa.float32()
     rejects = [json.loads(line) for line in open(summary["rejects"])]
     assert [r["id"] for r in rejects] == ["no-room"] and rejects[0]["reason"] == "response_truncated"
     assert sorted(table.column("id").to_pylist() + ["no-room"]) == sorted(by_id)
@@ -226,7 +234,7 @@ def test_score_command(ray_local, tiny_model_dir, mixed_corpus, tmp_path, cli):
         ]
     )
     assert code == 0 and "scored 19 samples" in out and "response_truncated 1" in out
-    assert pq.read_table(tmp_path / "s" / "scores.parquet").num_rows == 19
+    assert read_scores(str(tmp_path / "s" / "scores")).num_rows == 19
     rejects = [json.loads(line) for line in open(tmp_path / "s" / "rejects.jsonl")]
     assert len(rejects) == 1
 
@@ -235,14 +243,17 @@ def test_a_pool_that_cannot_fit_is_one_clear_line(ray_local, monkeypatch):
     from iterit import cluster
     from iterit.errors import IteritError
 
-    sc = scoring_config("m", "o", min_actors=2, max_actors=2, cpus_per_actor=1, template_cpus=0.5).scoring
+    sc = scoring_config("m", "o", min_actors=3, max_actors=3, cpus_per_actor=1, template_cpus=0.5).scoring
     warnings = []
     monkeypatch.setattr(cluster, "is_local", lambda: False)  # a cluster: the autoscaler may add nodes
     cluster.check_pool_fits(sc, 0.0, log=warnings.append)
-    assert "needs 3 CPUs (2 actors x 1 + 1 for reading and templating)" in warnings[0]
+    assert "needs 4 CPUs (3 actors x 1 + 1 for reading and templating)" in warnings[0]
     monkeypatch.setattr(cluster, "is_local", lambda: True)  # a Ray started on this machine cannot grow
     with pytest.raises(IteritError, match="torch_threads=<cores>"):
         cluster.check_pool_fits(sc, 0.0)
-    with pytest.raises(IteritError, match="and 1 GPUs; the cluster has 2 CPUs and 0 GPUs"):
+    with pytest.raises(IteritError, match="and 1 GPUs; the cluster has 3 CPUs and 0 GPUs"):
         cluster.check_pool_fits(scoring_config("m", "o").scoring, 1.0)
-    cluster.check_pool_fits(scoring_config("m", "o").scoring, 0.0)  # 1 actor + 1: fits, no error
+    one = scoring_config("m", "o", min_actors=2, max_actors=2, cpus_per_actor=1).scoring
+    cluster.check_pool_fits(one, 0.0)  # 2 actors + 1: fits, no error
+    with pytest.raises(IteritError, match=r"\+ 2 for reading and templating and the resume filter"):
+        cluster.check_pool_fits(one, 0.0, extra_cpus=1.0)  # a resume also runs Ray Data's filter actor

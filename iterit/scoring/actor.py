@@ -31,6 +31,8 @@ TEMPLATED_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
+# scoring.embedding_dtype -> (numpy dtype of the cast, Arrow type of the stored values)
+EMBEDDING_TYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
 CRASH_ONCE_ENV = (
     "ITERIT_TEST_CRASH_ONCE"  # tests: path of a marker; the first actor call to find it absent exits
 )
@@ -94,9 +96,11 @@ class Scorer:
             torch.set_num_threads(sc.torch_threads)
         self.model = load_model(cfg.base_model, sc.dtype, sc.attn_implementation, cfg.trust_remote_code)
         self.token_budget, self.embeddings, self.prior = sc.token_budget, embeddings, prior
+        # The stored embedding: projected to embedding_dim (None: the hidden size), in embedding_dtype.
+        self.embedding_dim, self.embedding_dtype = sc.embedding_dim, sc.embedding_dtype
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from iterit.scoring.losses import score_templated
+        from iterit.scoring.losses import project_embeddings, score_templated
         from iterit.templates import Templated
 
         marker = os.environ.get(CRASH_ONCE_ENV)
@@ -132,8 +136,9 @@ class Scorer:
             loss_cond[live], loss_prior[live] = s.loss_cond, s.loss_prior
             computed[live] = s.computed_tokens / len(samples)  # each row's share of the padded work
             if s.embedding is not None:
-                emb = np.zeros((n, s.embedding.shape[1]), dtype=np.float32)
-                emb[live] = s.embedding
+                vecs = project_embeddings(s.embedding, self.embedding_dim)  # (live, dim) float32, unit rows
+                emb = np.zeros((n, vecs.shape[1]), dtype=np.float32)
+                emb[live] = vecs
         ifd = np.exp(loss_cond - loss_prior)
         for i in live:
             checked = (loss_cond[i], loss_prior[i], ifd[i]) if self.prior else (loss_cond[i],)
@@ -141,25 +146,31 @@ class Scorer:
                 reject[i] = "nonfinite_loss"
                 detail[i] = f"loss_cond={loss_cond[i]}, loss_prior={loss_prior[i]}"
         starts = np.asarray(batch.column("cond_start"), dtype=np.int32)
+        # A part of scores/ (rundir.ScoreFiles): DESIGN section 3's columns first, then what the
+        # summary and rejects.jsonl are built from.
         out = {
             "id": batch.column("id"),
-            "source": batch.column("source"),
-            "row": batch.column("row"),
             "ifd": ifd,
             "loss_cond": loss_cond,
             "loss_prior": loss_prior,
             "n_prompt_tokens": starts,
             "n_response_tokens": np.asarray(batch.column("span_len"), dtype=np.int32),
-            "real_tokens": np.array(
+        }
+        if self.embeddings:  # rows without an embedding (rejects) hold zeros
+            dim = emb.shape[1] if emb is not None else self.embedding_dim or self.model.config.hidden_size
+            flat = emb.reshape(-1) if emb is not None else np.zeros(n * dim, dtype=np.float32)
+            np_type, pa_type = EMBEDDING_TYPES[self.embedding_dtype]
+            values = pa.array(flat.astype(np_type, copy=False), pa_type)
+            out["embedding"] = pa.FixedSizeListArray.from_arrays(values, dim)
+        out.update(
+            source=batch.column("source"),
+            row=batch.column("row"),
+            reject=pa.array(reject, pa.string()),
+            detail=pa.array(detail, pa.string()),
+            real_tokens=np.array(
                 [len(c) + (len(p) if self.prior else 0) for c, p in zip(cols["cond_ids"], cols["prior_ids"])],
                 dtype=np.int64,
             ),
-            "computed_tokens": computed,
-            "reject": reject,
-            "detail": detail,
-        }
-        if self.embeddings:
-            dim = emb.shape[1] if emb is not None else self.model.config.hidden_size
-            flat = emb.reshape(-1) if emb is not None else np.zeros(n * dim, dtype=np.float32)
-            out["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
+            computed_tokens=computed,
+        )
         return pa.table(out)

@@ -5,6 +5,7 @@ For each templated sample (see iterit.templates) two sequences are scored:
     prior:       [head   | response span]   -> loss_prior = mean NLL of the same tokens
     ifd = exp(loss_cond - loss_prior)       (perplexity given the instruction / perplexity alone)
     embedding = L2-normalised mean of the last hidden state over the prior pass's span
+                (optionally randomly projected to fewer dimensions and normalised again: project_embeddings)
 
 Only span rows ever reach the output head: the model body runs over the padded batch, the hidden
 states that predict span tokens are gathered, and the head + fp32 log-softmax run on those rows,
@@ -17,6 +18,7 @@ are scattered back to their samples.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,6 +188,44 @@ def score_templated(
                     if is_prior[j]:
                         emb[owner[j]] = pooled[k]
     return Scores(loss[0], loss[1], emb, computed, real)
+
+
+EMBEDDING_SEED = 0  # the projection's seed: fixed, so every actor of every run builds the same matrix
+
+
+@functools.lru_cache(maxsize=4)
+def projection_matrix(hidden: int, dim: int, seed: int = EMBEDDING_SEED) -> np.ndarray:
+    """The (hidden, dim) float32 random projection, entries N(0, 1/dim); built once per (hidden, dim)
+    in a process, read-only.
+
+    Its normals come from the raw 64-bit words of np.random.default_rng([seed, hidden, dim])'s PCG64
+    through Box-Muller in float64: numpy keeps a bit generator's stream fixed across versions but not
+    Generator.standard_normal's algorithm, so the matrix depends on (seed, hidden, dim) alone, not on
+    the numpy of the actor that builds it (up to the last bit of float64 log/cos, which float32
+    rounding hides).
+    """
+    size = hidden * dim
+    raw = np.random.default_rng([seed, hidden, dim]).bit_generator.random_raw(2 * ((size + 1) // 2))
+    u = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # uniform in (0, 1), never 0
+    r, theta = np.sqrt(-2.0 * np.log(u[0::2])), 2.0 * np.pi * u[1::2]
+    z = np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1).reshape(-1)[:size]  # N(0, 1)
+    m = (z / np.sqrt(dim)).astype(np.float32).reshape(hidden, dim)
+    m.setflags(write=False)
+    return m
+
+
+def project_embeddings(emb: np.ndarray, dim: int | None, seed: int = EMBEDDING_SEED) -> np.ndarray:
+    """(n, h) float32 embeddings -> (n, dim) float32 rows of norm 1: emb @ projection_matrix(h, dim),
+    each row divided by its norm (a zero row, a sample without an embedding, stays zero).
+
+    dim None: `emb` itself, untouched (score_templated's rows are unit vectors already). Projecting
+    unit or unnormalised rows gives the same result: normalising is the last step.
+    """
+    emb = np.asarray(emb, dtype=np.float32)
+    if dim is None:
+        return emb
+    out = emb @ projection_matrix(emb.shape[1], dim, seed)  # (n, dim)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 def reference_scores(model, sample: Templated) -> tuple[float, float]:

@@ -1,42 +1,31 @@
-"""Scoring on Ray Data: samples.parquet -> template (CPU tasks) -> score (actor pool) -> scores.parquet.
+"""Scoring on Ray Data: samples.parquet -> template (CPU tasks) -> score (actor pool) -> scores/ parts.
 
-    ray.data.read_parquet(samples)
+    ray.data.read_parquet(samples)       [CheckpointFilter: drops ids already written, on a resume]
       .map_batches(template_rows, num_cpus=template_cpus)                       CPU tasks
       .map_batches(Scorer, compute=ActorPoolStrategy(min_size, max_size),     one model per actor,
                    num_gpus=gpus_per_actor)                                      autoscaling
-      -> driver: iter_batches -> scores.parquet (streamed) + rejects.jsonl
+      .write_parquet(OUTPUT/scores)      one part per block, written by the workers
+    driver, afterwards: rejects.jsonl and score_summary.json from the parts, one part at a time
 
-Actors that die are restarted and their batches retried (Ray Data's actor defaults), so every id
-reaches the writer exactly once.
+Actors that die are restarted and their batches retried (Ray Data's actor defaults); a driver killed
+mid-stage resumes from the id checkpoint. Either way every id reaches exactly one part. Nothing that
+grows with N passes through the driver.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from iterit import cluster
+from iterit import cluster, rundir
 from iterit.config import Config
-from iterit.io import atomic_open, atomic_write_text, read_parquet
-from iterit.rundir import ScoreFiles
+from iterit.io import atomic_open, atomic_write_text, filesystem
+from iterit.rundir import ScoreFiles, iter_scores, score_parts
 from iterit.scoring.actor import Scorer, template_rows
-
-SCORES_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("ifd", pa.float64()),
-        ("loss_cond", pa.float64()),
-        ("loss_prior", pa.float64()),
-        ("n_prompt_tokens", pa.int32()),
-        ("n_response_tokens", pa.int32()),
-    ]
-)
-EMBEDDING_FIELD = pa.field("embedding", pa.list_(pa.float32()))
 
 
 def with_embeddings(cfg: Config, prior: bool) -> bool:
@@ -51,9 +40,11 @@ def scoring_dataset(
     actor_env: dict[str, str] | None = None,
     log=print,
     prior: bool = True,
+    resuming: bool = False,
 ):
-    """The lazy Ray Dataset of scored rows (nothing runs until it is iterated). `prior=False`: the
-    conditional pass only (held-out loss), no IFD and no embeddings."""
+    """The lazy Ray Dataset of scored rows (nothing runs until it is consumed). `prior=False`: the
+    conditional pass only (held-out loss), no IFD and no embeddings. `resuming`: Ray Data will add its
+    checkpoint filter, an actor that holds a CPU of its own."""
     import ray
 
     sc = cfg.scoring
@@ -79,7 +70,7 @@ def scoring_dataset(
         fn_kwargs=dict(cfg=cfg),
     )
     gpus = cluster.scoring_gpus(sc)
-    cluster.check_pool_fits(sc, gpus, log)
+    cluster.check_pool_fits(sc, gpus, log, extra_cpus=1.0 if resuming else 0.0)
     # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a dead actor is
     # restarted and its batch retried (the crash test holds it to that).
     return ds.map_batches(
@@ -106,88 +97,118 @@ def run_scoring(
     actor_env: dict[str, str] | None = None,
     rejects_prefix: str | None = None,
     log=print,
-    progress_every: float = 10.0,
     prior: bool = True,
+    fresh: bool = False,
 ) -> dict:
-    """Score every sample (or `only_ids`) into OUTPUT (rundir.ScoreFiles: scores.parquet, rejects.jsonl,
-    score_summary.json).
+    """Score every sample (or `only_ids`) into OUTPUT (rundir.ScoreFiles): the cluster writes the parts
+    of OUTPUT/scores/; rejects.jsonl and score_summary.json are then built from them, part by part.
 
+    A stage stopped halfway (driver, worker or node killed) resumes when run again: Ray Data's id
+    checkpoint filters out the ids already written, so each id lands in exactly one part. A finished
+    folder is only summarised again. `fresh`: delete what an earlier attempt left and score everything.
     `rejects_prefix`: a rejects.jsonl (from ingest) copied first, so one file holds every reject.
     `prior=False`: the conditional pass only; ifd and loss_prior are NaN, no embedding column.
     """
-    ds = scoring_dataset(cfg, samples_path, only_ids, actor_env, log, prior=prior)
-    schema = SCORES_SCHEMA.append(EMBEDDING_FIELD) if with_embeddings(cfg, prior) else SCORES_SCHEMA
-    t0 = last = time.perf_counter()
-    n_scored = n_rows = real = 0
-    computed = 0.0
-    by_reason: dict[str, int] = {}
     files = ScoreFiles(output_dir)
-    with (
-        atomic_open(files.scores) as fout,
-        atomic_open(files.rejects, "w") as frej,
-        pq.ParquetWriter(fout, schema, compression="zstd") as writer,
-    ):
-        if rejects_prefix:
-            from iterit.io import filesystem
-
-            fs, p = filesystem(rejects_prefix)
-            with fs.open(p, "r", encoding="utf-8") as f:
-                for line in f:
-                    frej.write(line)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            n_rows += batch.num_rows
-            rej = batch.column("reject").to_pylist()
-            ok = pa.array([not r for r in rej])
-            for i, r in enumerate(rej):
-                if r:
-                    by_reason[r] = by_reason.get(r, 0) + 1
-                    frej.write(
-                        json.dumps(
-                            {
-                                "source": batch.column("source")[i].as_py(),
-                                "row": batch.column("row")[i].as_py(),
-                                "id": batch.column("id")[i].as_py(),
-                                "reason": r,
-                                "detail": batch.column("detail")[i].as_py(),
-                            },
-                            ensure_ascii=False,
-                        )
-                        + "\n"
-                    )
-            good = batch.filter(ok)
-            if good.num_rows:
-                cols = [good.column(f.name).cast(f.type) for f in schema]
-                writer.write_table(pa.Table.from_arrays(cols, schema=schema))
-            n_scored += good.num_rows
-            real += int(pc.sum(good.column("real_tokens")).as_py() or 0)
-            computed += float(np.sum(good.column("computed_tokens")))
-            now = time.perf_counter()
-            if now - last >= progress_every:
-                el = now - t0
-                rates = f"({n_scored / el:,.1f}/s), {real:,} tokens ({real / el:,.0f}/s)"
-                log(f"  scored {n_scored:,} samples {rates}")
-                last = now
+    fs, scores = filesystem(files.scores)
+    _, checkpoint = filesystem(files.checkpoint)
+    if fresh:
+        for p in (scores, checkpoint):
+            if fs.exists(p):
+                fs.rm(p, recursive=True)
+    before = set(score_parts(files.scores))
+    t0 = time.perf_counter()
+    if before and not fs.exists(checkpoint):
+        log(f"  {files.scores} is complete (an earlier attempt finished it): summarising it")
+    else:
+        if before:
+            log(f"  resuming {files.scores}: the ids of its {len(before):,} parts are not scored again")
+        fs.makedirs(checkpoint, exist_ok=True)  # marks an attempt under way; Ray Data deletes it at the end
+        with id_checkpoint(files):
+            ds = scoring_dataset(
+                cfg, samples_path, only_ids, actor_env, log, prior=prior, resuming=bool(before)
+            )
+            ds.write_parquet(files.scores)
     seconds = time.perf_counter() - t0
-    summary = {
-        "rows": n_rows,
-        "scored": n_scored,
-        "rejected": sum(by_reason.values()),
-        "rejected_by_reason": by_reason,
-        "tokens": real,
-        "padding_fraction": round(1 - real / computed, 4) if computed else 0.0,
-        "seconds": round(seconds, 2),
-        "samples_per_s": round(n_scored / seconds, 2),
-        "tokens_per_s": round(real / seconds, 1),
-        "scores": files.scores,
-        "rejects": files.rejects,
-    }
+    summary = summarise_parts(files, before, rejects_prefix)
+    summary.update(
+        seconds=round(seconds, 2),
+        samples_per_s=round(summary["scored_rows"] / seconds, 2),
+        tokens_per_s=round(summary["tokens_this_attempt"] / seconds, 1),
+        scores=files.scores,
+        rejects=files.rejects,
+    )
     atomic_write_text(files.summary, json.dumps(summary, indent=2) + "\n")
-    if not n_scored:  # a chat template that refused most rows: one line with the cause and the fix
+    if not summary["scored"]:  # a chat template that refused most rows: one line with the cause and the fix
         from iterit.templates import check_template_failures, template_failures
 
-        check_template_failures(n_rows, n_scored, template_failures(files.rejects), cfg.system_prompt)
+        check_template_failures(summary["rows"], 0, template_failures(files.rejects), cfg.system_prompt)
     return summary
 
 
-def read_scores(path: str) -> pa.Table:
-    return read_parquet(path)
+@contextlib.contextmanager
+def id_checkpoint(files: ScoreFiles):
+    """Datasets created inside carry Ray Data's id checkpoint of `files` (Ray copies the DataContext
+    when a dataset is created): on their write, a part counts once its ids are committed (two-phase),
+    and a resumed write loads the committed ids, filters them out right after the read and deletes the
+    parts a killed attempt left uncommitted."""
+    from ray.data import DataContext
+    from ray.data.checkpoint import CheckpointConfig
+
+    ctx = DataContext.get_current()
+    previous = ctx.checkpoint_config
+    ctx.checkpoint_config = CheckpointConfig(id_column="id", checkpoint_path=files.checkpoint)
+    try:
+        yield
+    finally:
+        ctx.checkpoint_config = previous
+
+
+def summarise_parts(files: ScoreFiles, before: set[str], rejects_prefix: str | None) -> dict:
+    """Counts, token totals and rejects.jsonl from the parts, one part in memory at a time. Rows of parts
+    that existed before this attempt count as resumed, the others as scored by it."""
+    rows = scored = real = 0
+    computed = 0.0
+    resumed_rows = this_attempt = tokens_this_attempt = 0
+    by_reason: dict[str, int] = {}
+    columns = ["id", "source", "row", "reject", "detail", "real_tokens", "computed_tokens"]
+    with atomic_open(files.rejects, "w") as out:
+        if rejects_prefix:
+            fs, p = filesystem(rejects_prefix)
+            with fs.open(p, "r", encoding="utf-8") as f:
+                for line in f:
+                    out.write(line)
+        for part in score_parts(files.scores):
+            (t,) = iter_scores(part, columns, scored_only=False)
+            ok = pc.equal(t.column("reject"), "")
+            good, bad = t.filter(ok), t.filter(pc.invert(ok))
+            rows += t.num_rows
+            scored += good.num_rows
+            tokens = int(pc.sum(good.column("real_tokens")).as_py() or 0)
+            real += tokens
+            computed += float(pc.sum(good.column("computed_tokens")).as_py() or 0.0)
+            if part in before:
+                resumed_rows += t.num_rows
+            else:
+                this_attempt += t.num_rows
+                tokens_this_attempt += tokens
+            for r in bad.select(["source", "row", "id", "reject", "detail"]).to_pylist():
+                by_reason[r["reject"]] = by_reason.get(r["reject"], 0) + 1
+                r["reason"] = r.pop("reject")
+                out.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return {
+        "rows": rows,
+        "scored": scored,
+        "rejected": rows - scored,
+        "rejected_by_reason": by_reason,
+        "tokens": real,
+        "padding_fraction": round(1 - real / computed, 4) if computed else 0.0,
+        "resumed_rows": resumed_rows,
+        "scored_rows": this_attempt,
+        "tokens_this_attempt": tokens_this_attempt,
+    }
+
+
+def read_scores(path: str, columns: list[str] | None = None) -> pa.Table:
+    """The scored rows of a scores folder (or an older run's scores.parquet)."""
+    return rundir.read_scores(path, columns)

@@ -13,21 +13,28 @@ import time
 import numpy as np
 
 from iterit.errors import IteritError
-from iterit.io import filesystem, read_parquet
-from iterit.rundir import SelectionFiles
+from iterit.io import filesystem
+from iterit.rundir import SelectionFiles, read_scores
 from iterit.selection.window import select_window
 
 
-def read_score_rows(path: str) -> dict[str, dict]:
-    """id -> {ifd, n_response_tokens?, embedding?} from a scores Parquet or JSONL rows {id, ifd}."""
+def score_columns(method: str) -> list[str]:
+    """The score columns a method reads: id and IFD, and the response length or the embedding."""
+    extra = {"longest": ["n_response_tokens"], "embedding": ["embedding"]}.get(method, [])
+    return ["id", "ifd", *extra]
+
+
+def read_score_rows(path: str, columns: list[str] | None = None) -> dict[str, dict]:
+    """id -> {ifd, ...} of the scored rows: a scores folder (or scores.parquet) of `iterit score`, only
+    `columns` (default: id and ifd), or JSONL rows {id, ifd}."""
     fs, p = filesystem(path)
     if not fs.exists(p):
         raise IteritError(
-            f"scores not found: {path} (give the scores.parquet of `iterit score`, or JSONL {{id, ifd}})"
+            f"scores not found: {path} (give the scores folder of `iterit score`, or JSONL {{id, ifd}})"
         )
     out: dict[str, dict] = {}
-    if p.endswith(".parquet"):
-        lines = enumerate(read_parquet(path).to_pylist(), start=1)
+    if fs.isdir(p) or p.endswith(".parquet"):
+        lines = enumerate(read_scores(path, columns or ["id", "ifd"]).to_pylist(), start=1)
     else:
         with fs.open(p, "r", encoding="utf-8") as f:
             lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
@@ -92,7 +99,7 @@ def run_selection(
     t0 = time.perf_counter()
     table = read_samples(samples_path)
     ids = table.column("id").to_pylist()
-    scores = read_score_rows(scores_path)
+    scores = read_score_rows(scores_path, score_columns(method))
     unknown = len(set(scores) - set(ids))
     arrays = window_inputs(ids, scores, method)
     ifd = arrays["ifd"]
