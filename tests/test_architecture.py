@@ -80,13 +80,13 @@ def test_the_pure_cores_import_no_ray():
 
 
 def test_only_cluster_starts_ray():
-    callers = [
+    callers = {
         name
         for name in MODULES
         for node in ast.walk(_tree(name))
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "ray.init"
-    ]
-    assert callers == ["iterit.cluster"]
+    }
+    assert callers == {"iterit.cluster"}
 
 
 def test_no_run_path_is_built_outside_rundir():
