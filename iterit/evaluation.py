@@ -350,7 +350,8 @@ def evaluate_loss(
     Ingests into OUTPUT/ingest and scores into OUTPUT (scores.parquet, rejects.jsonl with every reject)."""
     from iterit import cluster
     from iterit.data import ingest
-    from iterit.scoring.pipeline import read_scores, run_scoring
+    from iterit.rundir import read_scores
+    from iterit.scoring.pipeline import run_scoring
 
     t0 = time.perf_counter()
     ingested = ingest(_datasets(data_paths), join(output_dir, "ingest"), cfg.system_prompt)

@@ -154,7 +154,7 @@ def scoring_config(model_dir, out, **scoring):
 
 
 def test_pipeline_scores_every_id_once(ray_local, tiny_model_dir, tiny_model, templated, tmp_path):
-    from iterit.scoring.pipeline import read_scores, run_scoring
+    from iterit.scoring.pipeline import run_scoring
 
     samples_path, by_id = templated
     summary = run_scoring(
@@ -199,7 +199,7 @@ def test_a_crashed_actor_is_restarted_and_no_id_is_lost_or_doubled(
     ray_local, tiny_model_dir, templated, tmp_path
 ):
     from iterit.scoring.actor import CRASH_ONCE_ENV
-    from iterit.scoring.pipeline import read_scores, run_scoring
+    from iterit.scoring.pipeline import run_scoring
 
     samples_path, by_id = templated
     marker = tmp_path / "crashed"

@@ -245,7 +245,8 @@ def corpus(tmp_path_factory):
 
 
 def test_scoring_rejects_the_rows_a_template_refuses(ray_local, tiny_model_dir, corpus, tmp_path):
-    from iterit.scoring.pipeline import read_scores, run_scoring
+    from iterit.rundir import read_scores
+    from iterit.scoring.pipeline import run_scoring
 
     cfg = scoring_config(tiny_model_dir, tmp_path, ALTERNATING_CHATML)
     ingested = ingest([DatasetConfig(path=str(corpus))], str(tmp_path / "ingest"), cfg.system_prompt)

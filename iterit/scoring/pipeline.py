@@ -21,7 +21,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from iterit import cluster, rundir
+from iterit import cluster
 from iterit.config import Config
 from iterit.io import atomic_open, atomic_write_text, filesystem
 from iterit.rundir import ScoreFiles, iter_scores, score_parts
@@ -207,8 +207,3 @@ def summarise_parts(files: ScoreFiles, before: set[str], rejects_prefix: str | N
         "scored_rows": this_attempt,
         "tokens_this_attempt": tokens_this_attempt,
     }
-
-
-def read_scores(path: str, columns: list[str] | None = None) -> pa.Table:
-    """The scored rows of a scores folder (or an older run's scores.parquet)."""
-    return rundir.read_scores(path, columns)
