@@ -61,7 +61,9 @@ def corpus(path: str, n: int) -> None:
             row = {
                 "id": f"s{i}",
                 "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
-                "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30))),
+                # Short responses: the tiny model's 49K-token head is most of its cost per response
+                # token, and this benchmark is about the driver's memory, not the model's speed.
+                "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))),
             }
             f.write(json.dumps(row) + "\n")
 
@@ -88,11 +90,11 @@ def config(model: str, data: str):
 
 def one(mode: str, model: str, n: int, work: str) -> dict:
     """A single measurement in this process: ingest, then the scoring path `mode` (new or old)."""
-    import pyarrow.parquet as pq
     import ray
+    from bench_scoring import score_through_driver
 
     from iterit.data import ingest
-    from iterit.scoring.pipeline import run_scoring, scoring_dataset
+    from iterit.scoring.pipeline import run_scoring
 
     data = os.path.join(work, f"corpus-{n}.jsonl")
     if not os.path.exists(data):
@@ -107,14 +109,7 @@ def one(mode: str, model: str, n: int, work: str) -> dict:
         summary = run_scoring(cfg, ing["samples"], out, log=lambda *_: None)
         rows = summary["rows"]
     else:  # the path before scores were a folder: every row through the driver into one file
-        writer, rows = None, 0
-        for batch in scoring_dataset(cfg, ing["samples"], log=lambda *_: None).iter_batches(
-            batch_format="pyarrow", batch_size=None
-        ):
-            writer = writer or pq.ParquetWriter(os.path.join(out, "scores.parquet"), batch.schema)
-            writer.write_table(batch)
-            rows += batch.num_rows
-        writer.close()
+        rows = score_through_driver(cfg, ing["samples"], out)
     seconds = time.perf_counter() - t0
     ray.shutdown()
     return {
