@@ -9,7 +9,9 @@ local Ray (2 CPUs, one actor), each run in its own process so that ru_maxrss is 
   throughput  at --small rows, the same Ray Dataset (iterit.scoring.pipeline.scoring_dataset) consumed
               (old) on the driver, iter_batches into one Parquet file, as iterit did before scores were
               a folder, and (new) by run_scoring (write_parquet by the workers, then the summary)
-Prints both RSS figures and their ratio (target: large within 1.3x of small), and rows/s of both
+Memory is also sampled while scoring (benchmarks/memwatch.py): the driver's RSS, and the machine's used
+memory above its level before (every process of the run together, shared pages once).
+Prints the RSS figures and their ratios (target: large within 1.3x of small), and rows/s of both
 paths and new / old (target: >= 1).
 """
 
@@ -92,6 +94,7 @@ def one(mode: str, model: str, n: int, work: str) -> dict:
     """A single measurement in this process: ingest, then the scoring path `mode` (new or old)."""
     import ray
     from bench_scoring import score_through_driver
+    from memwatch import MemoryWatch
 
     from iterit.data import ingest
     from iterit.scoring.pipeline import run_scoring
@@ -102,16 +105,17 @@ def one(mode: str, model: str, n: int, work: str) -> dict:
     cfg = config(model, data)
     ing = ingest(cfg.datasets, os.path.join(work, f"ingest-{n}"), cfg.system_prompt)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     out = tempfile.mkdtemp(dir=work)
-    t0 = time.perf_counter()
-    if mode == "new":
-        summary = run_scoring(cfg, ing["samples"], out, log=lambda *_: None)
-        rows = summary["rows"]
-    else:  # the path before scores were a folder: every row through the driver into one file
-        rows = score_through_driver(cfg, ing["samples"], out)
-    seconds = time.perf_counter() - t0
-    ray.shutdown()
+    with MemoryWatch() as mem:  # from Ray's start to its shutdown: the scoring stage alone
+        ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        t0 = time.perf_counter()
+        if mode == "new":
+            summary = run_scoring(cfg, ing["samples"], out, log=lambda *_: None)
+            rows = summary["rows"]
+        else:  # the path before scores were a folder: every row through the driver into one file
+            rows = score_through_driver(cfg, ing["samples"], out)
+        seconds = time.perf_counter() - t0
+        ray.shutdown()
     return {
         "mode": mode,
         "n": n,
@@ -119,7 +123,9 @@ def one(mode: str, model: str, n: int, work: str) -> dict:
         "seconds": seconds,
         "rows_per_s": rows / seconds,
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "driver_rss_before_ray_mb": rss_before / 1024,
+        "driver_peak_rss_before_ray_mb": rss_before / 1024,
+        "driver_peak_rss_scoring_mb": mem.driver_peak_mb,
+        "run_peak_used_mb": mem.run_peak_mb,
     }
 
 
@@ -151,11 +157,16 @@ def main() -> None:
     for r in runs:
         print(json.dumps(r))
     small, large, old = runs
-    print(
-        f"driver peak RSS: {small['driver_peak_rss_mb']:,.0f} MB at {small['n']:,} rows, "
-        f"{large['driver_peak_rss_mb']:,.0f} MB at {large['n']:,} rows: "
-        f"{large['driver_peak_rss_mb'] / small['driver_peak_rss_mb']:.2f}x for 10x the rows (target <= 1.3x)"
-    )
+    for key, what in (
+        ("driver_peak_rss_mb", "driver peak RSS, whole process (ingest and imports included)"),
+        ("driver_peak_rss_scoring_mb", "driver peak RSS while scoring"),
+        ("run_peak_used_mb", "machine memory used while scoring, above before (every process, shared once)"),
+    ):
+        print(
+            f"{what}: {small[key]:,.0f} MB at {small['n']:,} rows, {large[key]:,.0f} MB at {large['n']:,} "
+            f"rows: {large[key] / small[key]:.2f}x for {large['n'] / small['n']:.0f}x the rows"
+            + (" (target <= 1.3x)" if key.startswith("driver") else "")
+        )
     print(
         f"throughput at {small['n']:,} rows: written by the workers {small['rows_per_s']:,.0f} rows/s, "
         f"through the driver {old['rows_per_s']:,.0f} rows/s: new / old = "
