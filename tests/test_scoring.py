@@ -127,6 +127,7 @@ def test_oom_halves_the_micro_batch_and_retries(tiny_model, templated, monkeypat
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     got = score_templated(tiny_model, samples, 4096, pad_id=0)
     assert sizes[0] == 2 * len(samples) and max(done) <= 3 and sum(done) == 2 * len(samples)
+    assert got.oom_splits == len(sizes) - len(done) > 0 and want.oom_splits == 0  # one per halving
     np.testing.assert_allclose(got.loss_cond, want.loss_cond, rtol=1e-6)
     np.testing.assert_allclose(got.loss_prior, want.loss_prior, rtol=1e-6)
 

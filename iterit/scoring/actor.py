@@ -134,6 +134,11 @@ class Scorer:
                 self.model, samples, self.token_budget, pad_id=0, embeddings=self.embeddings, prior=self.prior
             )
             loss_cond[live], loss_prior[live] = s.loss_cond, s.loss_prior
+            if s.oom_splits:  # recovered, but each halving redid work: say which setting to lower
+                print(
+                    f"scoring: CUDA out of memory at token_budget {self.token_budget}: micro-batches halved "
+                    f"{s.oom_splits} times in this batch; lower scoring.token_budget"
+                )
             computed[live] = s.computed_tokens / len(samples)  # each row's share of the padded work
             if s.embedding is not None:
                 vecs = project_embeddings(s.embedding, self.embedding_dim)  # (live, dim) float32, unit rows

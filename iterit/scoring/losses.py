@@ -38,6 +38,7 @@ class Scores:
     embedding: np.ndarray | None  # (N, H) float32, rows of norm 1
     computed_tokens: int  # batch slots the model ran over, padding included
     real_tokens: int  # of which real tokens
+    oom_splits: int = 0  # micro-batches halved after a CUDA out-of-memory (token_budget is too large)
 
     @property
     def ifd(self) -> np.ndarray:
@@ -153,7 +154,7 @@ def score_templated(
             is_prior.append(is_p)
     loss = np.full((2, n), np.nan)
     emb = None
-    computed = real = 0
+    computed = real = splits = 0
     pending = plan_micro_batches([len(s) for s in seqs], token_budget)
     with torch.inference_mode():
         while pending:
@@ -174,6 +175,7 @@ def score_templated(
                 torch.cuda.empty_cache()
                 half = len(mb) // 2
                 pending[:0] = [mb[:half], mb[half:]]
+                splits += 1
                 continue
             computed += len(mb) * max(len(seqs[j]) for j in mb)
             real += sum(len(seqs[j]) for j in mb)
@@ -187,7 +189,7 @@ def score_templated(
                 for k, j in enumerate(mb):
                     if is_prior[j]:
                         emb[owner[j]] = pooled[k]
-    return Scores(loss[0], loss[1], emb, computed, real)
+    return Scores(loss[0], loss[1], emb, computed, real, splits)
 
 
 EMBEDDING_SEED = 0  # the projection's seed: fixed, so every actor of every run builds the same matrix
