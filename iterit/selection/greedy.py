@@ -44,33 +44,57 @@ def reference_greedy(
     return picks, gains
 
 
-def lazy_greedy(ifd: np.ndarray, tfidf: sp.spmatrix, k: int, decay: float) -> tuple[list[int], list[float]]:
-    """The same picks as reference_greedy, lazily: (picks in order, gain of each pick)."""
-    x = sp.csr_matrix(tfidf)
-    indptr, indices = x.indptr, x.indices
-    data = x.data  # float32 (hashed) stays float32: np.dot below accumulates against float64 factors
+def row_score(ifd_i: float, data: np.ndarray, indices: np.ndarray, factor: np.ndarray | None) -> float:
+    """ifd_i x the remaining TF-IDF mass of one row: sum_t w_it f_t (factor None: every f_t = 1).
+    The one routine for initial scores and re-evaluations, wherever the rows live: the lazy greedy's
+    exactness needs a score recomputed unchanged to compare equal to the one pushed."""
+    f = factor[indices] if factor is not None else np.ones(len(indices))
+    return float(ifd_i * np.dot(data, f))  # float32 rows (hashed) accumulate against float64 factors
+
+
+def initial_scores(ifd: np.ndarray, x: sp.csr_matrix) -> np.ndarray:
+    """row_score of every row of `x` before any pick (every factor 1)."""
     ifd = np.asarray(ifd, dtype=np.float64)
-    factor = np.ones(x.shape[1], dtype=np.float64)  # f_t = decay ** (times term t was picked)
+    ip, ix, d = x.indptr, x.indices, x.data
+    return np.array(
+        [row_score(ifd[i], d[ip[i] : ip[i + 1]], ix[ip[i] : ip[i + 1]], None) for i in range(x.shape[0])]
+    )
 
-    def score(i: int) -> float:
-        a, b = indptr[i], indptr[i + 1]
-        return float(ifd[i] * np.dot(data[a:b], factor[indices[a:b]]))
 
-    # Start from the exact scores with f = 1, computed by the same routine used to re-evaluate.
-    heap = [(-score(i), i) for i in range(x.shape[0])]
+def lazy_greedy_rows(
+    ifd: np.ndarray, row, initial: np.ndarray, n_terms: int, k: int, decay: float
+) -> tuple[list[int], list[float]]:
+    """The lazy greedy over rows read one at a time: row(i) -> (indices, data) of document i;
+    `initial[i]` = row_score(ifd[i], *row i, None), however it was computed (in parallel, per shard).
+    Only the popped rows are read: the matrix itself can stay on disk."""
+    ifd = np.asarray(ifd, dtype=np.float64)
+    factor = np.ones(n_terms, dtype=np.float64)  # f_t = decay ** (times term t was picked)
+    heap = list(zip((-np.asarray(initial, dtype=np.float64)).tolist(), range(len(ifd))))
     heapq.heapify(heap)
     picks, gains = [], []
     while heap and len(picks) < k:
         neg, i = heapq.heappop(heap)
-        s = score(i)
+        indices, data = row(i)
+        s = row_score(ifd[i], data, indices, factor)
         if s == -neg:  # unchanged since pushed: no other candidate can beat it (ties: lower i first)
             picks.append(i)
             gains.append(s)
-            cols = indices[indptr[i] : indptr[i + 1]]
-            factor[cols] *= decay
+            factor[indices] *= decay
         else:
             heapq.heappush(heap, (-s, i))
     return picks, gains
+
+
+def lazy_greedy(ifd: np.ndarray, tfidf: sp.spmatrix, k: int, decay: float) -> tuple[list[int], list[float]]:
+    """The same picks as reference_greedy, lazily: (picks in order, gain of each pick)."""
+    x = sp.csr_matrix(tfidf)
+    indptr, indices, data = x.indptr, x.indices, x.data
+
+    def row(i: int):
+        a, b = indptr[i], indptr[i + 1]
+        return indices[a:b], data[a:b]
+
+    return lazy_greedy_rows(ifd, row, initial_scores(ifd, x), x.shape[1], k, decay)
 
 
 def rest_by_ifd(ifd: np.ndarray, picked: list[int]) -> list[int]:

@@ -25,7 +25,9 @@ HASH_FEATURES = 1 << 24
 EXACT_MAX_DOCS = 200_000  # `auto` switches to hashed above this many responses
 
 
-def _hash_counts(texts: list[str]) -> sp.csr_matrix:
+def hash_counts(texts: list[str]) -> sp.csr_matrix:
+    """Raw 1-3-gram counts in 2^24 hashed columns, float32 (HashingVectorizer: TfidfVectorizer's
+    tokens, no sign flipping, no norm)."""
     from sklearn.feature_extraction.text import HashingVectorizer
 
     hv = HashingVectorizer(
@@ -70,13 +72,23 @@ def exact_tfidf(texts: list[str]) -> sp.csr_matrix:
     return weight_inplace(counts)
 
 
-def weight_inplace(x: sp.csr_matrix, block_rows: int = 65_536) -> sp.csr_matrix:
+def smooth_idf(df: np.ndarray, n: int, dtype=np.float32) -> np.ndarray:
+    """TfidfTransformer's default idf: ln((1 + n) / (1 + df)) + 1, for n documents."""
+    return (np.log((1 + n) / (1 + df)) + 1.0).astype(dtype)
+
+
+def weight_inplace(
+    x: sp.csr_matrix, block_rows: int = 65_536, idf: np.ndarray | None = None
+) -> sp.csr_matrix:
     """Counts -> TfidfTransformer's defaults (smooth idf, l2 rows), in place: at 10^6 documents the
-    matrix is gigabytes, and a transformer's copies would double or triple that."""
+    matrix is gigabytes, and a transformer's copies would double or triple that. `idf`: given (the
+    document frequencies of a larger matrix whose row shard `x` is), else computed from `x`. Each row's
+    result depends on that row and the idf only, so a shard weighted with the whole matrix's idf holds
+    exactly the rows of the whole matrix weighted at once."""
     x.sum_duplicates()
     n = x.shape[0]
-    df = np.bincount(x.indices, minlength=x.shape[1])
-    idf = (np.log((1 + n) / (1 + df)) + 1.0).astype(x.dtype)
+    if idf is None:
+        idf = smooth_idf(np.bincount(x.indices, minlength=x.shape[1]), n, x.dtype)
     for r0 in range(0, n, block_rows):  # blocks keep the temporaries small
         r1 = min(n, r0 + block_rows)
         a, b = x.indptr[r0], x.indptr[r1]
@@ -106,9 +118,9 @@ def tfidf_matrix(texts: list[str], mode: str = "auto", workers: int | None = Non
     parts = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
     if workers > 1 and len(parts) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            counts = list(pool.map(_hash_counts, parts))
+            counts = list(pool.map(hash_counts, parts))
     else:
-        counts = [_hash_counts(p) for p in parts]
+        counts = [hash_counts(p) for p in parts]
     return weight_inplace(stack_rows(counts))
 
 

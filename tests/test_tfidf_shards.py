@@ -1,0 +1,128 @@
+"""Hashed TF-IDF built on the cluster (iterit.selection.shards): row for row, bit for bit the in-memory
+hashed matrix, and the greedy over its memory-mapped shards picks what the in-memory greedy picks."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from iterit.data import SAMPLE_SCHEMA
+from iterit.selection.greedy import initial_scores, lazy_greedy, lazy_greedy_rows
+from iterit.selection.shards import ShardedRows, build_shards, task_groups
+from iterit.selection.tfidf import response_texts, tfidf_matrix
+
+EOS = "<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory, demo_assets):
+    texts = []
+    for line in open(demo_assets["train"], encoding="utf-8"):
+        conv = json.loads(line)["conversations"]
+        if conv and conv[-1].get("from") == "gpt" and conv[-1]["value"].strip():
+            texts.append(conv[-1]["value"])
+        if len(texts) == 500:
+            break
+    rows = [
+        {
+            "id": f"s{i}",
+            "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": t}],
+            "source": "t",
+            "row": i,
+        }
+        for i, t in enumerate(texts)
+    ]
+    path = tmp_path_factory.mktemp("shards") / "samples.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), path, row_group_size=37)
+    ifd = np.random.default_rng(0).uniform(0.3, 1.3, len(texts))
+    ifd[::50] = np.nan  # rejected while scoring
+    return str(path), texts, ifd
+
+
+def candidates(ifd: np.ndarray, window: np.ndarray):
+    """select_window's candidates of a window (positions of the samples file, in window order): the
+    candidate number of each file row (-1: not one), their IFDs, their file rows in window order."""
+    w_ifd = ifd[window]
+    cand = np.flatnonzero(np.isfinite(w_ifd) & (w_ifd < 1))
+    cand_of_row = np.full(len(ifd), -1, dtype=np.int64)
+    cand_of_row[window[cand]] = np.arange(cand.size)
+    return cand_of_row, w_ifd[cand], window[cand]
+
+
+def test_task_groups_cover_every_row_group_once(samples):
+    path, texts, _ = samples
+    tasks = task_groups(path, rows_per_task=100)
+    groups = [g for t in tasks for g in t["groups"]]
+    assert groups == list(range(pq.ParquetFile(path).metadata.num_row_groups)) and len(tasks) == 5
+    assert tasks[0]["offset"] == 0 and tasks[1]["offset"] == 37 * 3  # 3 groups of 37 reach 100 rows
+
+
+@pytest.mark.parametrize("order", ["file", "shuffled"])
+def test_sharded_rows_and_picks_equal_the_in_memory_hashed_matrix(samples, tmp_path, ray_local, order):
+    path, texts, ifd = samples
+    window = np.arange(len(texts)) if order == "file" else np.random.default_rng(1).permutation(len(texts))
+    cand_of_row, c_ifd, rows_in_order = candidates(ifd, window)
+    record = build_shards(
+        path, cand_of_row, c_ifd, str(tmp_path / "tfidf"), EOS, rows_per_task=100, log=print
+    )
+    assert record["candidates"] == c_ifd.size and record["shards"] == 5
+    assert not os.path.exists(tmp_path / "tfidf" / "counts")  # the count shards are gone
+
+    x = tfidf_matrix(response_texts([texts[r] for r in rows_in_order], EOS), "hashed")
+    rows = ShardedRows(str(tmp_path / "tfidf"), c_ifd.size)
+    assert record["nnz"] == x.nnz
+    for c in range(c_ifd.size):
+        indices, data = rows.row(c)
+        a, b = x.indptr[c], x.indptr[c + 1]
+        assert np.array_equal(indices, x.indices[a:b]) and np.array_equal(data, x.data[a:b])  # bit for bit
+    assert np.array_equal(rows.initial, initial_scores(c_ifd, x))
+
+    k = 40
+    want = lazy_greedy(c_ifd, x, k, 0.1)
+    got = lazy_greedy_rows(c_ifd, rows.row, rows.initial, rows.n_terms, k, 0.1)
+    assert got == want and len(got[0]) == k
+
+
+def test_an_interrupted_build_completes_what_is_missing(samples, tmp_path, ray_local):
+    import shutil
+
+    from iterit.selection.shards import count_shard
+
+    path, texts, ifd = samples
+    cand_of_row, c_ifd, _ = candidates(ifd, np.arange(len(texts)))
+    out = tmp_path / "tfidf"
+    first = build_shards(path, cand_of_row, c_ifd, str(out), EOS, rows_per_task=100, log=print)
+    want = ShardedRows(str(out), c_ifd.size)
+    want_rows = [want.row(c) for c in range(c_ifd.size)]
+    tasks = task_groups(path, 100)
+
+    def killed(shards_counted: list[str], weighted: list[str]):
+        """OUT as a driver killed mid-build leaves it: those count shards written, those rows weighted."""
+        os.remove(out / "done.json")
+        shutil.rmtree(out / "counts", ignore_errors=True)
+        for shard in os.listdir(out / "rows"):
+            if shard not in weighted:
+                shutil.rmtree(out / "rows" / shard)
+        if not weighted:
+            os.remove(out / "idf.npy")
+        for t in tasks:
+            if t["shard"] in shards_counted:
+                count_shard(t, path, str(out), cand_of_row, EOS)
+        os.makedirs(out / "rows" / "000004")  # a rows shard begun but not complete
+        (out / "rows" / "000004" / "data.npy").write_bytes(b"half")
+
+    for counted, weighted in (
+        (["000000", "000002"], []),
+        (["000001", "000004"], ["000000", "000002", "000003"]),
+    ):
+        killed(counted, weighted)
+        again = build_shards(path, cand_of_row, c_ifd, str(out), EOS, rows_per_task=100, log=print)
+        assert again == first
+        got = ShardedRows(str(out), c_ifd.size)
+        assert np.array_equal(got.initial, want.initial)
+        for c, (i, d) in enumerate(want_rows):
+            gi, gd = got.row(c)
+            assert np.array_equal(gi, i) and np.array_equal(gd, d)
