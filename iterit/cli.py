@@ -203,6 +203,7 @@ def select(
         eos_token=eos,
         seed=seed,
         tfidf_mode=sel.tfidf,
+        log=typer.echo,
     )
     typer.echo(
         f"{method}: selected {s['k']:,} of {s['samples']:,} samples ({s['candidates']:,} candidates, "

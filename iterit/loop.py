@@ -35,22 +35,23 @@ import yaml
 from iterit import cluster
 from iterit.config import Config, config_from_dict, save_config
 from iterit.errors import IteritError
-from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_parquet
+from iterit.io import atomic_open, atomic_write_text, filesystem, join
 from iterit.rundir import Manifest, RunDir, iter_scores, iteration_key, stage_name
-from iterit.selection.stage import read_score_rows, score_columns, window_inputs
+from iterit.selection.stage import (
+    diversity_inputs,
+    read_score_rows,
+    remove_tfidf,
+    sample_count,
+    sample_ids,
+    score_columns,
+    window_inputs,
+)
 from iterit.selection.window import reorder
 from iterit.tracking import Tracker, run_key
 
 # Methods whose order does not read the model's scores (only which samples were scored at all): later
 # iterations keep iteration 0's scores for their window instead of running the model again.
 SCORE_FREE = ("random", "longest")
-
-
-def _corpus(samples_path: str) -> tuple[list[str], dict[str, str]]:
-    """Ids in corpus order and each sample's response text."""
-    table = read_parquet(samples_path)
-    ids = table.column("id").to_pylist()
-    return ids, {i: m[-1]["content"] for i, m in zip(ids, table.column("messages").to_pylist())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ def score_stage(cfg: Config, run: RunDir, e: int, samples_path: str, log) -> dic
 
     if e == 0:
         return run_scoring(cfg, samples_path, run.scoring(0).dir, log=log)
-    window = run.selection(e - 1).read_order()[: cfg.selection.window(len(_corpus(samples_path)[0]))]
+    window = run.selection(e - 1).read_order()[: cfg.selection.window(sample_count(samples_path))]
     if cfg.selection.method in SCORE_FREE:
         return reuse_scores(run, e, window)
     model = run.model(e - 1)
@@ -110,23 +111,32 @@ def reuse_scores(run: RunDir, e: int, window: list[str]) -> dict:
     return summary
 
 
-def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str | None) -> dict:
+def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str | None, log=print) -> dict:
     """Order the window of iteration e by the method and pick k (DESIGN section 2, Iteration)."""
     t0 = time.perf_counter()
     sel = cfg.selection
-    ids, responses = _corpus(samples_path)
+    ids = sample_ids(samples_path)
     n = len(ids)
     current = ids if e == 0 else run.selection(e - 1).read_order()
     window = current[: n if e == 0 else sel.window(n)]
     scores = read_score_rows(run.scoring(e).written, score_columns(sel.method))
     arrays = window_inputs(window, scores, sel.method)
     window_ifd = dict(zip(window, arrays["ifd"].tolist()))
+    if e == 0:
+        window_rows = np.arange(n)
+    else:
+        row_of = {sid: r for r, sid in enumerate(ids)}
+        window_rows = np.array([row_of[i] for i in window], dtype=np.int64)
+    files = run.selection(e)
+    diversity = diversity_inputs(
+        samples_path, window_rows, arrays["ifd"], sel.method, sel.tfidf, files.tfidf, eos, log
+    )
     order, wo = reorder(
         current,
         window_ifd,
         sel.num_selected(n),
         sel.method,
-        responses=responses,
+        **diversity,
         eos_token=eos,
         decay=sel.decay,
         seed=cfg.seed,
@@ -137,7 +147,8 @@ def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str |
     )
     tail = len(order) - len(window)
     ifd = np.concatenate([arrays["ifd"][wo.order], np.full(tail, np.nan)])
-    run.selection(e).write(order, ifd, wo.status + ["tail"] * tail, wo.gains)
+    files.write(order, ifd, wo.status + ["tail"] * tail, wo.gains)
+    remove_tfidf(files.tfidf)
     picked = [window_ifd[i] for i in order[: len(wo.picks)]]
     return {
         "samples": n,
@@ -271,7 +282,9 @@ def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict
                 f"[{name('score')}] {s['scored']:,} scored, {s['rejected']:,} rejected, "
                 f"{s['tokens_per_s']:,.0f} tokens/s"
             )
-        sel = manifest.run(name("select"), functools.partial(select_stage, cfg, run, e, samples, eos), log)
+        sel = manifest.run(
+            name("select"), functools.partial(select_stage, cfg, run, e, samples, eos, log), log
+        )
         log(
             f"[{name('select')}] {sel['k']:,} of {sel['window']:,} picked ({sel['candidates']:,} candidates) "
             f"in {sel['seconds']:.1f} s"

@@ -156,6 +156,12 @@ class SelectionFiles:
     def order(self) -> str:
         return join(self.dir, "order.parquet")
 
+    @property
+    def tfidf(self) -> str:
+        """The hashed TF-IDF rows built on the cluster for the greedy (selection.shards); removed once
+        the selection is written."""
+        return join(self.dir, "tfidf")
+
     def write(self, order: list[str], ifd: np.ndarray, status: list[str], gains: list[float]) -> None:
         """The picks are order[: len(gains)] (in pick order); `ifd` and `status` are aligned with `order`
         (NaN and "tail" past the re-ordered window)."""

@@ -11,7 +11,8 @@ import pytest
 
 from iterit.data import SAMPLE_SCHEMA
 from iterit.selection.greedy import initial_scores, lazy_greedy, lazy_greedy_rows
-from iterit.selection.shards import ShardedRows, build_shards, task_groups
+from iterit.selection.pipeline import build_shards
+from iterit.selection.shards import ShardedRows, task_groups
 from iterit.selection.tfidf import response_texts, tfidf_matrix
 
 EOS = "<|im_end|>"
@@ -126,3 +127,47 @@ def test_an_interrupted_build_completes_what_is_missing(samples, tmp_path, ray_l
         for c, (i, d) in enumerate(want_rows):
             gi, gd = got.row(c)
             assert np.array_equal(gi, i) and np.array_equal(gd, d)
+
+
+def test_a_later_window_selects_as_in_memory(samples, tmp_path, ray_local):
+    """diversity_inputs maps a window (a subset of the corpus in another order, as iteration e > 0
+    re-orders) to the cluster's rows; select_window then orders it as the in-memory hashed matrix does."""
+    from iterit.selection.stage import diversity_inputs
+    from iterit.selection.window import select_window
+
+    path, texts, ifd = samples
+    window_rows = np.random.default_rng(2).permutation(len(texts))[:300]
+    w_ifd = ifd[window_rows]
+    work = str(tmp_path / "tfidf")
+    div = diversity_inputs(path, window_rows, w_ifd, "iterit", "hashed", work, EOS, log=print)
+    assert set(div) == {"tfidf_rows"}
+    got = select_window(w_ifd, 30, "iterit", **div)
+    want = select_window(
+        w_ifd, 30, "iterit", responses=[texts[r] for r in window_rows], eos_token=EOS, tfidf_mode="hashed"
+    )
+    assert (got.order, got.status, got.gains) == (want.order, want.status, want.gains)
+    assert diversity_inputs(path, window_rows, w_ifd, "iterit", "exact", work, EOS)["responses"][:3] == [
+        texts[r] for r in window_rows[:3]
+    ]
+    assert diversity_inputs(path, window_rows, w_ifd, "ifd", "hashed", work, EOS) == {}
+
+
+def test_select_command_with_hashed_tfidf_on_the_cluster(samples, tmp_path, ray_local, cli):
+    """`iterit select --tfidf hashed`: the rows are built by the cluster, removed after; the picks are the
+    in-memory hashed matrix's."""
+    from iterit.rundir import SelectionFiles
+    from iterit.selection.window import select_window
+
+    path, texts, ifd = samples
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}", "ifd": float(x)}) + "\n" for i, x in enumerate(ifd) if np.isfinite(x)
+        )
+    )
+    code, out, err = cli(["select", "--data", path, "--scores", str(scores), "--ratio", "0.05", "--tfidf", "hashed", "--output", str(tmp_path / "sel")])  # fmt: skip
+    assert code == 0, err
+    assert "TF-IDF on the cluster" in out and not os.path.exists(tmp_path / "sel" / "tfidf")
+    got = [r["id"] for r in SelectionFiles(str(tmp_path / "sel")).read_selection()]
+    want = select_window(ifd, int(0.05 * len(ifd)), "iterit", responses=texts, tfidf_mode="hashed")
+    assert got == [f"s{p}" for p in want.picks]

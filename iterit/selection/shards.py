@@ -1,6 +1,9 @@
 """Hashed TF-IDF rows on disk, built on the cluster: the iterit greedy at millions of responses.
 
-    build_shards(samples_path, cand_of_row, cand_ifd, out_dir, eos_token)   Ray Data, three passes
+The pure part (numpy, scipy, pyarrow; no Ray): the work of each task of the build and the reader. The
+Ray Data layer that runs the tasks is selection.pipeline.build_shards.
+
+    count_shard / sum_df_range / weight_shard   one task of each of the three passes below
     ShardedRows(out_dir)   the weighted rows memory-mapped: row(c) -> (indices, data), initial scores
 
 The matrix is the one tfidf_matrix(texts, "hashed") builds in memory, row for row and bit for bit
@@ -28,7 +31,6 @@ the driver; rows on object storage are copied to a local directory first (Sharde
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
@@ -38,15 +40,15 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from fsspec.implementations.local import LocalFileSystem
 
-from iterit.io import atomic_open, atomic_write_text, filesystem, join
+from iterit.io import filesystem, join
 from iterit.selection.greedy import row_score
-from iterit.selection.tfidf import HASH_FEATURES, hash_counts, response_texts, smooth_idf, weight_inplace
+from iterit.selection.tfidf import HASH_FEATURES, hash_counts, response_texts, weight_inplace
 
 ROWS_PER_TASK = 32_768  # samples per counts task: ~20M non-zeros, ~0.5 GB of task memory
 DF_RANGES = 16  # column ranges of the document-frequency reduction (2^20 columns each)
 
 
-def _save(fs, folder: str, arrays: dict[str, np.ndarray]) -> None:
+def save_arrays(fs, folder: str, arrays: dict[str, np.ndarray]) -> None:
     """np.save each array into FOLDER, then the `complete` marker: a folder without it is redone."""
     fs.makedirs(folder, exist_ok=True)
     for name, a in arrays.items():
@@ -56,12 +58,12 @@ def _save(fs, folder: str, arrays: dict[str, np.ndarray]) -> None:
         f.write(b"")
 
 
-def _load(fs, folder: str, name: str) -> np.ndarray:
+def load_array(fs, folder: str, name: str) -> np.ndarray:
     with fs.open(join(folder, f"{name}.npy"), "rb") as f:
         return np.load(f)
 
 
-def _complete(fs, folder: str) -> bool:
+def is_complete(fs, folder: str) -> bool:
     return fs.exists(join(folder, "complete"))
 
 
@@ -86,8 +88,8 @@ def count_shard(task: dict, samples_path: str, out_dir: str, cand_of_row: np.nda
     frequencies, written to counts/<shard>. Returns the number of candidates it holds."""
     fs, _ = filesystem(out_dir)
     folder, done = join(out_dir, "counts", task["shard"]), join(out_dir, "rows", task["shard"])
-    if _complete(fs, folder) or _complete(fs, done):
-        return int(_load(fs, folder if _complete(fs, folder) else done, "cands").size)
+    if is_complete(fs, folder) or is_complete(fs, done):
+        return int(load_array(fs, folder if is_complete(fs, folder) else done, "cands").size)
     sfs, sp_path = filesystem(samples_path)
     with sfs.open(sp_path, "rb") as f:
         table = pq.ParquetFile(f).read_row_groups(task["groups"], columns=["messages"])
@@ -99,7 +101,7 @@ def count_shard(task: dict, samples_path: str, out_dir: str, cand_of_row: np.nda
     counts = hash_counts(response_texts([m[-1]["content"] for m in messages], eos_token))
     counts.sum_duplicates()
     df_cols, df_counts = np.unique(counts.indices, return_counts=True)
-    _save(
+    save_arrays(
         fs,
         folder,
         {
@@ -123,7 +125,7 @@ def sum_df_range(r: int, out_dir: str, shards: list[str], ranges: int = DF_RANGE
     df = np.zeros(width, dtype=np.int64)
     for s in shards:
         folder = join(out_dir, "counts", s)
-        cols, cnt = _load(fs, folder, "df_cols"), _load(fs, folder, "df_counts")
+        cols, cnt = load_array(fs, folder, "df_cols"), load_array(fs, folder, "df_counts")
         a, b = np.searchsorted(cols, [lo, hi])
         np.add.at(df, cols[a:b] - lo, cnt[a:b])
     return df
@@ -134,10 +136,10 @@ def weight_shard(shard: str, out_dir: str, idf: np.ndarray, cand_ifd: np.ndarray
     written to rows/<shard>; the count shard removed. Returns the shard's non-zeros."""
     fs, _ = filesystem(out_dir)
     src, dst = join(out_dir, "counts", shard), join(out_dir, "rows", shard)
-    if not _complete(fs, dst):
-        cands = _load(fs, src, "cands")
+    if not is_complete(fs, dst):
+        cands = load_array(fs, src, "cands")
         x = sp.csr_matrix(
-            (_load(fs, src, "data"), _load(fs, src, "indices"), _load(fs, src, "indptr")),
+            (load_array(fs, src, "data"), load_array(fs, src, "indices"), load_array(fs, src, "indptr")),
             shape=(cands.size, HASH_FEATURES),
         )
         weight_inplace(x, idf=idf)
@@ -146,80 +148,10 @@ def weight_shard(shard: str, out_dir: str, idf: np.ndarray, cand_ifd: np.ndarray
         initial = np.array(
             [row_score(ifd[i], d[ip[i] : ip[i + 1]], ix[ip[i] : ip[i + 1]], None) for i in range(x.shape[0])]
         )
-        _save(fs, dst, {"data": d, "indices": ix, "indptr": ip, "cands": cands, "initial": initial})
+        save_arrays(fs, dst, {"data": d, "indices": ix, "indptr": ip, "cands": cands, "initial": initial})
     if fs.exists(src):
         fs.rm(src, recursive=True)
-    return int(_load(fs, dst, "indptr")[-1])
-
-
-def build_shards(
-    samples_path: str,
-    cand_of_row: np.ndarray,
-    cand_ifd: np.ndarray,
-    out_dir: str,
-    eos_token: str | None,
-    rows_per_task: int = ROWS_PER_TASK,
-    log=print,
-) -> dict:
-    """The hashed TF-IDF rows of the candidates, on the cluster (module docstring). A finished OUT_DIR
-    (done.json) is reused; an unfinished one is completed. Returns done.json's record."""
-    import ray
-
-    fs, _ = filesystem(out_dir)
-    done_path = join(out_dir, "done.json")
-    if fs.exists(done_path):
-        with fs.open(done_path, "r") as f:
-            return json.load(f)
-    n = int(cand_ifd.size)
-    cand_ref, ifd_ref = (
-        ray.put(np.asarray(cand_of_row, dtype=np.int64)),
-        ray.put(np.asarray(cand_ifd, np.float64)),
-    )
-    tasks = task_groups(samples_path, rows_per_task)
-    log(f"  TF-IDF on the cluster: {n:,} candidates, {len(tasks)} count tasks, {DF_RANGES} df ranges")
-
-    # Items are JSON strings: Ray Data would turn dict items into columns.
-    def counts(batch: dict) -> dict:
-        todo = [json.loads(t) for t in batch["item"]]
-        held = [count_shard(t, samples_path, out_dir, ray.get(cand_ref), eos_token) for t in todo]
-        return {"shard": [t["shard"] for t in todo], "cands": held}
-
-    items = [json.dumps(t) for t in tasks]
-    held = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(counts, batch_size=1)
-    shards = [r["shard"] for r in held.take_all() if r["cands"] > 0]
-
-    def dfs(batch: dict) -> dict:
-        return {"r": batch["item"], "df": [sum_df_range(int(r), out_dir, shards) for r in batch["item"]]}
-
-    idf_path = join(out_dir, "idf.npy")  # saved before any shard is weighted (their counts then go)
-    if fs.exists(idf_path):
-        idf = _load(fs, out_dir, "idf")
-    else:
-        df = np.zeros(HASH_FEATURES, dtype=np.int64)
-        width = HASH_FEATURES // DF_RANGES
-        ranges = ray.data.from_items(list(range(DF_RANGES)), override_num_blocks=DF_RANGES)
-        for row in ranges.map_batches(dfs, batch_size=1).iter_rows():
-            df[row["r"] * width : (row["r"] + 1) * width] = row["df"]
-        idf = smooth_idf(df, n)
-        with atomic_open(idf_path) as f:
-            np.save(f, idf)
-    idf_ref = ray.put(idf)
-
-    def weight(batch: dict) -> dict:
-        return {"nnz": [weight_shard(s, out_dir, ray.get(idf_ref), ray.get(ifd_ref)) for s in batch["item"]]}
-
-    weighted = ray.data.from_items(shards, override_num_blocks=max(1, len(shards)))
-    nnz = sum(r["nnz"] for r in weighted.map_batches(weight, batch_size=1).take_all())
-    record = {
-        "candidates": n,
-        "shards": len(shards),
-        "nnz": int(nnz),
-        "bytes": int(fs.du(join(out_dir, "rows"))),
-    }
-    if fs.exists(join(out_dir, "counts")):
-        fs.rm(join(out_dir, "counts"), recursive=True)
-    atomic_write_text(done_path, json.dumps(record) + "\n")
-    return record
+    return int(load_array(fs, dst, "indptr")[-1])
 
 
 class ShardedRows:

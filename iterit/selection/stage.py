@@ -2,6 +2,8 @@
 
 read_score_rows   a scores Parquet (or JSONL {id, ifd}) -> id -> row
 window_inputs     the per-sample arrays a method reads, for the ids of a window, checked
+diversity_inputs  what iterit's diversity term reads: the window's responses (TF-IDF in memory), or
+                  the candidates' hashed TF-IDF rows built on the cluster (selection.shards)
 run_selection     `iterit select`: one window = the whole corpus in file order
 """
 
@@ -11,7 +13,9 @@ import json
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 
+from iterit import cluster
 from iterit.errors import IteritError
 from iterit.io import filesystem
 from iterit.rundir import SelectionFiles, read_scores
@@ -77,6 +81,75 @@ def window_inputs(ids: list[str], scores: dict[str, dict], method: str) -> dict:
     return out
 
 
+def _with_samples(samples_path: str, read):
+    """read(the samples file as a pq.ParquetFile), the file closed after."""
+    fs, p = filesystem(samples_path)
+    with fs.open(p, "rb") as f:
+        return read(pq.ParquetFile(f))
+
+
+def sample_ids(samples_path: str) -> list[str]:
+    """The ids of the samples file in file order (the corpus order), and nothing else of it."""
+    return _with_samples(samples_path, lambda f: f.read(columns=["id"]).column("id").to_pylist())
+
+
+def sample_count(samples_path: str) -> int:
+    return _with_samples(samples_path, lambda f: f.metadata.num_rows)
+
+
+def read_responses(samples_path: str, rows: np.ndarray) -> list[str]:
+    """The final responses of those rows of the samples file, in that order."""
+    messages = _with_samples(samples_path, lambda f: f.read(columns=["messages"]).column("messages"))
+    return [m[-1]["content"] for m in messages.take(np.asarray(rows, dtype=np.int64)).to_pylist()]
+
+
+def uses_cluster_tfidf(method: str, tfidf_mode: str, n_candidates: int) -> bool:
+    """The hashed mode (asked for, or auto above EXACT_MAX_DOCS candidates) is built on the cluster."""
+    from iterit.selection.tfidf import EXACT_MAX_DOCS
+
+    hashed = tfidf_mode == "hashed" or (tfidf_mode == "auto" and n_candidates > EXACT_MAX_DOCS)
+    return method == "iterit" and hashed
+
+
+def diversity_inputs(
+    samples_path: str,
+    window_rows: np.ndarray,
+    ifd: np.ndarray,
+    method: str,
+    tfidf_mode: str,
+    work_dir: str,
+    eos_token: str | None,
+    log=print,
+) -> dict:
+    """select_window's diversity inputs for a window (`window_rows`: the samples-file row of each window
+    entry, `ifd` aligned with them): nothing for the methods without TF-IDF; {"responses"} aligned with
+    the window for TF-IDF in memory (exact mode); {"tfidf_rows"} for the hashed mode, the candidates'
+    rows built by the cluster in WORK_DIR (selection.shards): the driver never reads the texts."""
+    if method != "iterit":
+        return {}
+    cand = np.flatnonzero(np.isfinite(ifd) & (ifd < 1))
+    if not uses_cluster_tfidf(method, tfidf_mode, cand.size):
+        return {"responses": read_responses(samples_path, window_rows)}
+    from iterit.selection.pipeline import build_shards
+    from iterit.selection.shards import ShardedRows
+
+    cluster.connect()
+    cand_of_row = np.full(sample_count(samples_path), -1, dtype=np.int64)
+    cand_of_row[np.asarray(window_rows)[cand]] = np.arange(cand.size)
+    built = build_shards(samples_path, cand_of_row, ifd[cand], work_dir, eos_token, log=log)
+    log(
+        f"  TF-IDF rows: {built['nnz']:,} non-zeros in {built['shards']} shards, "
+        f"{built['bytes'] / 2**30:.2f} GiB on disk"
+    )
+    return {"tfidf_rows": ShardedRows(work_dir, cand.size)}
+
+
+def remove_tfidf(work_dir: str) -> None:
+    fs, p = filesystem(work_dir)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
 def run_selection(
     samples_path: str,
     scores_path: str,
@@ -88,29 +161,27 @@ def run_selection(
     eos_token: str | None = None,
     seed: int = 42,
     tfidf_mode: str = "auto",
+    log=print,
 ) -> dict:
     """Order every sample of `samples_path` (its file order is the window) and write the picks.
 
     `k_of(n)` gives the budget for n samples (SelectionConfig.num_selected). Samples without a score
     are treated as rejected: they are never picked and sit with the others after the picks. The random
     method draws as iteration 0 of a run seeded `seed` would."""
-    from iterit.data import read_samples
-
     t0 = time.perf_counter()
-    table = read_samples(samples_path)
-    ids = table.column("id").to_pylist()
+    ids = sample_ids(samples_path)
     scores = read_score_rows(scores_path, score_columns(method))
     unknown = len(set(scores) - set(ids))
     arrays = window_inputs(ids, scores, method)
     ifd = arrays["ifd"]
-    responses = (
-        [m[-1]["content"] for m in table.column("messages").to_pylist()] if method == "iterit" else None
+    files = SelectionFiles(output_dir)
+    diversity = diversity_inputs(
+        samples_path, np.arange(len(ids)), ifd, method, tfidf_mode, files.tfidf, eos_token, log
     )
     wo = select_window(
         ifd,
         k_of(len(ids)),
         method,
-        responses=responses,
         eos_token=eos_token,
         decay=decay,
         n_response_tokens=arrays.get("n_response_tokens"),
@@ -118,9 +189,10 @@ def run_selection(
         seed=seed,
         iteration=0,
         tfidf_mode=tfidf_mode,
+        **diversity,
     )
-    files = SelectionFiles(output_dir)
     files.write([ids[p] for p in wo.order], ifd[wo.order], wo.status, wo.gains)
+    remove_tfidf(files.tfidf)
     return {
         "samples": len(ids),
         "scored": int(np.isfinite(ifd).sum()),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from iterit.config import iteration_rng
-from iterit.selection.greedy import lazy_greedy, rest_by_ifd
+from iterit.selection.greedy import lazy_greedy, lazy_greedy_rows, rest_by_ifd
 
 METHODS = ("iterit", "ifd", "random", "longest", "embedding", "full")
 
@@ -42,9 +42,12 @@ def select_window(
     seed: int = 42,
     iteration: int = 0,
     tfidf_mode: str = "auto",
+    tfidf_rows=None,
 ) -> WindowOrder:
     """Order one window. `ifd` has NaN for samples that were rejected or not scored. The random method
-    draws from iteration_rng(seed, iteration), the run's one stream for that iteration."""
+    draws from iteration_rng(seed, iteration), the run's one stream for that iteration. iterit reads
+    either `responses` (TF-IDF built here, in memory) or `tfidf_rows`, the candidates' rows built on the
+    cluster (selection.shards.ShardedRows, candidates numbered in window order)."""
     ifd = np.asarray(ifd, dtype=np.float64)
     finite = np.isfinite(ifd)
     ifd_based = method in ("iterit", "ifd", "embedding")
@@ -53,7 +56,16 @@ def select_window(
     c_ifd = ifd[cand]
     k = min(k, len(cand)) if method != "full" else len(cand)
     gains: list[float] | None = None
-    if method == "iterit":
+    if method == "iterit" and tfidf_rows is not None:
+        if len(tfidf_rows.initial) != len(cand):
+            raise ValueError(
+                f"tfidf_rows holds {len(tfidf_rows.initial):,} rows for {len(cand):,} candidates"
+            )
+        picked, gains = lazy_greedy_rows(
+            c_ifd, tfidf_rows.row, tfidf_rows.initial, tfidf_rows.n_terms, k, decay
+        )
+        rest = rest_by_ifd(c_ifd, picked)
+    elif method == "iterit":
         from iterit.selection.tfidf import response_texts, tfidf_matrix
 
         if responses is None:
@@ -94,16 +106,15 @@ def reorder(
     window_ifd: dict[str, float],
     k: int,
     method: str = "iterit",
-    responses: dict[str, str] | None = None,
     **kwargs,
 ) -> tuple[list[str], WindowOrder]:
     """Later iterations: re-order the first W = len(window_ifd) ids of `current` by their new scores
-    and keep the tail as it was. Returns (the new full order of ids, the window's WindowOrder)."""
+    and keep the tail as it was. Returns (the new full order of ids, the window's WindowOrder).
+    `kwargs` go to select_window (`responses` and `tfidf_rows` aligned with the window)."""
     w = len(window_ifd)
     window = current[:w]
     if set(window) != set(window_ifd):
         raise ValueError("window_ifd must score exactly the first W ids of the current order")
     ifd = np.array([window_ifd[i] for i in window], dtype=np.float64)
-    texts = [responses[i] for i in window] if responses is not None else None
-    wo = select_window(ifd, k, method, responses=texts, **kwargs)
+    wo = select_window(ifd, k, method, **kwargs)
     return [window[p] for p in wo.order] + current[w:], wo
