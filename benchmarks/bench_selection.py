@@ -149,6 +149,78 @@ def million(n: int, mode: str) -> None:
     )
 
 
+def write_corpus(path: str, n: int, seed: int = 0, chunk: int = 4096) -> None:
+    """corpus(n)'s recombined demo sentences as an ingested samples file, written a row group at a time:
+    the benchmark never holds the N texts (10M responses are ~13 GB)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from iterit.data import SAMPLE_SCHEMA
+
+    turns = assistant_turns()
+    sentences = [s for t in turns for s in re.split(r"(?<=[.!?])\s+|\n+", t) if len(s) > 20]
+    rng = random.Random(seed)
+    with pq.ParquetWriter(path, SAMPLE_SCHEMA, compression="zstd") as w:
+        for a in range(0, n, chunk):
+            rows = [
+                {
+                    "id": f"s{i}",
+                    "messages": [
+                        {"role": "user", "content": "q"},
+                        {
+                            "role": "assistant",
+                            "content": " ".join(rng.choices(sentences, k=rng.randint(3, 30))),
+                        },
+                    ],
+                    "source": "bench",
+                    "row": i,
+                }
+                for i in range(a, min(n, a + chunk))
+            ]
+            w.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA))
+
+
+def cluster_run(n: int, work: str) -> None:
+    """iterit's hashed path end to end at N: the TF-IDF rows built by Ray Data on this machine's CPUs,
+    then the greedy over the memory-mapped rows; memory of every process together (benchmarks/memwatch)."""
+    from memwatch import MemoryWatch
+
+    from iterit import cluster
+    from iterit.io import filesystem
+    from iterit.selection.stage import diversity_inputs, remove_tfidf
+    from iterit.selection.window import select_window
+
+    samples = os.path.join(work, f"samples-{n}.parquet")
+    if not os.path.exists(samples):
+        t = time.perf_counter()
+        write_corpus(samples, n)
+        print(
+            f"corpus of {n:,} written in {time.perf_counter() - t:.0f} s "
+            f"({os.path.getsize(samples) / 2**30:.2f} GiB)"
+        )
+    ifd = np.random.default_rng(1).uniform(0.3, 1.0, size=n)
+    tfidf = os.path.join(work, f"tfidf-{n}")
+    remove_tfidf(tfidf)
+    with MemoryWatch() as mem:
+        t0 = time.perf_counter()
+        cluster.connect()
+        div = diversity_inputs(samples, np.arange(n), ifd, "iterit", "hashed", tfidf, "<|im_end|>", log=print)
+        t1 = time.perf_counter()
+        fs, _ = filesystem(tfidf)
+        disk = fs.du(tfidf)
+        wo = select_window(ifd, n // 20, "iterit", **div)
+        t2 = time.perf_counter()
+    print(
+        f"N={n:,} k={len(wo.picks):,} (hashed TF-IDF on the cluster): {t2 - t0:.0f} s end to end (Ray "
+        f"start and TF-IDF rows {t1 - t0:.0f} s, greedy {t2 - t1:.0f} s, {len(wo.picks) / (t2 - t1):,.0f} "
+        f"picks/s); "
+        f"memory of every process together (machine used memory above before) {mem.run_peak_mb / 1024:.1f} "
+        f"GiB, driver peak RSS {mem.driver_peak_mb / 1024:.1f} GiB; rows on disk {disk / 2**30:.1f} GiB",
+        flush=True,
+    )
+    remove_tfidf(tfidf)
+
+
 def embedding_run(n: int, k: int, dim: int = 576) -> None:
     """The embedding method at scale, on clustered synthetic unit vectors (200 topics + noise): the
     cost is the matrix products, which do not depend on where the vectors come from."""
@@ -178,10 +250,23 @@ def main() -> None:
         "--big-mode", default="auto", help="TF-IDF mode of the big run (auto: hashed above 200,000)"
     )
     ap.add_argument("--only-big", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--cluster",
+        type=int,
+        metavar="N",
+        help="only iterit's cluster-built hashed path at N (corpus streamed to --work, reused across runs)",
+    )
+    ap.add_argument(
+        "--work", default=os.path.join(os.path.expanduser("~"), ".cache", "iterit", "bench-selection")
+    )
     ap.add_argument("--embedding", action="store_true", help="only the embedding method at --big, k = 5%%")
     args = ap.parse_args()
     if args.embedding:
         embedding_run(args.big, args.big // 20)
+        return
+    if args.cluster:
+        os.makedirs(args.work, exist_ok=True)
+        cluster_run(args.cluster, args.work)
         return
     if args.only_big:
         million(args.big, args.big_mode)

@@ -39,6 +39,7 @@ from iterit.io import atomic_open, atomic_write_text, filesystem, join
 from iterit.rundir import Manifest, RunDir, iter_scores, iteration_key, stage_name
 from iterit.selection.stage import (
     diversity_inputs,
+    pick_progress,
     read_score_rows,
     remove_tfidf,
     sample_count,
@@ -131,20 +132,22 @@ def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str |
     diversity = diversity_inputs(
         samples_path, window_rows, arrays["ifd"], sel.method, sel.tfidf, files.tfidf, eos, log
     )
-    order, wo = reorder(
-        current,
-        window_ifd,
-        sel.num_selected(n),
-        sel.method,
-        **diversity,
-        eos_token=eos,
-        decay=sel.decay,
-        seed=cfg.seed,
-        iteration=e,
-        tfidf_mode=sel.tfidf,
-        n_response_tokens=arrays.get("n_response_tokens"),
-        embeddings=arrays.get("embeddings"),
-    )
+    with pick_progress(sel.num_selected(n), sel.method) as on_pick:
+        order, wo = reorder(
+            current,
+            window_ifd,
+            sel.num_selected(n),
+            sel.method,
+            **diversity,
+            eos_token=eos,
+            decay=sel.decay,
+            seed=cfg.seed,
+            iteration=e,
+            tfidf_mode=sel.tfidf,
+            n_response_tokens=arrays.get("n_response_tokens"),
+            embeddings=arrays.get("embeddings"),
+            on_pick=on_pick,
+        )
     tail = len(order) - len(window)
     ifd = np.concatenate([arrays["ifd"][wo.order], np.full(tail, np.nan)])
     files.write(order, ifd, wo.status + ["tail"] * tail, wo.gains)

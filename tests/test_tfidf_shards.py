@@ -83,8 +83,11 @@ def test_sharded_rows_and_picks_equal_the_in_memory_hashed_matrix(samples, tmp_p
 
     k = 40
     want = lazy_greedy(c_ifd, x, k, 0.1)
-    got = lazy_greedy_rows(c_ifd, rows.row, rows.initial, rows.n_terms, k, 0.1)
-    assert got == want and len(got[0]) == k
+    calls = []
+    got = lazy_greedy_rows(
+        c_ifd, rows.row, rows.initial, rows.n_terms, k, 0.1, on_pick=lambda: calls.append(1)
+    )
+    assert got == want and len(got[0]) == k and len(calls) == k  # one progress update per pick
 
 
 def test_an_interrupted_build_completes_what_is_missing(samples, tmp_path, ray_local):
@@ -171,3 +174,15 @@ def test_select_command_with_hashed_tfidf_on_the_cluster(samples, tmp_path, ray_
     got = [r["id"] for r in SelectionFiles(str(tmp_path / "sel")).read_selection()]
     want = select_window(ifd, int(0.05 * len(ifd)), "iterit", responses=texts, tfidf_mode="hashed")
     assert got == [f"s{p}" for p in want.picks]
+
+
+def test_pick_progress_only_for_long_greedy_selections(capsys):
+    from iterit.selection.stage import PROGRESS_MIN_PICKS, pick_progress
+
+    with pick_progress(PROGRESS_MIN_PICKS - 1, "iterit") as short, pick_progress(10**6, "ifd") as sort:
+        assert short is None and sort is None
+    with pick_progress(PROGRESS_MIN_PICKS, "iterit") as on_pick:
+        for _ in range(PROGRESS_MIN_PICKS):
+            on_pick()
+    err = capsys.readouterr().err
+    assert "iterit greedy" in err and f"{PROGRESS_MIN_PICKS}/{PROGRESS_MIN_PICKS}" in err

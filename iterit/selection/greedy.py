@@ -62,11 +62,12 @@ def initial_scores(ifd: np.ndarray, x: sp.csr_matrix) -> np.ndarray:
 
 
 def lazy_greedy_rows(
-    ifd: np.ndarray, row, initial: np.ndarray, n_terms: int, k: int, decay: float
+    ifd: np.ndarray, row, initial: np.ndarray, n_terms: int, k: int, decay: float, on_pick=None
 ) -> tuple[list[int], list[float]]:
     """The lazy greedy over rows read one at a time: row(i) -> (indices, data) of document i;
     `initial[i]` = row_score(ifd[i], *row i, None), however it was computed (in parallel, per shard).
-    Only the popped rows are read: the matrix itself can stay on disk."""
+    Only the popped rows are read: the matrix itself can stay on disk. on_pick(): called after each pick
+    (a progress bar's update)."""
     ifd = np.asarray(ifd, dtype=np.float64)
     factor = np.ones(n_terms, dtype=np.float64)  # f_t = decay ** (times term t was picked)
     heap = list(zip((-np.asarray(initial, dtype=np.float64)).tolist(), range(len(ifd))))
@@ -80,12 +81,16 @@ def lazy_greedy_rows(
             picks.append(i)
             gains.append(s)
             factor[indices] *= decay
+            if on_pick is not None:
+                on_pick()
         else:
             heapq.heappush(heap, (-s, i))
     return picks, gains
 
 
-def lazy_greedy(ifd: np.ndarray, tfidf: sp.spmatrix, k: int, decay: float) -> tuple[list[int], list[float]]:
+def lazy_greedy(
+    ifd: np.ndarray, tfidf: sp.spmatrix, k: int, decay: float, on_pick=None
+) -> tuple[list[int], list[float]]:
     """The same picks as reference_greedy, lazily: (picks in order, gain of each pick)."""
     x = sp.csr_matrix(tfidf)
     indptr, indices, data = x.indptr, x.indices, x.data
@@ -94,7 +99,7 @@ def lazy_greedy(ifd: np.ndarray, tfidf: sp.spmatrix, k: int, decay: float) -> tu
         a, b = indptr[i], indptr[i + 1]
         return indices[a:b], data[a:b]
 
-    return lazy_greedy_rows(ifd, row, initial_scores(ifd, x), x.shape[1], k, decay)
+    return lazy_greedy_rows(ifd, row, initial_scores(ifd, x), x.shape[1], k, decay, on_pick)
 
 
 def rest_by_ifd(ifd: np.ndarray, picked: list[int]) -> list[int]:

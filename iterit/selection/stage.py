@@ -9,6 +9,7 @@ run_selection     `iterit select`: one window = the whole corpus in file order
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -144,6 +145,23 @@ def diversity_inputs(
     return {"tfidf_rows": ShardedRows(work_dir, cand.size)}
 
 
+PROGRESS_MIN_PICKS = 10_000  # below this a selection takes seconds: no bar
+
+
+@contextlib.contextmanager
+def pick_progress(k: int, method: str):
+    """select_window's on_pick for long selections: a progress bar of iterit's greedy (picks done,
+    picks/s, ETA); None for short ones and the other methods. It redraws at most every 10 s, so a job
+    log (not a terminal) gets a line every 10 s, not one per pick."""
+    if k < PROGRESS_MIN_PICKS or method != "iterit":
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=k, desc="  iterit greedy", unit="pick", mininterval=10, dynamic_ncols=True) as bar:
+        yield lambda: bar.update(1)
+
+
 def remove_tfidf(work_dir: str) -> None:
     fs, p = filesystem(work_dir)
     if fs.exists(p):
@@ -178,19 +196,22 @@ def run_selection(
     diversity = diversity_inputs(
         samples_path, np.arange(len(ids)), ifd, method, tfidf_mode, files.tfidf, eos_token, log
     )
-    wo = select_window(
-        ifd,
-        k_of(len(ids)),
-        method,
-        eos_token=eos_token,
-        decay=decay,
-        n_response_tokens=arrays.get("n_response_tokens"),
-        embeddings=arrays.get("embeddings"),
-        seed=seed,
-        iteration=0,
-        tfidf_mode=tfidf_mode,
-        **diversity,
-    )
+    k = k_of(len(ids))
+    with pick_progress(k, method) as on_pick:
+        wo = select_window(
+            ifd,
+            k,
+            method,
+            eos_token=eos_token,
+            decay=decay,
+            n_response_tokens=arrays.get("n_response_tokens"),
+            embeddings=arrays.get("embeddings"),
+            seed=seed,
+            iteration=0,
+            tfidf_mode=tfidf_mode,
+            on_pick=on_pick,
+            **diversity,
+        )
     files.write([ids[p] for p in wo.order], ifd[wo.order], wo.status, wo.gains)
     remove_tfidf(files.tfidf)
     return {

@@ -43,11 +43,13 @@ def select_window(
     iteration: int = 0,
     tfidf_mode: str = "auto",
     tfidf_rows=None,
+    on_pick=None,
 ) -> WindowOrder:
     """Order one window. `ifd` has NaN for samples that were rejected or not scored. The random method
     draws from iteration_rng(seed, iteration), the run's one stream for that iteration. iterit reads
     either `responses` (TF-IDF built here, in memory) or `tfidf_rows`, the candidates' rows built on the
-    cluster (selection.shards.ShardedRows, candidates numbered in window order)."""
+    cluster (selection.shards.ShardedRows, candidates numbered in window order). on_pick(): after each
+    pick of iterit's greedy (a progress bar)."""
     ifd = np.asarray(ifd, dtype=np.float64)
     finite = np.isfinite(ifd)
     ifd_based = method in ("iterit", "ifd", "embedding")
@@ -62,7 +64,7 @@ def select_window(
                 f"tfidf_rows holds {len(tfidf_rows.initial):,} rows for {len(cand):,} candidates"
             )
         picked, gains = lazy_greedy_rows(
-            c_ifd, tfidf_rows.row, tfidf_rows.initial, tfidf_rows.n_terms, k, decay
+            c_ifd, tfidf_rows.row, tfidf_rows.initial, tfidf_rows.n_terms, k, decay, on_pick
         )
         rest = rest_by_ifd(c_ifd, picked)
     elif method == "iterit":
@@ -71,7 +73,7 @@ def select_window(
         if responses is None:
             raise ValueError("method iterit needs the response texts")
         texts = response_texts([responses[i] for i in cand], eos_token)
-        picked, gains = lazy_greedy(c_ifd, tfidf_matrix(texts, tfidf_mode), k, decay)
+        picked, gains = lazy_greedy(c_ifd, tfidf_matrix(texts, tfidf_mode), k, decay, on_pick)
         rest = rest_by_ifd(c_ifd, picked)
     elif method == "embedding":
         from iterit.selection.embedding import lazy_embedding_greedy
