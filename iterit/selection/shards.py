@@ -172,8 +172,9 @@ class ShardedRows:
         self.local_of = np.zeros(n, dtype=np.int64)
         for s, name in enumerate(sorted(os.listdir(root))):
             folder = os.path.join(root, name)
+            # Plain ndarray views of the maps: slicing a np.memmap builds a memmap object per row.
             arrays = [
-                np.load(os.path.join(folder, f"{a}.npy"), mmap_mode="r")
+                np.load(os.path.join(folder, f"{a}.npy"), mmap_mode="r").view(np.ndarray)
                 for a in ("indptr", "indices", "data")
             ]
             self.shards.append(arrays)
