@@ -92,6 +92,19 @@ def demo_assets() -> dict:
 
 
 @pytest.fixture(scope="session")
+def real_responses(demo_assets) -> list[str]:
+    """The final responses of the demo ShareGPT corpus's first 600 conversations that end in one."""
+    texts = []
+    for line in open(demo_assets["train"], encoding="utf-8"):
+        conv = json.loads(line)["conversations"]
+        if conv and conv[-1].get("from") == "gpt" and conv[-1]["value"].strip():
+            texts.append(conv[-1]["value"])
+        if len(texts) == 600:
+            break
+    return texts
+
+
+@pytest.fixture(scope="session")
 def smollm_tokenizer(demo_assets):
     from iterit.templates import load_tokenizer
 

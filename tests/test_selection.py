@@ -29,18 +29,6 @@ def test_ties_go_to_the_lowest_position():
         assert fn(np.full(4, 0.5), w, 4, 0.0)[0] == [0, 1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def real_responses(demo_assets):
-    texts = []
-    for line in open(demo_assets["train"], encoding="utf-8"):
-        conv = json.loads(line)["conversations"]
-        if conv and conv[-1].get("from") == "gpt" and conv[-1]["value"].strip():
-            texts.append(conv[-1]["value"])
-        if len(texts) == 600:
-            return texts
-    return texts
-
-
 @pytest.mark.parametrize("decay", [0.1, 0.0, 0.5, 1.0])
 def test_lazy_greedy_equals_the_official_loop_on_real_text(real_responses, decay):
     rng = np.random.default_rng(7)

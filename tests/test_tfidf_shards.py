@@ -19,14 +19,8 @@ EOS = "<|im_end|>"
 
 
 @pytest.fixture(scope="module")
-def samples(tmp_path_factory, demo_assets):
-    texts = []
-    for line in open(demo_assets["train"], encoding="utf-8"):
-        conv = json.loads(line)["conversations"]
-        if conv and conv[-1].get("from") == "gpt" and conv[-1]["value"].strip():
-            texts.append(conv[-1]["value"])
-        if len(texts) == 500:
-            break
+def samples(tmp_path_factory, real_responses):
+    texts = real_responses[:500]
     rows = [
         {
             "id": f"s{i}",
