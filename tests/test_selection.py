@@ -241,3 +241,35 @@ def test_random_selections_of_different_seeds_and_iterations_never_coincide():
     assert len(set(orders.values())) == len(orders)
     # the draw is the run's one stream for that iteration, the one its training order comes from too
     assert orders[(42, 1)] == tuple(iteration_rng(42, 1).permutation(40).tolist())
+
+
+def test_a_row_scores_the_same_alone_or_in_any_batch(real_responses):
+    """The lazy greedy's exactness leans on segment_scores giving a row one value wherever it is scored."""
+    from iterit.selection.greedy import initial_scores, segment_scores
+
+    x = tfidf_matrix(response_texts(real_responses, "<|im_end|>"), "hashed", workers=1)
+    ifd = np.random.default_rng(3).uniform(0.2, 1.0, x.shape[0])
+    factor = np.random.default_rng(4).uniform(0.01, 1.0, x.shape[1])
+    lengths = np.diff(x.indptr)
+    batch = segment_scores(ifd, x.indices, x.data, lengths, factor)
+    for i in range(0, x.shape[0], 7):
+        a, b = x.indptr[i], x.indptr[i + 1]
+        alone = segment_scores(ifd[i : i + 1], x.indices[a:b], x.data[a:b], lengths[i : i + 1], factor)
+        assert alone[0] == batch[i]
+    assert np.array_equal(initial_scores(ifd, x, block_rows=50), initial_scores(ifd, x))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_lazy_greedy_picks_do_not_depend_on_the_rescoring_batch(real_responses, batch):
+    from iterit.selection.greedy import initial_scores, lazy_greedy_rows
+
+    x = tfidf_matrix(response_texts(real_responses, "<|im_end|>"), "exact")
+    ifd = np.random.default_rng(5).uniform(0.2, 1.0, x.shape[0])
+
+    def row(i):
+        return x.indices[x.indptr[i] : x.indptr[i + 1]], x.data[x.indptr[i] : x.indptr[i + 1]]
+
+    want = reference_greedy(ifd, x, 50, 0.1)
+    got = lazy_greedy_rows(ifd, row, initial_scores(ifd, x), x.shape[1], 50, 0.1, batch=batch)
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-12)

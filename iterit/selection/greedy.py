@@ -5,10 +5,10 @@ of its response), take the argmax (ties to the lowest position), multiply every 
 pick by `decay` for all documents, drop the pick. That is O(k x nnz): minutes at 50K samples.
 
 Here the decayed weight is w_it * f_t with one factor f_t per term, and scores only ever go down
-(f_t shrinks, picks leave), so a max-heap of stale scores is a heap of upper bounds: pop the top,
-recompute that one document's score from its own row, and take it if it did not change, else push it
-back. The picks are the official loop's, in the same order; the cost is O(nnz) to start plus
-O(row) per re-evaluation.
+(f_t shrinks, picks leave), so a max-heap of stale scores is a heap of upper bounds: when the top was
+scored since the last pick it is exact and is taken, else the stale entries at the top are re-scored
+from their own rows (a batch in one numpy pass) and pushed back. The picks are the official loop's, in
+the same order; the cost is O(nnz) to start plus O(row) per re-evaluation.
 """
 
 from __future__ import annotations
@@ -44,47 +44,88 @@ def reference_greedy(
     return picks, gains
 
 
-def row_score(ifd_i: float, data: np.ndarray, indices: np.ndarray, factor: np.ndarray | None) -> float:
-    """ifd_i x the remaining TF-IDF mass of one row: sum_t w_it f_t (factor None: every f_t = 1).
-    The one routine for initial scores and re-evaluations, wherever the rows live: the lazy greedy's
-    exactness needs a score recomputed unchanged to compare equal to the one pushed."""
-    f = factor[indices] if factor is not None else np.ones(len(indices))
-    return float(ifd_i * np.dot(data, f))  # float32 rows (hashed) accumulate against float64 factors
+def segment_scores(
+    ifd_rows: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    lengths: np.ndarray,
+    factor: np.ndarray | None,
+) -> np.ndarray:
+    """ifd_r x sum_t w_rt f_t for many rows at once, given as their concatenated (indices, data) and
+    their lengths (factor None: every f_t = 1). The one routine for initial scores and re-evaluations,
+    wherever the rows live: one numpy pass per call, and a row's sum depends on that row's values alone
+    (np.add.reduceat reduces each segment by itself), so a row scores the same in any batch."""
+    vals = data * factor[indices] if factor is not None else data.astype(np.float64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    sums = np.zeros(len(lengths), dtype=np.float64)
+    nonempty = lengths > 0
+    if nonempty.any():
+        starts = np.cumsum(lengths) - lengths
+        sums[nonempty] = np.add.reduceat(vals, starts[nonempty])
+    return np.asarray(ifd_rows, dtype=np.float64) * sums
 
 
-def initial_scores(ifd: np.ndarray, x: sp.csr_matrix) -> np.ndarray:
-    """row_score of every row of `x` before any pick (every factor 1)."""
+def initial_scores(ifd: np.ndarray, x: sp.csr_matrix, block_rows: int = 65_536) -> np.ndarray:
+    """segment_scores of every row of `x` before any pick (every factor 1), a block of rows at a time."""
     ifd = np.asarray(ifd, dtype=np.float64)
-    ip, ix, d = x.indptr, x.indices, x.data
-    return np.array(
-        [row_score(ifd[i], d[ip[i] : ip[i + 1]], ix[ip[i] : ip[i + 1]], None) for i in range(x.shape[0])]
-    )
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for r0 in range(0, x.shape[0], block_rows):
+        r1 = min(x.shape[0], r0 + block_rows)
+        a, b = x.indptr[r0], x.indptr[r1]
+        lengths = np.diff(x.indptr[r0 : r1 + 1])
+        out[r0:r1] = segment_scores(ifd[r0:r1], x.indices[a:b], x.data[a:b], lengths, None)
+    return out
 
 
 def lazy_greedy_rows(
-    ifd: np.ndarray, row, initial: np.ndarray, n_terms: int, k: int, decay: float, on_pick=None
+    ifd: np.ndarray,
+    row,
+    initial: np.ndarray,
+    n_terms: int,
+    k: int,
+    decay: float,
+    on_pick=None,
+    batch: int = 16,
 ) -> tuple[list[int], list[float]]:
     """The lazy greedy over rows read one at a time: row(i) -> (indices, data) of document i;
-    `initial[i]` = row_score(ifd[i], *row i, None), however it was computed (in parallel, per shard).
-    Only the popped rows are read: the matrix itself can stay on disk. on_pick(): called after each pick
-    (a progress bar's update)."""
+    `initial[i]` its segment_scores before any pick, however it was computed (in parallel, per shard).
+    Only the rows it re-evaluates are read: the matrix itself can stay on disk.
+
+    Heap entries are (-score, i, picks made when scored). An entry scored since the last pick is exact,
+    every other one an upper bound (scores only go down): when the top is exact it is the argmax, ties
+    to the lowest i by the heap's order. Otherwise up to `batch` stale entries from the top are
+    re-scored together (one segment_scores call) and pushed back. on_pick(): after each pick.
+    batch 16: at N = 200,000, k = 10,000 (hashed) the greedy took 21 s, against 42 s re-scoring one row
+    at a time, 26 s at 64 and 128 s at 256 (a larger batch re-scores rows no pick needed)."""
     ifd = np.asarray(ifd, dtype=np.float64)
     factor = np.ones(n_terms, dtype=np.float64)  # f_t = decay ** (times term t was picked)
-    heap = list(zip((-np.asarray(initial, dtype=np.float64)).tolist(), range(len(ifd))))
+    heap = list(zip((-np.asarray(initial, dtype=np.float64)).tolist(), range(len(ifd)), [0] * len(ifd)))
     heapq.heapify(heap)
     picks, gains = [], []
     while heap and len(picks) < k:
-        neg, i = heapq.heappop(heap)
-        indices, data = row(i)
-        s = row_score(ifd[i], data, indices, factor)
-        if s == -neg:  # unchanged since pushed: no other candidate can beat it (ties: lower i first)
+        now = len(picks)
+        if heap[0][2] == now:  # exact and on top: no other candidate can beat it
+            neg, i, _ = heapq.heappop(heap)
             picks.append(i)
-            gains.append(s)
-            factor[indices] *= decay
+            gains.append(-neg)
+            factor[row(i)[0]] *= decay
             if on_pick is not None:
                 on_pick()
-        else:
-            heapq.heappush(heap, (-s, i))
+            continue
+        stale = []
+        while heap and heap[0][2] != now and len(stale) < batch:
+            stale.append(heapq.heappop(heap)[1])
+        rows = [row(i) for i in stale]
+        lengths = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
+        fresh = segment_scores(
+            ifd[stale],
+            np.concatenate([r[0] for r in rows]),
+            np.concatenate([r[1] for r in rows]),
+            lengths,
+            factor,
+        )
+        for s, i in zip(fresh.tolist(), stale):
+            heapq.heappush(heap, (-s, i, now))
     return picks, gains
 
 

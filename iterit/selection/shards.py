@@ -15,7 +15,7 @@ The matrix is the one tfidf_matrix(texts, "hashed") builds in memory, row for ro
           driver receives the 2^24 document frequencies (128 MB whatever N) and nothing else of the matrix;
   weight  one task per shard: idf and l2 norm (tfidf.weight_inplace with the whole matrix's idf: a row's
           weights depend on that row and the idf only), each row's initial greedy score
-          (greedy.row_score), the weighted shard written, the count shard removed.
+          (greedy.initial_scores), the weighted shard written, the count shard removed.
 Candidates are numbered 0..n-1 in window order (the order select_window gives them); `cand_of_row`
 maps each row of the samples file to its candidate number, -1 for a sample that is not a candidate.
 
@@ -41,7 +41,7 @@ import scipy.sparse as sp
 from fsspec.implementations.local import LocalFileSystem
 
 from iterit.io import filesystem, join
-from iterit.selection.greedy import row_score
+from iterit.selection.greedy import initial_scores
 from iterit.selection.tfidf import HASH_FEATURES, hash_counts, response_texts, weight_inplace
 
 ROWS_PER_TASK = 32_768  # samples per counts task: ~20M non-zeros, ~0.5 GB of task memory
@@ -144,10 +144,7 @@ def weight_shard(shard: str, out_dir: str, idf: np.ndarray, cand_ifd: np.ndarray
         )
         weight_inplace(x, idf=idf)
         ip, ix, d = x.indptr, x.indices, x.data
-        ifd = cand_ifd[cands]
-        initial = np.array(
-            [row_score(ifd[i], d[ip[i] : ip[i + 1]], ix[ip[i] : ip[i + 1]], None) for i in range(x.shape[0])]
-        )
+        initial = initial_scores(cand_ifd[cands], x)
         save_arrays(fs, dst, {"data": d, "indices": ix, "indptr": ip, "cands": cands, "initial": initial})
     if fs.exists(src):
         fs.rm(src, recursive=True)
