@@ -132,7 +132,7 @@ def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str |
     diversity = diversity_inputs(
         samples_path, window_rows, arrays["ifd"], sel.method, sel.tfidf, files.tfidf, eos, log
     )
-    with pick_progress(sel.num_selected(n), sel.method) as on_pick:
+    with pick_progress(sel.num_selected(n), sel.method) as on_picks:
         order, wo = reorder(
             current,
             window_ifd,
@@ -146,7 +146,7 @@ def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str |
             tfidf_mode=sel.tfidf,
             n_response_tokens=arrays.get("n_response_tokens"),
             embeddings=arrays.get("embeddings"),
-            on_pick=on_pick,
+            on_picks=on_picks,
         )
     tail = len(order) - len(window)
     ifd = np.concatenate([arrays["ifd"][wo.order], np.full(tail, np.nan)])

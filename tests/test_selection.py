@@ -66,6 +66,57 @@ def test_hashed_tfidf_matches_exact_weights_without_collisions():
         np.testing.assert_allclose(sorted(exact[i].data), sorted(hashed[i].data), rtol=1e-6)
 
 
+def _reference_hash_counts(texts: list[str]) -> list[dict[int, int]]:
+    """hash_counts spelled out in Python: TfidfVectorizer's regex tokens, FNV-1a per word, splitmix."""
+    from collections import Counter
+
+    from iterit.selection.tfidf import _WORD, HASH_FEATURES
+
+    m = (1 << 64) - 1
+
+    def mix(a, b):
+        x = ((a * 0x9E3779B97F4A7C15) & m) ^ ((b + 0xBF58476D1CE4E5B9) & m)
+        x ^= x >> 31
+        x = (x * 0xBF58476D1CE4E5B9) & m
+        return x ^ (x >> 29)
+
+    def word(w):
+        h = 0xCBF29CE484222325
+        for ch in w:
+            h = ((h ^ ord(ch)) * 0x100000001B3) & m
+        return mix(h, len(w))
+
+    rows = []
+    for text in texts:
+        w = [word(t) for t in _WORD.findall(text.lower())]
+        keys = [mix(a, 1) for a in w] + [mix(mix(a, b), 2) for a, b in zip(w, w[1:])]
+        keys += [mix(mix(mix(a, b), c), 3) for a, b, c in zip(w, w[1:], w[2:])]
+        rows.append(dict(Counter(key & (HASH_FEATURES - 1) for key in keys)))
+    return rows
+
+
+def test_hashed_counts_tokenise_as_the_regex_does(real_responses):
+    """The compiled scan finds exactly TfidfVectorizer's tokens, Unicode included: accents, Greek final
+    sigma, dotted I (lowercases to 2 code points), CJK, other digits, underscores, combining marks,
+    emoji, lone surrogates, texts too short for any token."""
+    from iterit.selection.tfidf import hash_counts
+
+    texts = [
+        "Hello world, hello_World 42 a b cc",
+        "",
+        "x",
+        "ΣΑΣ ΟΔΟΣ İstanbul café naïve 東京タワー 123abc ９９ ½ x²",
+        "\ud800ab cd\udfff ef",
+        "e\u0301te\u0301 co\u0308operate",
+        "🙂🙂 ok ok ok ok",
+    ] + list(real_responses)
+    x = hash_counts(texts)
+    for i, want in enumerate(_reference_hash_counts(texts)):
+        cols, counts = x.indices[x.indptr[i] : x.indptr[i + 1]], x.data[x.indptr[i] : x.indptr[i + 1]]
+        assert np.all(np.diff(cols) > 0)  # sorted, one entry per column
+        assert dict(zip(cols.tolist(), counts.tolist())) == want, texts[i][:60]
+
+
 def test_stack_rows_is_vstack():
     from iterit.selection.tfidf import stack_rows
 
@@ -243,33 +294,42 @@ def test_random_selections_of_different_seeds_and_iterations_never_coincide():
     assert orders[(42, 1)] == tuple(iteration_rng(42, 1).permutation(40).tolist())
 
 
-def test_a_row_scores_the_same_alone_or_in_any_batch(real_responses):
-    """The lazy greedy's exactness leans on segment_scores giving a row one value wherever it is scored."""
-    from iterit.selection.greedy import initial_scores, segment_scores
+def test_a_row_scores_the_same_in_every_block_and_at_every_factor_one():
+    """The lazy greedy's exactness leans on a row getting one value wherever it is scored: the initial
+    scores (computed per shard, in parallel) are the re-evaluation's sum with every factor 1."""
+    from iterit.selection.greedy import _row_sum, initial_scores
 
-    x = tfidf_matrix(response_texts(real_responses, "<|im_end|>"), "hashed", workers=1)
+    x = sp.random(300, 50, density=0.2, format="csr", random_state=3, dtype=np.float32)
     ifd = np.random.default_rng(3).uniform(0.2, 1.0, x.shape[0])
-    factor = np.random.default_rng(4).uniform(0.01, 1.0, x.shape[1])
-    lengths = np.diff(x.indptr)
-    batch = segment_scores(ifd, x.indices, x.data, lengths, factor)
+    whole = initial_scores(ifd, x)
+    assert np.array_equal(
+        np.concatenate([initial_scores(ifd[:97], x[:97]), initial_scores(ifd[97:], x[97:])]), whole
+    )
+    ones = np.ones(x.shape[1])
     for i in range(0, x.shape[0], 7):
-        a, b = x.indptr[i], x.indptr[i + 1]
-        alone = segment_scores(ifd[i : i + 1], x.indices[a:b], x.data[a:b], lengths[i : i + 1], factor)
-        assert alone[0] == batch[i]
-    assert np.array_equal(initial_scores(ifd, x, block_rows=50), initial_scores(ifd, x))
+        assert whole[i] == ifd[i] * _row_sum(x.indices, x.data, x.indptr[i], x.indptr[i + 1], ones)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 64])
-def test_lazy_greedy_picks_do_not_depend_on_the_rescoring_batch(real_responses, batch):
+@pytest.mark.parametrize("shards", [1, 3, 7])
+def test_lazy_greedy_over_shards_in_any_order_makes_the_official_picks(real_responses, shards):
+    """Rows split over shards (as the cluster writes them: each shard a run of candidates in any order)
+    give the official loop's picks and gains."""
     from iterit.selection.greedy import initial_scores, lazy_greedy_rows
 
     x = tfidf_matrix(response_texts(real_responses, "<|im_end|>"), "exact")
-    ifd = np.random.default_rng(5).uniform(0.2, 1.0, x.shape[0])
-
-    def row(i):
-        return x.indices[x.indptr[i] : x.indptr[i + 1]], x.data[x.indptr[i] : x.indptr[i + 1]]
-
+    n = x.shape[0]
+    ifd = np.random.default_rng(5).uniform(0.2, 1.0, n)
+    owner = np.random.default_rng(shards).permutation(n)  # shard rows hold candidates in shuffled order
+    parts, shard_of, local_of = [], np.empty(n, np.int32), np.empty(n, np.int64)
+    for s, cands in enumerate(np.array_split(owner, shards)):
+        part = x[cands]
+        parts.append((part.indptr.astype(np.int64), part.indices, part.data))
+        shard_of[cands], local_of[cands] = s, np.arange(len(cands))
+    seen = []
     want = reference_greedy(ifd, x, 50, 0.1)
-    got = lazy_greedy_rows(ifd, row, initial_scores(ifd, x), x.shape[1], 50, 0.1, batch=batch)
+    got = lazy_greedy_rows(
+        ifd, parts, shard_of, local_of, initial_scores(ifd, x), x.shape[1], 50, 0.1, on_picks=seen.append
+    )
     assert got[0] == want[0]
     np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+    assert sum(seen) == 50 and len(seen) == 50  # progress every max(1, k // 200) picks

@@ -79,9 +79,9 @@ def test_sharded_rows_and_picks_equal_the_in_memory_hashed_matrix(samples, tmp_p
     want = lazy_greedy(c_ifd, x, k, 0.1)
     calls = []
     got = lazy_greedy_rows(
-        c_ifd, rows.row, rows.initial, rows.n_terms, k, 0.1, on_pick=lambda: calls.append(1)
+        c_ifd, rows.shards, rows.shard_of, rows.local_of, rows.initial, rows.n_terms, k, 0.1, calls.append
     )
-    assert got == want and len(got[0]) == k and len(calls) == k  # one progress update per pick
+    assert got == want and len(got[0]) == k and sum(calls) == k  # progress counts every pick
 
 
 def test_an_interrupted_build_completes_what_is_missing(samples, tmp_path, ray_local):
@@ -175,8 +175,8 @@ def test_pick_progress_only_for_long_greedy_selections(capsys):
 
     with pick_progress(PROGRESS_MIN_PICKS - 1, "iterit") as short, pick_progress(10**6, "ifd") as sort:
         assert short is None and sort is None
-    with pick_progress(PROGRESS_MIN_PICKS, "iterit") as on_pick:
-        for _ in range(PROGRESS_MIN_PICKS):
-            on_pick()
+    with pick_progress(PROGRESS_MIN_PICKS, "iterit") as on_picks:
+        for _ in range(10):
+            on_picks(PROGRESS_MIN_PICKS // 10)
     err = capsys.readouterr().err
     assert "iterit greedy" in err and f"{PROGRESS_MIN_PICKS}/{PROGRESS_MIN_PICKS}" in err

@@ -36,6 +36,7 @@ import tempfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 from fsspec.implementations.local import LocalFileSystem
@@ -65,6 +66,14 @@ def load_array(fs, folder: str, name: str) -> np.ndarray:
 
 def is_complete(fs, folder: str) -> bool:
     return fs.exists(join(folder, "complete"))
+
+
+def final_contents(messages: pa.ChunkedArray) -> list[str]:
+    """The content of each sample's final message (its response), taken in Arrow: no Python dict per
+    message."""
+    messages = messages.combine_chunks()
+    last = np.cumsum(pc.list_value_length(messages).to_numpy()) - 1
+    return messages.flatten().field("content").take(pa.array(last)).to_pylist()
 
 
 def task_groups(samples_path: str, rows_per_task: int = ROWS_PER_TASK) -> list[dict]:
@@ -97,9 +106,8 @@ def count_shard(task: dict, samples_path: str, out_dir: str, cand_of_row: np.nda
     keep = np.flatnonzero(cands >= 0)
     if keep.size == 0:
         return 0
-    messages = table.column("messages").take(pa.array(keep)).to_pylist()
-    counts = hash_counts(response_texts([m[-1]["content"] for m in messages], eos_token))
-    counts.sum_duplicates()
+    responses = final_contents(table.column("messages").take(pa.array(keep)))
+    counts = hash_counts(response_texts(responses, eos_token))
     df_cols, df_counts = np.unique(counts.indices, return_counts=True)
     save_arrays(
         fs,

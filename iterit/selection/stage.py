@@ -100,8 +100,10 @@ def sample_count(samples_path: str) -> int:
 
 def read_responses(samples_path: str, rows: np.ndarray) -> list[str]:
     """The final responses of those rows of the samples file, in that order."""
+    from iterit.selection.shards import final_contents
+
     messages = _with_samples(samples_path, lambda f: f.read(columns=["messages"]).column("messages"))
-    return [m[-1]["content"] for m in messages.take(np.asarray(rows, dtype=np.int64)).to_pylist()]
+    return final_contents(messages.take(np.asarray(rows, dtype=np.int64)))
 
 
 def uses_cluster_tfidf(method: str, tfidf_mode: str, n_candidates: int) -> bool:
@@ -150,7 +152,7 @@ PROGRESS_MIN_PICKS = 10_000  # below this a selection takes seconds: no bar
 
 @contextlib.contextmanager
 def pick_progress(k: int, method: str):
-    """select_window's on_pick for long selections: a progress bar of iterit's greedy (picks done,
+    """select_window's on_picks for long selections: a progress bar of iterit's greedy (picks done,
     picks/s, ETA); None for short ones and the other methods. It redraws at most every 10 s, so a job
     log (not a terminal) gets a line every 10 s, not one per pick."""
     if k < PROGRESS_MIN_PICKS or method != "iterit":
@@ -159,7 +161,7 @@ def pick_progress(k: int, method: str):
     from tqdm.auto import tqdm
 
     with tqdm(total=k, desc="  iterit greedy", unit="pick", mininterval=10, dynamic_ncols=True) as bar:
-        yield lambda: bar.update(1)
+        yield bar.update
 
 
 def remove_tfidf(work_dir: str) -> None:
@@ -197,7 +199,7 @@ def run_selection(
         samples_path, np.arange(len(ids)), ifd, method, tfidf_mode, files.tfidf, eos_token, log
     )
     k = k_of(len(ids))
-    with pick_progress(k, method) as on_pick:
+    with pick_progress(k, method) as on_picks:
         wo = select_window(
             ifd,
             k,
@@ -209,7 +211,7 @@ def run_selection(
             seed=seed,
             iteration=0,
             tfidf_mode=tfidf_mode,
-            on_pick=on_pick,
+            on_picks=on_picks,
             **diversity,
         )
     files.write([ids[p] for p in wo.order], ifd[wo.order], wo.status, wo.gains)

@@ -43,13 +43,13 @@ def select_window(
     iteration: int = 0,
     tfidf_mode: str = "auto",
     tfidf_rows=None,
-    on_pick=None,
+    on_picks=None,
 ) -> WindowOrder:
     """Order one window. `ifd` has NaN for samples that were rejected or not scored. The random method
     draws from iteration_rng(seed, iteration), the run's one stream for that iteration. iterit reads
     either `responses` (TF-IDF built here, in memory) or `tfidf_rows`, the candidates' rows built on the
-    cluster (selection.shards.ShardedRows, candidates numbered in window order). on_pick(): after each
-    pick of iterit's greedy (a progress bar)."""
+    cluster (selection.shards.ShardedRows, candidates numbered in window order). on_picks(n): from
+    iterit's greedy, with the picks made since its last call (a progress bar)."""
     ifd = np.asarray(ifd, dtype=np.float64)
     finite = np.isfinite(ifd)
     ifd_based = method in ("iterit", "ifd", "embedding")
@@ -63,8 +63,9 @@ def select_window(
             raise ValueError(
                 f"tfidf_rows holds {len(tfidf_rows.initial):,} rows for {len(cand):,} candidates"
             )
+        rows = tfidf_rows
         picked, gains = lazy_greedy_rows(
-            c_ifd, tfidf_rows.row, tfidf_rows.initial, tfidf_rows.n_terms, k, decay, on_pick
+            c_ifd, rows.shards, rows.shard_of, rows.local_of, rows.initial, rows.n_terms, k, decay, on_picks
         )
         rest = rest_by_ifd(c_ifd, picked)
     elif method == "iterit":
@@ -73,7 +74,7 @@ def select_window(
         if responses is None:
             raise ValueError("method iterit needs the response texts")
         texts = response_texts([responses[i] for i in cand], eos_token)
-        picked, gains = lazy_greedy(c_ifd, tfidf_matrix(texts, tfidf_mode), k, decay, on_pick)
+        picked, gains = lazy_greedy(c_ifd, tfidf_matrix(texts, tfidf_mode), k, decay, on_picks)
         rest = rest_by_ifd(c_ifd, picked)
     elif method == "embedding":
         from iterit.selection.embedding import lazy_embedding_greedy
