@@ -187,6 +187,7 @@ def cluster_run(n: int, work: str) -> None:
 
     from iterit import cluster
     from iterit.io import filesystem
+    from iterit.selection.greedy import lazy_greedy_rows
     from iterit.selection.stage import diversity_inputs, remove_tfidf
     from iterit.selection.window import select_window
 
@@ -208,14 +209,17 @@ def cluster_run(n: int, work: str) -> None:
         t1 = time.perf_counter()
         fs, _ = filesystem(tfidf)
         disk = fs.du(tfidf)
+        mem.phase("greedy")
         wo = select_window(ifd, n // 20, "iterit", **div)
         t2 = time.perf_counter()
+    by = mem.run_peak_mb_of
     print(
         f"N={n:,} k={len(wo.picks):,} (hashed TF-IDF on the cluster): {t2 - t0:.0f} s end to end (Ray "
         f"start and TF-IDF rows {t1 - t0:.0f} s, greedy {t2 - t1:.0f} s, {len(wo.picks) / (t2 - t1):,.0f} "
-        f"picks/s); "
+        f"picks/s, {lazy_greedy_rows.rescored / len(wo.picks):.0f} re-evaluations a pick); "
         f"memory of every process together (machine used memory above before) {mem.run_peak_mb / 1024:.1f} "
-        f"GiB, driver peak RSS {mem.driver_peak_mb / 1024:.1f} GiB; rows on disk {disk / 2**30:.1f} GiB",
+        f"GiB (rows {by['run'] / 1024:.1f}, greedy {by['greedy'] / 1024:.1f}), driver peak RSS "
+        f"{mem.driver_peak_mb / 1024:.1f} GiB; rows on disk {disk / 2**30:.1f} GiB",
         flush=True,
     )
     remove_tfidf(tfidf)

@@ -8,6 +8,8 @@
 
     with MemoryWatch() as mem:
         ...
+        mem.phase("greedy")  # optional: peaks are also kept per phase (mem.run_peak_mb_of["greedy"])
+        ...
     mem.driver_peak_mb, mem.run_peak_mb
 """
 
@@ -37,10 +39,18 @@ class MemoryWatch:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self.driver_peak_kib = self.run_peak_kib = 0
+        self.current, self.phase_kib = "run", {"run": 0}
+
+    def phase(self, name: str) -> None:
+        self._sample()
+        self.current = name
+        self.phase_kib[name] = 0
 
     def _sample(self) -> None:
         self.driver_peak_kib = max(self.driver_peak_kib, driver_rss_kib())
-        self.run_peak_kib = max(self.run_peak_kib, machine_used_kib() - self.baseline_kib)
+        used = machine_used_kib() - self.baseline_kib
+        self.run_peak_kib = max(self.run_peak_kib, used)
+        self.phase_kib[self.current] = max(self.phase_kib[self.current], used)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -65,3 +75,7 @@ class MemoryWatch:
     @property
     def run_peak_mb(self) -> float:
         return self.run_peak_kib / 1024
+
+    @property
+    def run_peak_mb_of(self) -> dict[str, float]:
+        return {name: kib / 1024 for name, kib in self.phase_kib.items()}

@@ -64,6 +64,13 @@ def load_array(fs, folder: str, name: str) -> np.ndarray:
         return np.load(f)
 
 
+def map_array(fs, folder: str, name: str) -> np.ndarray:
+    """load_array, memory-mapped where the file is local: a task that needs a slice reads only that."""
+    if isinstance(fs, LocalFileSystem):
+        return np.load(filesystem(join(folder, f"{name}.npy"))[1], mmap_mode="r")
+    return load_array(fs, folder, name)
+
+
 def is_complete(fs, folder: str) -> bool:
     return fs.exists(join(folder, "complete"))
 
@@ -133,9 +140,9 @@ def sum_df_range(r: int, out_dir: str, shards: list[str], ranges: int = DF_RANGE
     df = np.zeros(width, dtype=np.int64)
     for s in shards:
         folder = join(out_dir, "counts", s)
-        cols, cnt = load_array(fs, folder, "df_cols"), load_array(fs, folder, "df_counts")
+        cols, cnt = map_array(fs, folder, "df_cols"), map_array(fs, folder, "df_counts")
         a, b = np.searchsorted(cols, [lo, hi])
-        np.add.at(df, cols[a:b] - lo, cnt[a:b])
+        df += np.bincount(cols[a:b] - lo, weights=cnt[a:b], minlength=width).astype(np.int64)
     return df
 
 
@@ -156,7 +163,7 @@ def weight_shard(shard: str, out_dir: str, idf: np.ndarray, cand_ifd: np.ndarray
         save_arrays(fs, dst, {"data": d, "indices": ix, "indptr": ip, "cands": cands, "initial": initial})
     if fs.exists(src):
         fs.rm(src, recursive=True)
-    return int(load_array(fs, dst, "indptr")[-1])
+    return int(map_array(fs, dst, "indptr")[-1])
 
 
 class ShardedRows:
