@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from numba import njit
+from numba import get_num_threads, njit, prange
 from numba.typed import List as NumbaList
 
 
@@ -101,6 +101,26 @@ def _sift_down(score, idx, epoch, size, i):
 
 
 @njit(cache=True, nogil=True)
+def _sift_up(score, idx, epoch, i):
+    while i > 0:
+        parent = (i - 1) // 2
+        if not _before(score, idx, i, parent):
+            return
+        _swap(score, idx, epoch, i, parent)
+        i = parent
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _rescore(cands, out, shard_of, local_of, indptrs, indices, datas, ifd, factor):
+    """out[q] = candidate cands[q]'s score at the current factors; the candidates split over threads."""
+    for q in prange(cands.shape[0]):
+        c = cands[q]
+        s, r = shard_of[c], local_of[c]
+        ip = indptrs[s]
+        out[q] = ifd[c] * _row_sum(indices[s], datas[s], ip[r], ip[r + 1], factor)
+
+
+@njit(cache=True, nogil=True)
 def _heapify(score, idx, epoch, size):
     for i in range(size // 2 - 1, -1, -1):
         _sift_down(score, idx, epoch, size, i)
@@ -123,6 +143,8 @@ def _greedy_steps(
     picks,
     gains,
     until,
+    stale,
+    fresh,
 ):
     """Run the lazy greedy from state = [heap size, picks made, re-evaluations] until `until` picks
     (or no candidate is left). The top of the heap is exact when it was scored at the current pick
@@ -142,12 +164,30 @@ def _greedy_steps(
             if size > 0:
                 score[0], idx[0], epoch[0] = score[size], idx[size], epoch[size]
                 _sift_down(score, idx, epoch, size, 0)
-        else:
+        elif stale.shape[0] == 1:  # re-scored alone, in place
             score[0] = ifd[c] * _row_sum(ix, datas[s], a, b, factor)
             epoch[0] = now
             rescored += 1
             _sift_down(score, idx, epoch, size, 0)
+        else:  # the stale entries at the top, up to `batch`, re-scored together (in parallel)
+            nb = 0
+            while size > 0 and epoch[0] != now and nb < stale.shape[0]:
+                stale[nb] = idx[0]
+                nb += 1
+                size -= 1
+                if size > 0:
+                    score[0], idx[0], epoch[0] = score[size], idx[size], epoch[size]
+                    _sift_down(score, idx, epoch, size, 0)
+            _rescore(stale[:nb], fresh[:nb], shard_of, local_of, indptrs, indices, datas, ifd, factor)
+            for q in range(nb):
+                score[size], idx[size], epoch[size] = fresh[q], stale[q], now
+                _sift_up(score, idx, epoch, size)
+                size += 1
+            rescored += nb
     state[0], state[1], state[2] = size, now, rescored
+
+
+RESCORE_BATCH_PER_THREAD = 8  # stale tops re-scored together: ~20% faster on 2 threads at N = 200,000
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -167,6 +207,7 @@ def lazy_greedy_rows(
     k: int,
     decay: float,
     on_picks=None,
+    batch: int | None = None,
 ) -> tuple[list[int], list[float]]:
     """The lazy greedy over rows kept in CSR shards (indptr, indices, data; in memory or memory-mapped):
     candidate c is row local_of[c] of shard shard_of[c]; `initial[c]` its score before any pick
@@ -174,9 +215,11 @@ def lazy_greedy_rows(
     and picks are read, so the matrix itself can stay on disk.
 
     Heap entries are (score, candidate, picks made when scored), compiled with numba: 24 bytes a
-    candidate, about 1 microsecond a re-evaluation. An entry scored since the last pick is exact, every
-    other one an upper bound (scores only go down), so an exact top is the argmax. on_picks(n): with
-    the number of picks made since the last call, about every 0.5% of k (a progress bar)."""
+    candidate. An entry scored since the last pick is exact, every other one an upper bound (scores only
+    go down), so an exact top is the argmax. Stale tops are re-scored `batch` at a time over the
+    threads (default RESCORE_BATCH_PER_THREAD per numba thread; 1: one at a time, in place); a
+    re-evaluation is ~10 microseconds at 560 non-zeros a row, the random reads of the factors.
+    on_picks(n): the number of picks made since the last call, about every 0.5% of k (a progress bar)."""
     n = len(initial)
     k = min(k, n)
     score = np.asarray(initial, dtype=np.float64).copy()
@@ -188,6 +231,8 @@ def lazy_greedy_rows(
     picks, gains = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float64)
     state = np.array([n, 0, 0], dtype=np.int64)
     step = max(1, k // 200)
+    batch = RESCORE_BATCH_PER_THREAD * get_num_threads() if batch is None else batch
+    stale, fresh = np.empty(batch, dtype=np.int64), np.empty(batch, dtype=np.float64)
     while state[1] < k and state[0] > 0:
         before = int(state[1])
         _greedy_steps(
@@ -204,6 +249,8 @@ def lazy_greedy_rows(
             picks,
             gains,
             min(k, before + step),
+            stale,
+            fresh,
         )
         if on_picks is not None:
             on_picks(int(state[1]) - before)
