@@ -6,8 +6,8 @@ pick by `decay` for all documents, drop the pick. That is O(k x nnz): minutes at
 
 Here the decayed weight is w_it * f_t with one factor f_t per term, and scores only ever go down
 (f_t shrinks, picks leave), so a max-heap of stale scores is a heap of upper bounds: when the top was
-scored since the last pick it is exact and is taken, else the stale top is re-scored from its own row
-and sifted down. The picks are the official loop's, in the same order; the cost is O(nnz) to start
+scored since the last pick it is exact and is taken, else the stale tops are re-scored from their own
+rows and put back. The picks are the official loop's, in the same order; the cost is O(nnz) to start
 plus O(row) per re-evaluation. The loop is compiled with numba: at 10^6 candidates and 5 x 10^4 picks
 the heap sees millions of re-evaluations, microseconds each compiled, tens of microseconds in Python.
 """
@@ -110,14 +110,29 @@ def _sift_up(score, idx, epoch, i):
         i = parent
 
 
+@njit(inline="always")
+def _pop_top(score, idx, epoch, size):
+    """Drop the heap's top (the last entry takes its place and sifts down); returns the new size."""
+    size -= 1
+    if size > 0:
+        score[0], idx[0], epoch[0] = score[size], idx[size], epoch[size]
+        _sift_down(score, idx, epoch, size, 0)
+    return size
+
+
+@njit(inline="always")
+def _score(c, shard_of, local_of, indptrs, indices, datas, ifd, factor):
+    """Candidate c's score at the current factors, from its row in its shard."""
+    s, r = shard_of[c], local_of[c]
+    ip = indptrs[s]
+    return ifd[c] * _row_sum(indices[s], datas[s], ip[r], ip[r + 1], factor)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _rescore(cands, out, shard_of, local_of, indptrs, indices, datas, ifd, factor):
     """out[q] = candidate cands[q]'s score at the current factors; the candidates split over threads."""
     for q in prange(cands.shape[0]):
-        c = cands[q]
-        s, r = shard_of[c], local_of[c]
-        ip = indptrs[s]
-        out[q] = ifd[c] * _row_sum(indices[s], datas[s], ip[r], ip[r + 1], factor)
+        out[q] = _score(cands[q], shard_of, local_of, indptrs, indices, datas, ifd, factor)
 
 
 @njit(cache=True, nogil=True)
@@ -152,20 +167,16 @@ def _greedy_steps(
     size, now, rescored = state[0], state[1], state[2]
     while size > 0 and now < until:
         c = idx[0]
-        s, r = shard_of[c], local_of[c]
-        ip, ix = indptrs[s], indices[s]
-        a, b = ip[r], ip[r + 1]
         if epoch[0] == now:
             picks[now], gains[now] = c, score[0]
-            for j in range(a, b):
+            s, r = shard_of[c], local_of[c]
+            ip, ix = indptrs[s], indices[s]
+            for j in range(ip[r], ip[r + 1]):
                 factor[ix[j]] *= decay
             now += 1
-            size -= 1
-            if size > 0:
-                score[0], idx[0], epoch[0] = score[size], idx[size], epoch[size]
-                _sift_down(score, idx, epoch, size, 0)
+            size = _pop_top(score, idx, epoch, size)
         elif stale.shape[0] == 1:  # re-scored alone, in place
-            score[0] = ifd[c] * _row_sum(ix, datas[s], a, b, factor)
+            score[0] = _score(c, shard_of, local_of, indptrs, indices, datas, ifd, factor)
             epoch[0] = now
             rescored += 1
             _sift_down(score, idx, epoch, size, 0)
@@ -174,10 +185,7 @@ def _greedy_steps(
             while size > 0 and epoch[0] != now and nb < stale.shape[0]:
                 stale[nb] = idx[0]
                 nb += 1
-                size -= 1
-                if size > 0:
-                    score[0], idx[0], epoch[0] = score[size], idx[size], epoch[size]
-                    _sift_down(score, idx, epoch, size, 0)
+                size = _pop_top(score, idx, epoch, size)
             _rescore(stale[:nb], fresh[:nb], shard_of, local_of, indptrs, indices, datas, ifd, factor)
             for q in range(nb):
                 score[size], idx[size], epoch[size] = fresh[q], stale[q], now
