@@ -126,6 +126,33 @@ def test_an_interrupted_build_completes_what_is_missing(samples, tmp_path, ray_l
             assert np.array_equal(gi, i) and np.array_equal(gd, d)
 
 
+def test_a_folder_built_for_other_candidates_is_rebuilt_not_reused(samples, tmp_path, ray_local):
+    """`iterit select` rerun into the same --output with other scores: a finished (or half-built) folder
+    of other inputs must not hand back its rows."""
+    path, texts, ifd = samples
+    out, lines = str(tmp_path / "tfidf"), []
+    cand_of_row, c_ifd, _ = candidates(ifd, np.arange(len(texts)))
+    build_shards(path, cand_of_row, c_ifd, out, EOS, rows_per_task=100, log=lines.append)
+    other = ifd.copy()
+    other[:40] = 1.5  # 40 samples fewer are candidates
+    cand2, c_ifd2, _ = candidates(other, np.arange(len(texts)))
+    record = build_shards(path, cand2, c_ifd2, out, EOS, rows_per_task=100, log=lines.append)
+    assert record["candidates"] == c_ifd2.size < c_ifd.size
+    assert any("built for other candidates: rebuilt" in line for line in lines)
+    rows = ShardedRows(out, c_ifd2.size)
+    x = tfidf_matrix(response_texts([texts[r] for r in np.flatnonzero(cand2 >= 0)], EOS), "hashed")
+    assert np.array_equal(rows.initial, initial_scores(c_ifd2, x))
+    same_ifd_other_value = c_ifd2.copy()
+    same_ifd_other_value[0] += 0.01  # the same candidates, one IFD changed: the initial scores differ
+    again = build_shards(path, cand2, same_ifd_other_value, out, EOS, rows_per_task=100, log=lines.append)
+    assert again == record and ShardedRows(out, c_ifd2.size).initial[0] == pytest.approx(
+        rows.initial[0] * same_ifd_other_value[0] / c_ifd2[0]
+    )
+    n_rebuilt = sum("rebuilt" in line for line in lines)
+    build_shards(path, cand2, same_ifd_other_value, out, EOS, rows_per_task=100, log=lines.append)
+    assert sum("rebuilt" in line for line in lines) == n_rebuilt  # the same inputs: reused
+
+
 def test_a_later_window_selects_as_in_memory(samples, tmp_path, ray_local):
     """diversity_inputs maps a window (a subset of the corpus in another order, as iteration e > 0
     re-orders) to the cluster's rows; select_window then orders it as the in-memory hashed matrix does."""

@@ -7,6 +7,7 @@ cluster's CPUs (the tasks themselves, and the files they write, are selection.sh
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 
 import numpy as np
@@ -34,6 +35,16 @@ def _return_freed_memory() -> None:
         pass
 
 
+def inputs_fingerprint(cand_of_row: np.ndarray, cand_ifd: np.ndarray, eos_token: str | None) -> str:
+    """What the rows depend on: which samples are candidates in which order, their IFD (the initial
+    scores) and the eos token. A folder left by a build of other inputs is never reused."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(cand_of_row, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(cand_ifd, dtype=np.float64).tobytes())
+    h.update(repr(eos_token).encode())
+    return h.hexdigest()
+
+
 def build_shards(
     samples_path: str,
     cand_of_row: np.ndarray,
@@ -44,14 +55,23 @@ def build_shards(
     log=print,
 ) -> dict:
     """The hashed TF-IDF rows of the candidates, on the cluster (module docstring). A finished OUT_DIR
-    (done.json) is reused; an unfinished one is completed. Returns done.json's record."""
+    (done.json) is reused and an unfinished one completed, when both were built for the same inputs
+    (inputs.json); a folder of other inputs is removed first. Returns done.json's record."""
     import ray
 
     fs, _ = filesystem(out_dir)
-    done_path = join(out_dir, "done.json")
+    inputs = inputs_fingerprint(cand_of_row, cand_ifd, eos_token)
+    inputs_path, done_path = join(out_dir, "inputs.json"), join(out_dir, "done.json")
+    if fs.exists(out_dir):
+        held = json.loads(fs.cat_file(inputs_path)) if fs.exists(inputs_path) else {}
+        if held.get("fingerprint") != inputs:  # another window, other scores: nothing of it is ours
+            log(f"  TF-IDF rows in {out_dir} were built for other candidates: rebuilt")
+            fs.rm(out_dir, recursive=True)
     if fs.exists(done_path):
         with fs.open(done_path, "r") as f:
             return json.load(f)
+    fs.makedirs(out_dir, exist_ok=True)
+    atomic_write_text(inputs_path, json.dumps({"fingerprint": inputs}) + "\n")
     n = int(cand_ifd.size)
     cand_ref, ifd_ref = (
         ray.put(np.asarray(cand_of_row, dtype=np.int64)),

@@ -21,9 +21,12 @@ maps each row of the samples file to its candidate number, -1 for a sample that 
 
 Layout of OUT_DIR (each shard directory is complete once its `complete` file exists, so a task retried
 by Ray, or a build run again after the driver died, redoes only what is missing):
-    counts/<shard>/{data,indices,indptr,cands,df_cols,df_counts}.npy, complete
+    counts/<shard>/{data,indices,indptr,cands,df_cols,df_counts}.npy, complete   counts uint16 (float32
+                 in a shard with a count above 65,535)
     rows/<shard>/{data,indices,indptr,cands,initial}.npy, complete   float32 / int32 / int64 / int64 / float64
     idf.npy     the 2^24 idf (float32), saved before the first shard is weighted
+    inputs.json {fingerprint}: the candidates, their IFD and the eos token the folder was built for
+                (a folder of other inputs is removed, not reused)
     done.json   {candidates, shards, nnz, bytes}: the build finished
 A popped row is read from its memory-mapped shard, so OUT_DIR must be a local or shared POSIX path on
 the driver; rows on object storage are copied to a local directory first (ShardedRows does it).
@@ -116,11 +119,14 @@ def count_shard(task: dict, samples_path: str, out_dir: str, cand_of_row: np.nda
     responses = final_contents(table.column("messages").take(pa.array(keep)))
     counts = hash_counts(response_texts(responses, eos_token))
     df_cols, df_counts = np.unique(counts.indices, return_counts=True)
+    # Whole counts: uint16 holds them exactly (float32 where a count passes 65,535): the build is
+    # disk-bound, and this shard is written once and read once.
+    small = counts.data.size == 0 or counts.data.max() <= np.iinfo(np.uint16).max
     save_arrays(
         fs,
         folder,
         {
-            "data": counts.data,
+            "data": counts.data.astype(np.uint16) if small else counts.data,
             "indices": counts.indices.astype(np.int32),
             "indptr": counts.indptr.astype(np.int64),
             "cands": cands[keep].astype(np.int64),
@@ -153,8 +159,9 @@ def weight_shard(shard: str, out_dir: str, idf: np.ndarray, cand_ifd: np.ndarray
     src, dst = join(out_dir, "counts", shard), join(out_dir, "rows", shard)
     if not is_complete(fs, dst):
         cands = load_array(fs, src, "cands")
+        counts = load_array(fs, src, "data").astype(np.float32, copy=False)
         x = sp.csr_matrix(
-            (load_array(fs, src, "data"), load_array(fs, src, "indices"), load_array(fs, src, "indptr")),
+            (counts, load_array(fs, src, "indices"), load_array(fs, src, "indptr")),
             shape=(cands.size, HASH_FEATURES),
         )
         weight_inplace(x, idf=idf)
