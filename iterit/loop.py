@@ -121,7 +121,7 @@ def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str |
     current = ids if e == 0 else run.selection(e - 1).read_order()
     window = current[: n if e == 0 else sel.window(n)]
     scores = read_score_rows(run.scoring(e).written, score_columns(sel.method))
-    arrays = window_inputs(window, scores, sel.method)
+    arrays = window_inputs(window, scores, sel.method, run.scoring(e).written)
     window_ifd = dict(zip(window, arrays["ifd"].tolist()))
     if e == 0:
         window_rows = np.arange(n)

@@ -160,6 +160,112 @@ def test_embedding_greedy_equals_the_plain_greedy(block):
     np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
 
 
+def test_embedding_greedy_on_float16_and_memory_mapped_rows_through_the_torch_path(tmp_path):
+    """Embeddings as scoring stores them with embedding_dtype float16, memory-mapped: the same picks as the
+    plain greedy on the same values widened, the blocked products through torch on the CPU (the code a
+    GPU driver runs), progress counting every pick."""
+    rng = np.random.default_rng(7)
+    centers = rng.standard_normal((6, 24)).astype(np.float32)
+    emb = centers[rng.integers(0, 6, 700)] + 0.6 * rng.standard_normal((700, 24)).astype(np.float32)
+    emb16 = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+    np.save(tmp_path / "e.npy", emb16)
+    mapped = np.load(tmp_path / "e.npy", mmap_mode="r")
+    ifd = rng.uniform(0.3, 1.0, 700)
+    want = naive_embedding_greedy(ifd, emb16.astype(np.float32), 60)
+    calls = []
+    got = lazy_embedding_greedy(
+        ifd, mapped, 60, block=7, rows_per_product=100, device="cpu", on_picks=calls.append
+    )
+    assert got[0] == want[0] and sum(calls) == 60 and len(calls) >= 60 // 7
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    assert (
+        lazy_embedding_greedy(ifd[:5], mapped[:5], 50)[0]
+        == naive_embedding_greedy(ifd[:5], emb16[:5].astype(np.float32), 5)[0]
+    )  # k above N: every document, once
+
+
+def test_read_embeddings_keeps_the_stored_dtype_and_aligns_with_the_window(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from iterit.errors import IteritError
+    from iterit.selection.stage import read_embeddings
+
+    (tmp_path / "scores").mkdir()
+    for name, ids, reject, base in (("a", ["a", "b"], ["", ""], 1), ("b", ["c", "d"], ["", "too_long"], 3)):
+        vals = np.repeat(np.arange(base, base + 2, dtype=np.float16), 3)  # row i holds base + i, 3 times
+        pq.write_table(
+            pa.table(
+                {
+                    "id": ids,
+                    "ifd": [0.5, 0.6],
+                    "reject": reject,
+                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vals, pa.float16()), 3),
+                }
+            ),
+            tmp_path / "scores" / f"{name}.parquet",
+        )
+    got = read_embeddings(str(tmp_path / "scores"), ["d", "c", "x", "a", "b"])
+    assert got.dtype == np.float16 and got.shape == (5, 3)
+    assert got[:, 0].tolist() == [0, 3, 0, 1, 2]  # d rejected, x never scored: zeros
+    pq.write_table(pa.table({"id": ["a"], "ifd": [0.5]}), tmp_path / "plain.parquet")
+    with pytest.raises(IteritError, match="needs the embedding column"):
+        read_embeddings(str(tmp_path / "plain.parquet"), ["a"])
+
+
+def test_select_with_the_embedding_method_reads_float16_scores_in_arrow(tmp_path):
+    """run_selection (`iterit select --method embedding`) end to end on files: a samples file, a scores
+    folder whose embeddings are float16 with a reject among them; the picks are the plain greedy's."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from iterit.data import SAMPLE_SCHEMA
+    from iterit.selection.stage import run_selection
+
+    n, d, k = 300, 16, 20
+    rng = np.random.default_rng(11)
+    emb = rng.standard_normal((n, d)).astype(np.float32)
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+    ifd = rng.uniform(0.2, 0.95, n)
+    ids = [f"s{i}" for i in range(n)]
+    rows = [
+        {"id": i, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+         "source": "t", "row": r}
+        for r, i in enumerate(ids)
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), tmp_path / "samples.parquet")
+    (tmp_path / "scores").mkdir()
+    reject = ["" if i != 5 else "too_long" for i in range(n)]
+    for part, sl in (("a", slice(0, 150)), ("b", slice(150, n))):
+        pq.write_table(
+            pa.table(
+                {
+                    "id": ids[sl],
+                    "ifd": ifd[sl],
+                    "reject": reject[sl],
+                    "embedding": pa.FixedSizeListArray.from_arrays(
+                        pa.array(emb[sl].ravel(), pa.float16()), d
+                    ),
+                }
+            ),
+            tmp_path / "scores" / f"{part}.parquet",
+        )
+    out = run_selection(
+        str(tmp_path / "samples.parquet"),
+        str(tmp_path / "scores"),
+        lambda _: k,
+        "embedding",
+        str(tmp_path / "sel"),
+    )
+    with open(out["selection"]) as f:
+        got = [json.loads(line)["id"] for line in f]
+    keep = np.array([i for i in range(n) if i != 5])  # the reject is never a candidate
+    want, _ = naive_embedding_greedy(ifd[keep], emb[keep].astype(np.float32), k)
+    assert got == [ids[keep[j]] for j in want] and out["scored"] == n - 1
+
+
 def test_window_order_hand_worked():
     ifd = np.array([0.9, 1.2, np.nan, 0.5, 0.7, 0.3])
     wo = select_window(ifd, 2, "ifd")

@@ -207,3 +207,6 @@ def test_pick_progress_only_for_long_greedy_selections(capsys):
             on_picks(PROGRESS_MIN_PICKS // 10)
     err = capsys.readouterr().err
     assert "iterit greedy" in err and f"{PROGRESS_MIN_PICKS}/{PROGRESS_MIN_PICKS}" in err
+    with pick_progress(PROGRESS_MIN_PICKS, "embedding") as on_picks:
+        on_picks(PROGRESS_MIN_PICKS)
+    assert "embedding greedy" in capsys.readouterr().err

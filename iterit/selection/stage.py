@@ -25,7 +25,7 @@ from iterit.selection.window import select_window
 
 def score_columns(method: str) -> list[str]:
     """The score columns a method reads: id and IFD, and the response length or the embedding."""
-    extra = {"longest": ["n_response_tokens"], "embedding": ["embedding"]}.get(method, [])
+    extra = {"longest": ["n_response_tokens"]}.get(method, [])  # embeddings: read_embeddings, in Arrow
     return ["id", "ifd", *extra]
 
 
@@ -57,9 +57,10 @@ def read_score_rows(path: str, columns: list[str] | None = None) -> dict[str, di
     return out
 
 
-def window_inputs(ids: list[str], scores: dict[str, dict], method: str) -> dict:
+def window_inputs(ids: list[str], scores: dict[str, dict], method: str, scores_path: str) -> dict:
     """select_window's per-sample arrays for `ids`: ifd (NaN where a sample has no score: rejected while
-    scoring, or never scored), and n_response_tokens (longest) or embeddings (embedding)."""
+    scoring, or never scored), and n_response_tokens (longest) or embeddings (embedding, read from
+    `scores_path`)."""
     out = {"ifd": np.array([scores[i]["ifd"] if i in scores else np.nan for i in ids], dtype=np.float64)}
     scored = [scores[i] for i in ids if i in scores]
     if method == "longest":
@@ -71,14 +72,52 @@ def window_inputs(ids: list[str], scores: dict[str, dict], method: str) -> dict:
             [scores[i]["n_response_tokens"] if i in scores else 0 for i in ids]
         )
     if method == "embedding":
-        if not all(r.get("embedding") is not None for r in scored):
-            raise IteritError(
-                "method embedding needs the embedding column (score with scoring.embeddings: true)"
-            )
-        dim = len(scored[0]["embedding"]) if scored else 0
-        out["embeddings"] = np.array(
-            [scores[i]["embedding"] if i in scores else np.zeros(dim) for i in ids], dtype=np.float32
+        out["embeddings"] = read_embeddings(scores_path, ids)
+    return out
+
+
+def read_embeddings(scores_path: str, ids: list[str]) -> np.ndarray:
+    """(len(ids), d) embeddings of `ids` in their stored dtype (float16 stays float16: 2 bytes a value on
+    the driver), zeros for a sample without a score. Taken from Arrow part by part, never as Python
+    lists (at 10^6 samples of 256 values those would be ~10 GB)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from iterit.rundir import iter_scores
+
+    fs, p = filesystem(scores_path)
+    if not (fs.isdir(p) or p.endswith(".parquet")):
+        raise IteritError(
+            f"{scores_path}: method embedding reads the embedding column of a scores folder or "
+            "scores.parquet of `iterit score`, not JSONL"
         )
+    value_set, out = pa.array(ids, type=pa.string()), None
+    for part in iter_scores(scores_path, ["id", "embedding"]):
+        if "embedding" not in part.column_names:
+            raise IteritError(
+                f"{scores_path}: method embedding needs the embedding column (score with "
+                "scoring.embeddings: true)"
+            )
+        col = part.column("embedding").combine_chunks()
+        if col.null_count:
+            raise IteritError(
+                f"{scores_path}: {col.null_count:,} scored rows have no embedding; rescore with "
+                "scoring.embeddings: true"
+            )
+        dim = (
+            col.type.list_size
+            if pa.types.is_fixed_size_list(col.type)
+            else pc.list_value_length(col)[0].as_py()
+        )
+        values = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim) if len(col) else None
+        if out is None:
+            out = np.zeros((len(ids), dim), dtype=values.dtype if values is not None else np.float32)
+        pos = pc.index_in(part.column("id").cast(pa.string()), value_set=value_set)  # null: not in ids
+        mine = np.flatnonzero(pos.is_valid().to_numpy(zero_copy_only=False))
+        if mine.size:
+            out[pos.drop_null().to_numpy()] = values[mine]
+    if out is None:
+        raise IteritError(f"scores not found: {scores_path}")
     return out
 
 
@@ -152,15 +191,15 @@ PROGRESS_MIN_PICKS = 10_000  # below this a selection takes seconds: no bar
 
 @contextlib.contextmanager
 def pick_progress(k: int, method: str):
-    """select_window's on_picks for long selections: a progress bar of iterit's greedy (picks done,
-    picks/s, ETA); None for short ones and the other methods. It redraws at most every 10 s, so a job
-    log (not a terminal) gets a line every 10 s, not one per pick."""
-    if k < PROGRESS_MIN_PICKS or method != "iterit":
+    """select_window's on_picks for long selections: a progress bar of the greedy of iterit or embedding
+    (picks done, picks/s, ETA); None for short ones and the methods that sort. It redraws at most every
+    10 s, so a job log (not a terminal) gets a line every 10 s, not one per pick."""
+    if k < PROGRESS_MIN_PICKS or method not in ("iterit", "embedding"):
         yield None
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=k, desc="  iterit greedy", unit="pick", mininterval=10, dynamic_ncols=True) as bar:
+    with tqdm(total=k, desc=f"  {method} greedy", unit="pick", mininterval=10, dynamic_ncols=True) as bar:
         yield bar.update
 
 
@@ -192,7 +231,7 @@ def run_selection(
     ids = sample_ids(samples_path)
     scores = read_score_rows(scores_path, score_columns(method))
     unknown = len(set(scores) - set(ids))
-    arrays = window_inputs(ids, scores, method)
+    arrays = window_inputs(ids, scores, method, scores_path)
     ifd = arrays["ifd"]
     files = SelectionFiles(output_dir)
     diversity = diversity_inputs(

@@ -81,7 +81,7 @@ def select_window(
 
         if embeddings is None:
             raise ValueError("method embedding needs response embeddings (scoring.embeddings: true)")
-        picked, gains = lazy_embedding_greedy(c_ifd, np.asarray(embeddings)[cand], k)
+        picked, gains = lazy_embedding_greedy(c_ifd, np.asarray(embeddings)[cand], k, on_picks=on_picks)
         rest = rest_by_ifd(c_ifd, picked)
     elif method in ("ifd", "full"):
         ranked = rest_by_ifd(c_ifd, []) if method == "ifd" else list(range(len(cand)))
