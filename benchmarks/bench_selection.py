@@ -231,7 +231,7 @@ def embedding_run(n: int, k: int, dim: int, dtype: str) -> None:
     not depend on where the vectors come from. Built a block at a time (no float32 copy of the whole)."""
     import torch
 
-    from iterit.selection.embedding import _device, lazy_embedding_greedy
+    from iterit.selection.embedding import lazy_embedding_greedy, products_device
 
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((200, dim)).astype(np.float32)
@@ -242,7 +242,7 @@ def embedding_run(n: int, k: int, dim: int, dtype: str) -> None:
         part = centers[rng.integers(0, 200, b - a)] + 0.7 * noise
         emb[a:b] = part / np.linalg.norm(part, axis=1, keepdims=True)
     ifd = rng.uniform(0.3, 1.0, n)
-    dev = _device(None)
+    dev = products_device(None)
     t = time.perf_counter()
     picks, _ = lazy_embedding_greedy(ifd, emb, k)
     s = time.perf_counter() - t

@@ -21,7 +21,7 @@ import functools
 import numpy as np
 from numba import njit
 
-from iterit.selection.greedy import _heapify, _pop_top, _sift_down
+from iterit.selection.greedy import heapify, pop_top, sift_down
 
 
 @functools.cache
@@ -38,6 +38,18 @@ def _value(rows, lut, c, j):
     return lut[rows[c, j]]
 
 
+@njit(cache=True, nogil=True, fastmath=True)
+def _max_dot(picked, start, stop, row, m):
+    """max(m, max over picks p in [start, stop) of picked[p] . row), float32; fastmath lets the dot
+    products vectorise (their summation order is the compiler's, as a BLAS call's would be)."""
+    for p in range(start, stop):
+        s = np.float32(0.0)
+        for j in range(row.shape[0]):
+            s += picked[p, j] * row[j]
+        m = max(m, s)
+    return m
+
+
 @njit(cache=True, nogil=True)
 def _embedding_steps(state, score, idx, epoch, max_sim, seen, rows, lut, picked, ifd, picks, gains, until):
     """The lazy greedy from state = [heap size, picks made, picks folded into every document] until
@@ -45,6 +57,7 @@ def _embedding_steps(state, score, idx, epoch, max_sim, seen, rows, lut, picked,
     picks since max(seen[c], folded), is re-scored and sifted down; an exact top is taken."""
     size, now, folded = state[0], state[1], state[2]
     d = picked.shape[1]
+    row = np.empty(d, dtype=np.float32)  # the popped document's embedding, widened once
     while size > 0 and now < until:
         c = idx[0]
         if epoch[0] == now:
@@ -52,22 +65,22 @@ def _embedding_steps(state, score, idx, epoch, max_sim, seen, rows, lut, picked,
             for j in range(d):
                 picked[now, j] = _value(rows, lut, c, j)
             now += 1
-            size = _pop_top(score, idx, epoch, size)
+            size = pop_top(score, idx, epoch, size)
             continue
         m = max_sim[c]
-        for p in range(max(seen[c], folded), now):
-            s = np.float32(0.0)
+        start = max(seen[c], folded)
+        if start < now:
             for j in range(d):
-                s += picked[p, j] * _value(rows, lut, c, j)
-            m = max(m, s)
+                row[j] = _value(rows, lut, c, j)
+            m = _max_dot(picked, start, now, row, m)
         max_sim[c], seen[c] = m, now
         score[0] = ifd[c] * (1.0 - np.float64(m))
         epoch[0] = now
-        _sift_down(score, idx, epoch, size, 0)
+        sift_down(score, idx, epoch, size, 0)
     state[0], state[1] = size, now
 
 
-def _device(device: str | None):
+def products_device(device: str | None):
     import torch
 
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -110,7 +123,7 @@ def lazy_embedding_greedy(
         rows, lut = emb, None
     n = len(ifd)
     k = min(k, n)
-    dev = _device(device)
+    dev = products_device(device)
     on_device = None
     if dev.type != "cpu":
         import torch
@@ -120,7 +133,7 @@ def lazy_embedding_greedy(
     seen = np.zeros(n, dtype=np.int64)  # picks max_sim[i] accounts for, when more than the folded ones
     picked = np.empty((k, emb.shape[1]), dtype=np.float32)
     score, idx, epoch = ifd.copy(), np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    _heapify(score, idx, epoch, n)  # with nothing picked, the score is the IFD
+    heapify(score, idx, epoch, n)  # with nothing picked, the score is the IFD
     picks, gains = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float64)
     state = np.array([n, 0, 0], dtype=np.int64)
     while state[1] < k and state[0] > 0:

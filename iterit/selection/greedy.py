@@ -87,7 +87,7 @@ def _swap(score, idx, epoch, a, b):
 
 
 @njit(cache=True, nogil=True)
-def _sift_down(score, idx, epoch, size, i):
+def sift_down(score, idx, epoch, size, i):
     while True:
         best, left = i, 2 * i + 1
         if left < size and _before(score, idx, left, best):
@@ -101,7 +101,7 @@ def _sift_down(score, idx, epoch, size, i):
 
 
 @njit(cache=True, nogil=True)
-def _sift_up(score, idx, epoch, i):
+def sift_up(score, idx, epoch, i):
     while i > 0:
         parent = (i - 1) // 2
         if not _before(score, idx, i, parent):
@@ -111,12 +111,12 @@ def _sift_up(score, idx, epoch, i):
 
 
 @njit(inline="always")
-def _pop_top(score, idx, epoch, size):
+def pop_top(score, idx, epoch, size):
     """Drop the heap's top (the last entry takes its place and sifts down); returns the new size."""
     size -= 1
     if size > 0:
         score[0], idx[0], epoch[0] = score[size], idx[size], epoch[size]
-        _sift_down(score, idx, epoch, size, 0)
+        sift_down(score, idx, epoch, size, 0)
     return size
 
 
@@ -136,9 +136,9 @@ def _rescore(cands, out, shard_of, local_of, indptrs, indices, datas, ifd, facto
 
 
 @njit(cache=True, nogil=True)
-def _heapify(score, idx, epoch, size):
+def heapify(score, idx, epoch, size):
     for i in range(size // 2 - 1, -1, -1):
-        _sift_down(score, idx, epoch, size, i)
+        sift_down(score, idx, epoch, size, i)
 
 
 @njit(cache=True, nogil=True)
@@ -174,22 +174,22 @@ def _greedy_steps(
             for j in range(ip[r], ip[r + 1]):
                 factor[ix[j]] *= decay
             now += 1
-            size = _pop_top(score, idx, epoch, size)
+            size = pop_top(score, idx, epoch, size)
         elif stale.shape[0] == 1:  # re-scored alone, in place
             score[0] = _score(c, shard_of, local_of, indptrs, indices, datas, ifd, factor)
             epoch[0] = now
             rescored += 1
-            _sift_down(score, idx, epoch, size, 0)
+            sift_down(score, idx, epoch, size, 0)
         else:  # the stale entries at the top, up to `batch`, re-scored together (in parallel)
             nb = 0
             while size > 0 and epoch[0] != now and nb < stale.shape[0]:
                 stale[nb] = idx[0]
                 nb += 1
-                size = _pop_top(score, idx, epoch, size)
+                size = pop_top(score, idx, epoch, size)
             _rescore(stale[:nb], fresh[:nb], shard_of, local_of, indptrs, indices, datas, ifd, factor)
             for q in range(nb):
                 score[size], idx[size], epoch[size] = fresh[q], stale[q], now
-                _sift_up(score, idx, epoch, size)
+                sift_up(score, idx, epoch, size)
                 size += 1
             rescored += nb
     state[0], state[1], state[2] = size, now, rescored
@@ -233,7 +233,7 @@ def lazy_greedy_rows(
     score = np.asarray(initial, dtype=np.float64).copy()
     idx = np.arange(n, dtype=np.int64)
     epoch = np.zeros(n, dtype=np.int64)
-    _heapify(score, idx, epoch, n)
+    heapify(score, idx, epoch, n)
     factor = np.ones(n_terms, dtype=np.float64)  # f_t = decay ** (times term t was picked)
     lists = [NumbaList([_readonly(s[p]) for s in shards]) for p in range(3)]
     picks, gains = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float64)
