@@ -24,9 +24,15 @@ from iterit.selection.window import select_window
 
 
 def score_columns(method: str) -> list[str]:
-    """The score columns a method reads: id and IFD, and the response length or the embedding."""
+    """The score columns read_score_rows takes for a method: id and IFD, and the response length for
+    longest (the embedding method's vectors come through read_embeddings)."""
     extra = {"longest": ["n_response_tokens"]}.get(method, [])  # embeddings: read_embeddings, in Arrow
     return ["id", "ifd", *extra]
+
+
+def _is_scores_table(fs, p: str) -> bool:
+    """A scores folder or scores.parquet of `iterit score` (else: JSONL rows {id, ifd})."""
+    return fs.isdir(p) or p.endswith(".parquet")
 
 
 def read_score_rows(path: str, columns: list[str] | None = None) -> dict[str, dict]:
@@ -38,7 +44,7 @@ def read_score_rows(path: str, columns: list[str] | None = None) -> dict[str, di
             f"scores not found: {path} (give the scores folder of `iterit score`, or JSONL {{id, ifd}})"
         )
     out: dict[str, dict] = {}
-    if fs.isdir(p) or p.endswith(".parquet"):
+    if _is_scores_table(fs, p):
         lines = enumerate(read_scores(path, columns or ["id", "ifd"]).to_pylist(), start=1)
     else:
         with fs.open(p, "r", encoding="utf-8") as f:
@@ -86,7 +92,7 @@ def read_embeddings(scores_path: str, ids: list[str]) -> np.ndarray:
     from iterit.rundir import iter_scores
 
     fs, p = filesystem(scores_path)
-    if not (fs.isdir(p) or p.endswith(".parquet")):
+    if not _is_scores_table(fs, p):
         raise IteritError(
             f"{scores_path}: method embedding reads the embedding column of a scores folder or "
             "scores.parquet of `iterit score`, not JSONL"
