@@ -414,12 +414,20 @@ def show_config(
     path: Annotated[str, typer.Argument(help="YAML config file.")],
     set: SetOpt = None,
 ) -> None:
-    """Validate a config (with --set overrides) and print it resolved, every default spelled out."""
+    """Validate a config (with --set overrides), print it resolved (every default spelled out) and the
+    training memory estimate per GPU."""
     import yaml
 
     from iterit.config import load_config
+    from iterit.training.memory import estimate_for
 
-    typer.echo(yaml.safe_dump(load_config(path, set).model_dump(mode="json"), sort_keys=False), nl=False)
+    cfg = load_config(path, set)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), nl=False)
+    # The training memory estimate on stderr (stdout stays the resolved YAML); GPU unless use_gpu: false.
+    try:
+        typer.echo(f"# {estimate_for(cfg, gpu=cfg.use_gpu is not False).line()}", err=True)
+    except IteritError as e:
+        typer.echo(f"# memory estimate: {e}", err=True)
 
 
 def command_names() -> list[str]:

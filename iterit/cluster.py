@@ -7,6 +7,7 @@ is_local()             Ray was started here by iterit: no autoscaler will grow i
 scoring_gpus(sc)       GPUs per scoring actor (the config's, else 1 when the cluster has GPUs)
 check_pool_fits        an actor pool (and Ray Data's own tasks) against the cluster
 use_gpu / check_training_fits / check_shared_storage   training workers against the cluster
+gpu_memory_bytes       one GPU's memory, for the training memory preflight
 """
 
 from __future__ import annotations
@@ -71,6 +72,15 @@ def check_pool_fits(sc, gpus: float, log=print, extra_cpus: float = 0.0) -> None
     io_cpus = max(1.0, sc.template_cpus) + extra_cpus
     need_cpu = sc.min_actors * sc.cpus_per_actor + io_cpus
     need_gpu = sc.min_actors * gpus
+    for res, amount in (sc.resources_per_actor or {}).items():
+        need, got = sc.min_actors * amount, have.get(res, 0)
+        if need > got:
+            _short(
+                f"scoring needs {need:g} {res} ({sc.min_actors} actors x {amount:g}); "
+                f"the cluster has {got:g}",
+                "lower scoring.min_actors or scoring.resources_per_actor, or add nodes with that resource",
+                log,
+            )
     if have.get("CPU", 0) >= need_cpu and have.get("GPU", 0) >= need_gpu:
         return
     _short(
@@ -132,26 +142,46 @@ def check_shared_storage(paths: list[str]) -> None:
 
     exists = ray.remote(num_cpus=0)(_exists)
     try:
+        # Keyed by node id: nodes can share an address (several raylets on one machine, containers).
         checks = {
-            n["NodeManagerAddress"]: ray.get(
-                exists.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-                ).remote(markers)
-            )
+            (n["NodeManagerAddress"], n["NodeID"]): exists.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(markers)
             for n in nodes
         }
+        checks = {node: ray.get(ref) for node, ref in checks.items()}
     finally:
         for m in markers:
             os.remove(m)
-    for node, seen in checks.items():
+    for (address, node_id), seen in checks.items():
         for p, ok in zip(local, seen):
             if not ok:
                 raise IteritError(
-                    f"{p} is not visible from node {node}: multi-node training writes checkpoints and models "
-                    "there from every node; put output_dir / storage_path on shared storage (NFS mounted at "
-                    "the same path on every node) or an s3:// / gs:// URI"
+                    f"{p} is not visible from node {address} ({node_id[:12]}): multi-node training writes "
+                    "checkpoints and models there from every node; put output_dir / storage_path on shared "
+                    "storage (NFS mounted at the same path on every node) or an s3:// / gs:// URI"
                 )
 
 
 def _exists(paths: list[str]) -> list[bool]:
     return [os.path.exists(p) for p in paths]
+
+
+def gpu_memory_bytes(timeout_s: float = 60.0) -> int | None:
+    """Total memory of one of the cluster's GPUs, read by a task on a sliver of one (no CPU, 1% of a
+    GPU: it runs beside anything); None when no GPU takes it within `timeout_s` (an autoscaler still
+    adding GPU nodes, every GPU held whole)."""
+    import ray
+
+    ref = ray.remote(num_cpus=0, num_gpus=0.01)(_gpu_total_memory).remote()
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        return None
+
+
+def _gpu_total_memory() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory

@@ -118,6 +118,9 @@ class ScoringConfig(_Section):
     """GPUs per scoring actor; None: 1 when the cluster has GPUs, else 0."""
     cpus_per_actor: float = Field(1.0, gt=0)
     """CPUs Ray reserves per scoring actor."""
+    resources_per_actor: dict[str, float] | None = None
+    """Custom Ray resources per scoring actor besides its CPUs and GPUs, e.g. {scorer: 1}: pins the
+    actors to the nodes that declare them (`ray start --resources`). CPU and GPU are not keys here."""
     torch_threads: int | None = Field(None, ge=1)
     """Compute threads per actor on CPU; None: Ray's default (the actor's CPU reservation). On one
     machine, reserve 1 CPU per actor and give it every core here, so Ray's I/O tasks still fit."""
@@ -139,6 +142,11 @@ class ScoringConfig(_Section):
     def _check_pool(self) -> ScoringConfig:
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors={self.min_actors} > max_actors={self.max_actors}")
+        for key, amount in (self.resources_per_actor or {}).items():
+            if key in ("CPU", "GPU"):
+                raise ValueError(f"resources_per_actor: {key} is set by {key.lower()}s_per_actor, not here")
+            if amount < 0:
+                raise ValueError(f"resources_per_actor: {key} is {amount:g}; a resource amount is >= 0")
         return self
 
 
@@ -167,6 +175,13 @@ class TrainingConfig(_Section):
     precision and clipping keys)."""
     offload_optimizer: bool = False
     """ZeRO-2/3: keep the optimizer state in CPU memory (DeepSpeed's CPU Adam)."""
+    zero3_init: bool = True
+    """ZeRO-3: load the weights straight into each worker's partition (deepspeed.zero.Init through
+    transformers' HfDeepSpeedConfig), so no worker holds the whole model; false: every worker loads
+    the full model in CPU memory first and DeepSpeed partitions it afterwards."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (torch's non-reentrant
+    checkpointing, also with LoRA): activation memory of one layer instead of all, ~30% more compute."""
     bf16: Literal["auto", True, False] = "auto"
     """Train in bfloat16: auto = on GPU yes, on CPU no (fp32 there is exact and as fast)."""
     train_on: Literal["final_response", "all_assistant"] = "final_response"

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from iterit.templates import CHATML_TEMPLATE
+# Nothing in the tests comes from the hub: a hub id (a config's placeholder model) fails at once
+# instead of after huggingface_hub's retries. Set before huggingface_hub is imported (it reads it once).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from iterit.templates import CHATML_TEMPLATE  # noqa: E402
 
 WORDS = (
     "the a model data answer question explain write code list python function return value error file "

@@ -118,6 +118,20 @@ def test_config_command_prints_the_resolved_config(tmp_path, capsys):
     assert code == 2 and "did you mean 'selection.decay'" in err
 
 
+def test_config_command_prints_the_memory_estimate_of_the_paper_config(capsys):
+    """The paper's Llama-3-8B config (shape known without the hub), with and without checkpointing: the
+    YAML on stdout, the estimate on stderr (ZeRO-3 over 8 GPUs, 2048 tokens; tests/test_memory.py)."""
+    paper = str(Path(__file__).parent.parent / "configs" / "llama3-8b-alpaca.yaml")
+    code, out, err = run(["config", paper], capsys)
+    assert code == 0 and "deepspeed: 3" in out and "memory" not in out
+    assert err.strip() == (
+        "# memory per GPU (estimate): 33.4 GiB = model states 20.7 (weights 1.9, gradients 5.6, "
+        "optimizer 11.2, gathered layer 2.0) + activations 10.2 + logits 2.4"
+    )
+    code, out, err = run(["config", paper, "--set", "gradient_checkpointing=true"], capsys)
+    assert code == 0 and "gradient_checkpointing: true" in out and "+ activations 0.8 +" in err
+
+
 def test_ray_job_entrypoint_runs_the_same_ingest(hostile_corpus, tmp_path):
     src, _ = hostile_corpus
     root = Path(__file__).parent.parent

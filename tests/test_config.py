@@ -174,7 +174,11 @@ storage_path: null
 
 
 # Keys added since that run was saved, with their defaults: a config saved now spells them out too.
-ADDED_SINCE = {"  embeddings: true\n": "  embedding_dim: null\n  embedding_dtype: float32\n"}
+ADDED_SINCE = {
+    "  embeddings: true\n": "  embedding_dim: null\n  embedding_dtype: float32\n",
+    "  cpus_per_actor: 1.0\n": "  resources_per_actor: null\n",
+    "offload_optimizer: false\n": "zero3_init: true\ngradient_checkpointing: false\n",
+}
 
 
 def test_an_older_runs_config_loads_and_saves_unchanged(tmp_path):
@@ -185,7 +189,7 @@ def test_an_older_runs_config_loads_and_saves_unchanged(tmp_path):
     for after, added in ADDED_SINCE.items():
         now = now.replace(after, after + added)
     assert (tmp_path / "run" / "config.yaml").read_text() == now
-    assert list(cfg.model_dump()) == list(yaml.safe_load(OLD_RUN_CONFIG))
+    assert list(cfg.model_dump()) == list(yaml.safe_load(now))
 
 
 def test_flat_training_keys_become_the_typed_section(tmp_path):
@@ -209,6 +213,8 @@ def test_flat_training_keys_become_the_typed_section(tmp_path):
         "max_grad_norm": 0.5,
         "deepspeed": 2,
         "offload_optimizer": True,
+        "zero3_init": True,
+        "gradient_checkpointing": False,
         "bf16": False,
         "train_on": "all_assistant",
         "lora_r": 8,

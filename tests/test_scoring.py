@@ -258,3 +258,25 @@ def test_a_pool_that_cannot_fit_is_one_clear_line(ray_local, monkeypatch):
     cluster.check_pool_fits(one, 0.0)  # 2 actors + 1: fits, no error
     with pytest.raises(IteritError, match=r"\+ 2 for reading and templating and the resume filter"):
         cluster.check_pool_fits(one, 0.0, extra_cpus=1.0)  # a resume also runs Ray Data's filter actor
+
+
+def test_custom_resources_per_actor_are_checked_and_validated(ray_local, monkeypatch):
+    """scoring.resources_per_actor: the pool's minimum must find them on the cluster; CPU and GPU
+    have their own keys, and amounts are not negative."""
+
+    from iterit import cluster
+    from iterit.errors import IteritError
+
+    pinned = scoring_config("m", "o", min_actors=2, max_actors=2, resources_per_actor={"scorer": 1}).scoring
+    monkeypatch.setattr(cluster, "is_local", lambda: True)
+    with pytest.raises(IteritError, match=r"needs 2 scorer \(2 actors x 1\); the cluster has 0"):
+        cluster.check_pool_fits(pinned, 0.0)
+    warnings = []
+    monkeypatch.setattr(cluster, "is_local", lambda: False)
+    cluster.check_pool_fits(pinned, 0.0, log=warnings.append)
+    assert warnings == [
+        "warning: scoring needs 2 scorer (2 actors x 1); the cluster has 0; waiting until the autoscaler adds them"
+    ]
+    for bad, says in [({"CPU": 1}, "cpus_per_actor"), ({"scorer": -1}, ">= 0")]:
+        with pytest.raises(IteritError, match=says):
+            scoring_config("m", "o", resources_per_actor=bad)

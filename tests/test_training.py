@@ -297,3 +297,164 @@ def test_worker_crash_resumes_from_the_last_checkpoint(
     assert out["iterations"][0]["steps"] == 8
     w = _weights(RunDir(str(tmp_path / "run")).model(0))
     assert all(np.isfinite(v.float().numpy()).all() for v in w.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Model set-up: activation checkpointing, partitioned loading
+
+
+def _job(tiny_model_dir, tmp_path, **kw):
+    from iterit.training.trainer import worker_job
+
+    return worker_job(_cfg(tiny_model_dir, tmp_path, **kw), RunDir(str(tmp_path)), [0], k=16, gpu=False)
+
+
+def _loss_grads_saved(model, batch):
+    """(loss, {name: grad}, bytes autograd saved for the backward pass) of one forward/backward."""
+    import torch
+
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(out.loss.detach()), grads, sum(saved)
+
+
+@pytest.mark.parametrize("lora", [None, 4], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_model_dir, tmp_path, lora):
+    """gradient_checkpointing: true (non-reentrant) recomputes each layer in the backward pass: the
+    same loss and gradients to float rounding, also with LoRA (whose dropout must recompute the same
+    masks), and autograd keeps fewer bytes for the backward pass."""
+    import torch
+
+    from iterit.training.train_loop import build_model
+
+    batch = collate(
+        [np.arange(5, 45), np.arange(7, 30)], [np.arange(5, 45), np.r_[[IGNORE] * 10, np.arange(17, 30)]], 0
+    )
+    batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+    runs = {}
+    for gc in (False, True):
+        job = _job(tiny_model_dir, tmp_path, lora_r=lora, lora_dropout=0.3, gradient_checkpointing=gc)
+        torch.manual_seed(0)  # the same LoRA initialisation and dropout masks in both
+        model = build_model(job, torch.float32)
+        assert model.is_activation_checkpointing == gc
+        runs[gc] = _loss_grads_saved(model, batch)
+    (loss0, g0, saved0), (loss1, g1, saved1) = runs[False], runs[True]
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    assert all(torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7) for n in g0)
+    assert saved1 < 0.75 * saved0  # measured on the tiny model: full ~0.55, LoRA ~0.6
+
+
+def test_zero3_init_loads_each_weight_into_its_partition(tiny_model_dir, tmp_path, monkeypatch):
+    """Under ZeRO-3 with zero3_init (the default) build_model's weights are DeepSpeed partitions as they
+    come out of from_pretrained (here one rank: the whole partition, but held by DeepSpeed, with no full
+    tensor on the module), with the checkpoint's values; zero3_init: false loads plain full tensors. The
+    HF DeepSpeed config is unset afterwards (a later from_pretrained on one rank must not partition)."""
+    import socket
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from iterit.training.train_loop import build_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        reference = _weights(tiny_model_dir)
+        model = build_model(_job(tiny_model_dir, tmp_path, deepspeed=3, ray_num_workers=1), torch.float32)
+        assert not is_deepspeed_zero3_enabled()
+        params = dict(model.named_parameters())
+        assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values())
+        assert sum(p.ds_numel for p in params.values()) == sum(v.numel() for v in reference.values())
+        with GatheredParameters(list(params.values())):
+            for name, p in params.items():
+                assert torch.equal(p.data, reference[name]), name
+        plain = build_model(
+            _job(tiny_model_dir, tmp_path, deepspeed=3, ray_num_workers=1, zero3_init=False), torch.float32
+        )
+        assert not any(hasattr(p, "ds_id") for p in plain.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_partitioned_loading_trains_as_the_full_load(ray_local, tiny_model_dir, train_corpus, tmp_path):
+    """ZeRO-3, 2 workers, fp32: weights loaded straight into the partitions (zero3_init, the default) give
+    the loss trace and the exported weights of the full load on every worker, within 1e-6."""
+    from iterit.training.trainer import read_metrics, train
+
+    samples, subsets = train_corpus
+    out = {}
+    for name, zero3_init in [("partitioned", True), ("full", False)]:
+        cfg = _cfg(tiny_model_dir, tmp_path / name, deepspeed=3, iterations=1, zero3_init=zero3_init)
+        train(cfg, str(tmp_path / name), {0: subsets[0]}, samples, k=16, name=name)
+        out[name] = (
+            [m["loss"] for m in read_metrics(str(tmp_path / name), 0)],
+            _weights(RunDir(str(tmp_path / name)).model(0)),
+        )
+    (loss_a, w_a), (loss_b, w_b) = out["partitioned"], out["full"]
+    assert len(loss_a) == 2 and loss_a == pytest.approx(loss_b, abs=1e-6)
+    assert w_a.keys() == w_b.keys() and max(float((w_a[k] - w_b[k]).abs().max()) for k in w_a) < 1e-6
+    base = _weights(tiny_model_dir)
+    assert max(float((w_a[k] - base[k]).abs().max()) for k in w_a) > 1e-4  # it did train
+
+
+def test_a_bf16_zero2_fit_exports_bf16_safetensors(ray_local, tiny_model_dir, train_corpus, tmp_path):
+    """The GPU default (bf16) runs on CPU too: a bf16 ZeRO-2 fit trains (finite losses, weights moved) and
+    exports bf16 safetensors that load with plain transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from iterit.training.trainer import read_metrics, train
+
+    samples, subsets = train_corpus
+    cfg = _cfg(tiny_model_dir, tmp_path / "bf16", deepspeed=2, bf16=True, iterations=1)
+    train(cfg, str(tmp_path / "bf16"), {0: subsets[0]}, samples, k=16, name="bf16")
+    losses = [m["loss"] for m in read_metrics(str(tmp_path / "bf16"), 0)]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    path = RunDir(str(tmp_path / "bf16")).model(0)
+    w, base = _weights(path), _weights(tiny_model_dir)
+    assert {v.dtype for v in w.values()} == {torch.bfloat16}
+    assert max(float((w[k].float() - base[k].bfloat16().float()).abs().max()) for k in w) > 1e-3
+    assert AutoModelForCausalLM.from_pretrained(path).config.dtype == torch.bfloat16
+
+
+def test_lora_with_checkpointing_under_partitioned_zero3_exports_a_merged_model(
+    ray_local, tiny_model_dir, train_corpus, tmp_path
+):
+    """LoRA adapters on a base loaded into ZeRO-3 partitions, with gradient checkpointing: the fit trains
+    and rank 0's export (which loads the base model again, alone) neither hangs nor partitions; the merged
+    weights moved from the base, only in the adapted modules."""
+    from iterit.training.trainer import read_metrics, train
+
+    samples, subsets = train_corpus
+    cfg = _cfg(
+        tiny_model_dir,
+        tmp_path / "lora",
+        deepspeed=3,
+        iterations=1,
+        lora_r=4,
+        lora_target_modules=["q_proj", "v_proj"],
+        gradient_checkpointing=True,
+    )
+    train(cfg, str(tmp_path / "lora"), {0: subsets[0]}, samples, k=16, name="lora")
+    assert len(read_metrics(str(tmp_path / "lora"), 0)) == 2
+    w, base = _weights(RunDir(str(tmp_path / "lora")).model(0)), _weights(tiny_model_dir)
+    moved = {k for k in w if float((w[k] - base[k]).abs().max()) > 1e-6}
+    assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 
 import pyarrow as pa
@@ -71,19 +72,26 @@ def scoring_dataset(
     )
     gpus = cluster.scoring_gpus(sc)
     cluster.check_pool_fits(sc, gpus, log, extra_cpus=1.0 if resuming else 0.0)
+    # Ray's default queues 4 batches per actor: the first actor up would take them all while the others
+    # load their model. One (CPU) or two (GPU, to hide the transfer) keep them even. A pool that can
+    # grow needs enough: Ray Data adds an actor only once the batches in flight per actor reach its
+    # upscaling threshold (1.75 in Ray 2.60), which one per actor never does.
+    in_flight = 2 if gpus > 0 else 1
+    if sc.max_actors > sc.min_actors:
+        threshold = ray.data.DataContext.get_current().autoscaling_config.actor_pool_util_upscaling_threshold
+        in_flight = max(in_flight, math.ceil(threshold))
     # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a dead actor is
     # restarted and its batch retried (the crash test holds it to that).
     return ds.map_batches(
         Scorer,
         batch_format="pyarrow",
         batch_size=sc.batch_size,
-        # Ray's default queues 4 batches per actor: the first actor up would take them all while
-        # the others load their model. One (CPU) or two (GPU, to hide the transfer) keep them even.
         compute=ray.data.ActorPoolStrategy(
-            min_size=sc.min_actors, max_size=sc.max_actors, max_tasks_in_flight_per_actor=2 if gpus > 0 else 1
+            min_size=sc.min_actors, max_size=sc.max_actors, max_tasks_in_flight_per_actor=in_flight
         ),
         num_gpus=gpus,
         num_cpus=sc.cpus_per_actor,
+        resources=sc.resources_per_actor,  # custom resources pin the actors to the nodes that have them
         fn_constructor_kwargs=dict(cfg=cfg, prior=prior, embeddings=with_embeddings(cfg, prior)),
         runtime_env={"env_vars": dict(actor_env)} if actor_env else None,
     )

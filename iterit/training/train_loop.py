@@ -86,6 +86,11 @@ class WorkerJob(BaseModel):
     def bf16(self) -> bool:
         return bool(self.ds_config.get("bf16", {}).get("enabled", False))
 
+    @property
+    def partitioned_loading(self) -> bool:
+        """ZeRO-3 with zero3_init: from_pretrained loads each weight straight into its partitions."""
+        return self.training.zero3_init and self.ds_config.get("zero_optimization", {}).get("stage") == 3
+
 
 @dataclass
 class TrainState:
@@ -137,16 +142,30 @@ def _maybe_crash(spec: str | None, step: int) -> None:
 
 
 def build_model(job: WorkerJob, dtype):
-    """The base model (+ LoRA adapters when configured), on CPU; DeepSpeed moves it."""
+    """The base model (+ LoRA adapters when configured), on CPU; DeepSpeed moves it. Under ZeRO-3 with
+    zero3_init the weights are partitioned as they load (a collective: every rank builds the model)."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    model = AutoModelForCausalLM.from_pretrained(
-        job.base_model,
-        dtype=dtype,
-        trust_remote_code=job.trust_remote_code,
-        attn_implementation=job.attn_implementation,
-    )
+    # transformers reads a live HfDeepSpeedConfig (a weak reference) in from_pretrained and builds the
+    # model under deepspeed.zero.Init; unset right after, or a later from_pretrained on rank 0 alone
+    # (the LoRA export's base model) would start a collective the other ranks never join.
+    ds = HfDeepSpeedConfig(copy.deepcopy(job.ds_config)) if job.partitioned_loading else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            job.base_model,
+            dtype=dtype,
+            trust_remote_code=job.trust_remote_code,
+            attn_implementation=job.attn_implementation,
+        )
+    finally:
+        if ds is not None:
+            unset_hf_deepspeed_config()
     model.config.use_cache = False
+    if job.training.gradient_checkpointing:
+        # Non-reentrant: correct with frozen inputs (LoRA) without enable_input_require_grads, and it
+        # keeps the RNG state so dropout recomputes the same masks.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora = job.training.lora()
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -162,6 +181,9 @@ def setup_model_and_optimizer(job: WorkerJob):
     from transformers import get_scheduler
 
     t = job.training
+    # DeepSpeed's communicator over Ray Train's process group, before the model: zero.Init's
+    # partitioned loading needs the world size and the ranks (deepspeed.initialize would do it later).
+    deepspeed.init_distributed()
     model = build_model(job, torch.bfloat16 if job.bf16 else torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     # A torch optimizer avoids DeepSpeed's JIT-built fused Adam; CPU offload needs DeepSpeed's CPU Adam

@@ -192,6 +192,27 @@ def iteration_summary(run: RunDir, e: int) -> dict:
     }
 
 
+def memory_preflight(cfg: Config, gpu: bool, log=print) -> None:
+    """Log the per-GPU memory estimate of this fit; on GPUs, one error line when it cannot fit (before
+    any worker loads a weight). A model config the driver cannot read skips it with a line: the workers
+    may reach what the driver cannot (a gated hub model, a node-local cache)."""
+    from iterit.cluster import gpu_memory_bytes
+    from iterit.training.memory import check_fits, estimate_for
+
+    try:
+        est = estimate_for(cfg, gpu)
+    except IteritError as e:
+        log(f"memory preflight skipped: {e}")
+        return
+    log(est.line() + ("" if gpu else " (training on CPU: not checked)"))
+    if gpu:
+        total = gpu_memory_bytes()
+        if total is None:
+            log("memory preflight: no GPU answered in 60 s (autoscaling?); not checked")
+        else:
+            check_fits(est, total, cfg)
+
+
 def train(
     cfg: Config,
     run_dir: str,
@@ -219,6 +240,7 @@ def train(
     gpu = use_gpu(cfg.use_gpu)
     storage = storage_path(cfg, run.path)
     check_shared_storage([storage, run.path])
+    memory_preflight(cfg, gpu, log)
     iterations = sorted(subsets)
     job = worker_job(cfg, run, iterations, k=k, gpu=gpu, resume_from=resume_from)
     trainer = TorchTrainer(
