@@ -1,10 +1,17 @@
 """Training memory on CPU: partitioned loading under ZeRO-3 and gradient checkpointing, each against the
-path without it, same data, same init, fp32.
+path without it, same data, same init, fp32 (the set-up also in bf16).
 
     python benchmarks/bench_training_memory.py  # --samples 16 --seq-len 512 --micro 2 --accum 2
+    python benchmarks/bench_training_memory.py --only load --bf16  # (0) alone, a load that converts
 
-(1) ZeRO-3, 2 workers x 1 thread: zero3_init false (every worker loads the whole model, then DeepSpeed
-    partitions it) against true (weights load straight into each worker's partition).
+(0) Set-up alone, 2 ranks (plain processes, gloo), ZeRO-3: iterit's setup_model_and_optimizer (the
+    model load, then deepspeed.initialize with AdamW) with zero3_init false (every rank loads the whole
+    model; DeepSpeed partitions it in deepspeed.initialize) against true (weights load straight into
+    each rank's partition). Per rank: the growth of VmHWM and the peak of RssAnon (anonymous memory,
+    sampled every 10 ms: what the rank holds privately; transformers memory-maps the safetensors file,
+    whose page-cache pages, shared by the ranks of a node, count in VmHWM but not in RssAnon) over the
+    set-up, less the same figures just before it (imports and the process group).
+(1) ZeRO-3, 2 workers x 1 thread, a whole fit: zero3_init false against true.
 (2) ZeRO-0, 1 worker x 2 threads, micro-batches of --micro x --seq-len tokens: gradient_checkpointing
     false against true.
 Each configuration runs iterit.training.trainer.train in its own process (its own local Ray). Peak RSS
@@ -105,6 +112,96 @@ def run_one(args) -> dict:
     }
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def load_one(args) -> dict:
+    """One rank of the set-up measurement (0): what a Ray Train worker runs before its first step."""
+    import deepspeed
+    import torch
+
+    from iterit.rundir import RunDir
+    from iterit.training.train_loop import setup_model_and_optimizer
+    from iterit.training.trainer import worker_job
+
+    with open(args.prep) as f:
+        prep = json.load(f)
+    args.model_dir = prep["model"]
+    zero3_init = args.load == "partitioned"
+    with tempfile.TemporaryDirectory(prefix="bench-train-mem-load-") as run_dir:
+        cfg = bench_config(args, run_dir, 2, 3, 1).model_copy(
+            update={"zero3_init": zero3_init, "bf16": args.bf16}
+        )
+        job = worker_job(cfg, RunDir(run_dir), [0], k=len(prep["ids"]), gpu=False)
+        torch.set_num_threads(1)
+        deepspeed.init_distributed(dist_backend="gloo")
+        before_hwm, before_anon = _status_kib("VmHWM"), _status_kib("RssAnon")
+        peak_anon, stop = [before_anon], threading.Event()
+
+        def sample():
+            while not stop.wait(0.01):
+                peak_anon[0] = max(peak_anon[0], _status_kib("RssAnon"))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.perf_counter()
+        engine, _ = setup_model_and_optimizer(job)
+        seconds = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
+        held_anon = _status_kib("RssAnon")
+        peak_anon[0] = max(peak_anon[0], held_anon)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return {
+        "load_hwm_mb": (_status_kib("VmHWM") - before_hwm) / 1024,
+        "load_anon_mb": (peak_anon[0] - before_anon) / 1024,
+        "held_anon_mb": (held_anon - before_anon) / 1024,
+        "seconds": seconds,
+    }
+
+
+def measure_loading(args, prep_path: str) -> dict:
+    """(0) for both paths: per rank, the load's growth of VmHWM and peak RssAnon."""
+    out = {}
+    for name in ("full_load", "partitioned"):
+        port = _free_port()
+        procs = []
+        for r in range(2):
+            env = {
+                **os.environ,
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "PYTHONWARNINGS": "ignore",
+            }
+            cmd = [sys.executable, os.path.join(HERE, "bench_training_memory.py"), "--load", name]
+            cmd += ["--prep", prep_path, "--seq-len", str(args.seq_len)] + ["--bf16"] * args.bf16
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            )
+        ranks = []
+        for p in procs:
+            stdout, stderr = p.communicate()
+            if p.returncode != 0:
+                raise SystemExit(f"loading {name} failed:\n{stderr[-4000:]}")
+            ranks.append(json.loads(stdout.strip().splitlines()[-1]))
+        out[name] = ranks
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def child(name: str, args, prep_path: str) -> dict:
     cmd = [sys.executable, os.path.join(HERE, "bench_training_memory.py"), "--one", name, "--prep", prep_path]
     cmd += ["--seq-len", str(args.seq_len), "--micro", str(args.micro), "--accum", str(args.accum)]
@@ -122,13 +219,24 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--micro", type=int, default=2, help="micro-batch size")
     ap.add_argument("--accum", type=int, default=2, help="gradient accumulation steps")
-    ap.add_argument("--only", choices=["loading", "checkpointing"], help="run one of the two pairs")
+    ap.add_argument(
+        "--only", choices=["load", "loading", "checkpointing"], help="run one of the three measurements"
+    )
+    ap.add_argument("--load", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="(0) in bf16: the load converts the fp32 checkpoint (private copies)",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--prep", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.lr = 1e-4
     if args.one:
         print(json.dumps(run_one(args)))
+        return
+    if args.load:
+        print(json.dumps(load_one(args)))
         return
 
     pairs = {"loading": ("full_load", "partitioned"), "checkpointing": ("no_checkpointing", "checkpointing")}
@@ -141,6 +249,24 @@ def main() -> None:
             f"model {prep['model']}; {len(prep['ids'])} samples, seq-len {args.seq_len}, micro {args.micro} "
             f"x accum {args.accum}, fp32"
         )
+        if args.only in (None, "load"):
+            loads = measure_loading(args, prep_path)
+            dtype = "bf16" if args.bf16 else "fp32"
+            print(f"(0) set-up (load + deepspeed.initialize), ZeRO-3, {dtype}, 2 ranks: growth, per rank")
+            print(f"{'':44} {'VmHWM MB':>10} {'peak RssAnon MB':>16} {'RssAnon after':>14} {'s':>6}")
+            for name, ranks in loads.items():
+                for r, x in enumerate(ranks):
+                    print(
+                        f"{name + f' rank {r}':44} {x['load_hwm_mb']:10,.0f} {x['load_anon_mb']:16,.0f} "
+                        f"{x['held_anon_mb']:14,.0f} {x['seconds']:6.1f}"
+                    )
+            full, part = (max(x["load_anon_mb"] for x in loads[n]) for n in ("full_load", "partitioned"))
+            print(
+                f"  partitioned / full_load: largest rank's anonymous memory over the load x{part / full:.2f}"
+            )
+            if args.only == "load":
+                return
+        print("(1), (2): whole fits")
         print(f"{'':44} {'worker peak RSS MB':>20} {'tokens/s':>9} {'steps':>5} {'max |loss diff|':>15}")
         for pair, (before, after) in pairs.items():
             if args.only and args.only != pair:

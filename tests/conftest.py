@@ -143,6 +143,70 @@ def tiny_run_config(tiny_model_dir):
     return tree
 
 
+def fit_tree(model_dir, run_dir, **changes) -> dict:
+    """The config keys of the training tests' Ray Train fits: 2 CPU workers, micro-batches of 2, 2
+    accumulation steps (16 samples -> 2 optimizer steps per iteration), ZeRO-2, 3 iterations."""
+    return {
+        "base_model": model_dir,
+        "datasets": [{"path": "unused.jsonl"}],
+        "output_dir": str(run_dir),
+        "sequence_len": 64,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 1e-3,
+        "warmup_ratio": 0.2,
+        "ray_num_workers": 2,
+        "deepspeed": 2,
+        "iterations": 3,
+        "scoring": {"torch_threads": 1, "template_cpus": 0},
+        **changes,
+    }
+
+
+@pytest.fixture(scope="session")
+def train_corpus(tmp_path_factory, tiny_model_dir):
+    """48 ingested samples and three selected subsets of 16."""
+    import random
+
+    from iterit.config import config_from_dict
+    from iterit.data import ingest
+
+    rng = random.Random(3)
+    d = tmp_path_factory.mktemp("train_corpus")
+    rows = [
+        {
+            "id": f"s{i}",
+            "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))),
+            "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))),
+        }
+        for i in range(48)
+    ]
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = ingest(
+        config_from_dict(
+            {"base_model": tiny_model_dir, "datasets": [{"path": str(d / "rows.jsonl")}]}
+        ).datasets,
+        str(d / "ingest"),
+    )
+    subsets = {e: [f"s{i}" for i in range(16 * e, 16 * e + 16)] for e in range(3)}
+    return out["samples"], subsets
+
+
+@pytest.fixture(scope="session")
+def zero3_fit(ray_local, tiny_model_dir, train_corpus, tmp_path_factory) -> dict:
+    """One ZeRO-3 fit, 2 workers on the session's one-node Ray, weights loaded into the partitions (the
+    default), one iteration on subset 0: the reference of the partitioned-vs-full test and of the
+    two-node test, which train the same config another way. Its config keys, run directory, metrics."""
+    from iterit.config import config_from_dict
+    from iterit.training.trainer import read_metrics, train
+
+    samples, subsets = train_corpus
+    run_dir = tmp_path_factory.mktemp("zero3_fit") / "run"
+    tree = fit_tree(tiny_model_dir, run_dir, deepspeed=3, iterations=1)
+    train(config_from_dict(tree), str(run_dir), {0: subsets[0]}, samples, k=16, name="zero3")
+    return {"tree": tree, "run_dir": run_dir, "metrics": read_metrics(str(run_dir), 0)}
+
+
 def iterit_main(argv: list) -> int:
     """`iterit ARGV` in this process; its exit code (for fixtures wider than one test, without capsys)."""
     from iterit.cli import main

@@ -95,11 +95,10 @@ def head():
             time.sleep(1)
         yield address, env
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        # SIGKILL at once, as the multi-node fixture does: the job has ended, and `ray start`'s own
+        # graceful stop on SIGTERM took the full 30 s it was given.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         for p in psutil.process_iter(["cmdline"]):
             try:
                 if any(temp in arg for arg in p.info["cmdline"] or ()):

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import fit_tree
 
 from iterit.config import config_from_dict
 from iterit.rundir import RunDir
@@ -135,53 +136,8 @@ def test_seeded_order_draws_from_iteration_rng():
 # Ray Train fits
 
 
-@pytest.fixture(scope="module")
-def train_corpus(tmp_path_factory, tiny_model_dir):
-    """48 ingested samples and three selected subsets of 16."""
-    import random
-
-    from conftest import WORDS
-
-    from iterit.data import ingest
-
-    rng = random.Random(3)
-    d = tmp_path_factory.mktemp("train_corpus")
-    rows = [
-        {
-            "id": f"s{i}",
-            "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))),
-            "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))),
-        }
-        for i in range(48)
-    ]
-    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = ingest(
-        config_from_dict(
-            {"base_model": tiny_model_dir, "datasets": [{"path": str(d / "rows.jsonl")}]}
-        ).datasets,
-        str(d / "ingest"),
-    )
-    subsets = {e: [f"s{i}" for i in range(16 * e, 16 * e + 16)] for e in range(3)}
-    return out["samples"], subsets
-
-
 def _cfg(tiny_model_dir, run_dir, **kw):
-    tree = {
-        "base_model": tiny_model_dir,
-        "datasets": [{"path": "unused.jsonl"}],
-        "output_dir": str(run_dir),
-        "sequence_len": 64,
-        "micro_batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "learning_rate": 1e-3,
-        "warmup_ratio": 0.2,
-        "ray_num_workers": 2,
-        "deepspeed": 2,
-        "iterations": 3,
-        "scoring": {"torch_threads": 1, "template_cpus": 0},
-    }
-    tree.update(kw)
-    return config_from_dict(tree)
+    return config_from_dict(fit_tree(tiny_model_dir, run_dir, **kw))
 
 
 def test_the_worker_job_carries_the_flat_keys_and_its_rebuild_rejects_unknown_ones(
@@ -224,19 +180,20 @@ def _weights(path):
     return load_file(f"{path}/model.safetensors")
 
 
-def test_three_one_iteration_fits_equal_one_run(ray_local, tiny_model_dir, train_corpus, tmp_path):
+def test_two_one_iteration_fits_equal_one_run(ray_local, tiny_model_dir, train_corpus, tmp_path):
     """Continuity: the schedule and optimizer carry over, so fitting iteration by iteration gives the
-    same learning-rate trace and the same weights as one fit over the three subsets."""
+    same learning-rate trace and the same weights as one fit over the two subsets."""
     from transformers import AutoModelForCausalLM
 
     from iterit.training.trainer import read_metrics, train
 
-    samples, subsets = train_corpus
-    one = _cfg(tiny_model_dir, tmp_path / "one")
+    samples, all_subsets = train_corpus
+    subsets = {e: all_subsets[e] for e in range(2)}
+    one = _cfg(tiny_model_dir, tmp_path / "one", iterations=2)
     whole = train(one, str(tmp_path / "one"), subsets, samples, k=16, name="one")
-    split = _cfg(tiny_model_dir, tmp_path / "split")
+    split = _cfg(tiny_model_dir, tmp_path / "split", iterations=2)
     ckpt = None
-    for e in range(3):
+    for e in range(2):
         ckpt = train(
             split,
             str(tmp_path / "split"),
@@ -248,21 +205,21 @@ def test_three_one_iteration_fits_equal_one_run(ray_local, tiny_model_dir, train
         )["checkpoint"]
 
     # 16 samples / 2 workers = 8 rows -> 4 micro-batches of 2 -> 2 steps of 2 per iteration
-    assert whole["total_steps"] == 6
-    trace_one = [m for e in range(3) for m in read_metrics(str(tmp_path / "one"), e)]
-    trace_split = [m for e in range(3) for m in read_metrics(str(tmp_path / "split"), e)]
-    assert [m["step"] for m in trace_one] == [1, 2, 3, 4, 5, 6] == [m["step"] for m in trace_split]
+    assert whole["total_steps"] == 4
+    trace_one = [m for e in range(2) for m in read_metrics(str(tmp_path / "one"), e)]
+    trace_split = [m for e in range(2) for m in read_metrics(str(tmp_path / "split"), e)]
+    assert [m["step"] for m in trace_one] == [1, 2, 3, 4] == [m["step"] for m in trace_split]
     assert [m["lr"] for m in trace_one] == pytest.approx([m["lr"] for m in trace_split], rel=1e-12)
-    # warmup ceil(0.2 * 6) = 2 steps (0, 0.5), then cosine over the remaining 4; the rate each step applied
-    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
-    assert [m["lr"] for m in trace_one] == pytest.approx([0.0, 5e-4] + cosine, abs=1e-12)
+    # warmup ceil(0.2 * 4) = 1 step (0), then cosine over the remaining 3; the rate each step applied
+    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * i / 3)) for i in range(3)]
+    assert [m["lr"] for m in trace_one] == pytest.approx([0.0] + cosine, abs=1e-12)
     assert [m["loss"] for m in trace_one] == pytest.approx([m["loss"] for m in trace_split], rel=1e-5)
     one_run, split_run = RunDir(str(tmp_path / "one")), RunDir(str(tmp_path / "split"))
-    w1, w2 = _weights(one_run.model(2)), _weights(split_run.model(2))
+    w1, w2 = _weights(one_run.model(1)), _weights(split_run.model(1))
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-6
     # Each exported model loads with plain transformers and differs from the one before.
     prev = _weights(tiny_model_dir)
-    for e in range(3):
+    for e in range(2):
         model = AutoModelForCausalLM.from_pretrained(split_run.model(e))
         cur = {k: v.detach() for k, v in model.state_dict().items()}
         assert max(float((cur[k] - prev[k]).abs().max()) for k in prev) > 1e-4
@@ -394,21 +351,19 @@ def test_zero3_init_loads_each_weight_into_its_partition(tiny_model_dir, tmp_pat
         dist.destroy_process_group()
 
 
-def test_partitioned_loading_trains_as_the_full_load(ray_local, tiny_model_dir, train_corpus, tmp_path):
-    """ZeRO-3, 2 workers, fp32: weights loaded straight into the partitions (zero3_init, the default) give
-    the loss trace and the exported weights of the full load on every worker, within 1e-6."""
+def test_partitioned_loading_trains_as_the_full_load(zero3_fit, tiny_model_dir, train_corpus, tmp_path):
+    """ZeRO-3, 2 workers, fp32: weights loaded straight into the partitions (zero3_init, the default;
+    the session's zero3_fit) give the loss trace and the exported weights of the full load on every
+    worker, within 1e-6."""
     from iterit.training.trainer import read_metrics, train
 
     samples, subsets = train_corpus
-    out = {}
-    for name, zero3_init in [("partitioned", True), ("full", False)]:
-        cfg = _cfg(tiny_model_dir, tmp_path / name, deepspeed=3, iterations=1, zero3_init=zero3_init)
-        train(cfg, str(tmp_path / name), {0: subsets[0]}, samples, k=16, name=name)
-        out[name] = (
-            [m["loss"] for m in read_metrics(str(tmp_path / name), 0)],
-            _weights(RunDir(str(tmp_path / name)).model(0)),
-        )
-    (loss_a, w_a), (loss_b, w_b) = out["partitioned"], out["full"]
+    cfg = config_from_dict({**zero3_fit["tree"], "output_dir": str(tmp_path / "full"), "zero3_init": False})
+    train(cfg, str(tmp_path / "full"), {0: subsets[0]}, samples, k=16, name="full")
+    loss_a = [m["loss"] for m in zero3_fit["metrics"]]
+    loss_b = [m["loss"] for m in read_metrics(str(tmp_path / "full"), 0)]
+    w_a = _weights(RunDir(str(zero3_fit["run_dir"])).model(0))
+    w_b = _weights(RunDir(str(tmp_path / "full")).model(0))
     assert len(loss_a) == 2 and loss_a == pytest.approx(loss_b, abs=1e-6)
     assert w_a.keys() == w_b.keys() and max(float((w_a[k] - w_b[k]).abs().max()) for k in w_a) < 1e-6
     base = _weights(tiny_model_dir)
