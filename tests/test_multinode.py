@@ -94,6 +94,17 @@ def finished(proc: subprocess.Popen, log: Path, timeout: float = 540) -> str:
     return out
 
 
+def scoring_tree(model: str, corpus: Path, tmp_path: Path, **scoring) -> dict:
+    """The config keys of a scoring test: the tiny settings, with `scoring` keys (the pool) on top."""
+    return {
+        "base_model": model,
+        "datasets": [{"path": str(corpus)}],
+        "output_dir": str(tmp_path / "unused"),
+        "sequence_len": 64,
+        "scoring": {"torch_threads": 1, "batch_size": 8, "template_cpus": 0.5, **scoring},
+    }
+
+
 def scored_ids(out: Path) -> list[str]:
     return [
         i
@@ -185,19 +196,7 @@ def test_zero3_with_one_worker_per_node_equals_one_node(zero3_fit, two_nodes, tr
 def test_scoring_with_one_actor_per_node(ray_local, two_nodes, tiny_model_dir, corpus, tmp_path, cli, python):
     """2 scoring actors, a slot each (scoring.resources_per_actor): one per node, every id scored once,
     the same numbers as one actor on the session's one-node Ray."""
-    tree = {
-        "base_model": tiny_model_dir,
-        "datasets": [{"path": str(corpus)}],
-        "output_dir": str(tmp_path / "unused"),
-        "sequence_len": 64,
-        "scoring": {
-            "torch_threads": 1,
-            "batch_size": 8,
-            "template_cpus": 0.5,
-            "min_actors": 2,
-            "max_actors": 2,
-        },
-    }
+    tree = scoring_tree(tiny_model_dir, corpus, tmp_path, min_actors=2, max_actors=2)
     pinned = {**tree, "scoring": {**tree["scoring"], "resources_per_actor": {"slot": 1}}}
     before = set(placement(two_nodes, SCORER))
     log = tmp_path / "score.log"
@@ -348,20 +347,9 @@ def test_scoring_goes_on_when_a_node_is_lost(two_nodes, tiny_model_dir, big_corp
     killed and no node replaces it. Ray Data retries the lost actor's batches on the surviving actor:
     the stage finishes and every id is in exactly one part. (The last test on the shared two nodes: it
     leaves the head alone.)"""
-    tree = {
-        "base_model": tiny_model_dir,
-        "datasets": [{"path": str(big_corpus)}],
-        "output_dir": str(tmp_path / "unused"),
-        "sequence_len": 64,
-        "scoring": {
-            "torch_threads": 1,
-            "batch_size": 8,
-            "template_cpus": 0.5,
-            "min_actors": 2,
-            "max_actors": 2,
-            "resources_per_actor": {"slot": 1},
-        },
-    }
+    tree = scoring_tree(
+        tiny_model_dir, big_corpus, tmp_path, min_actors=2, max_actors=2, resources_per_actor={"slot": 1}
+    )
     out = tmp_path / "scored"
     before = set(placement(two_nodes, SCORER))
     log = tmp_path / "score.log"
@@ -417,20 +405,9 @@ def test_scoring_pool_grows_onto_autoscaled_nodes(heavier_model, tmp_path, pytho
     `scorer`) of at most 2 nodes, a pool of 1 to 2 actors that each ask for a scorer. The pool starts
     on the first node the autoscaler adds and grows onto a second; every id is scored once."""
     corpus = write_corpus(tmp_path / "corpus.jsonl", 800, seed=23)
-    tree = {
-        "base_model": heavier_model,
-        "datasets": [{"path": str(corpus)}],
-        "output_dir": str(tmp_path / "unused"),
-        "sequence_len": 64,
-        "scoring": {
-            "torch_threads": 1,
-            "batch_size": 8,
-            "template_cpus": 0.5,
-            "min_actors": 1,
-            "max_actors": 2,
-            "resources_per_actor": {"scorer": 1},
-        },
-    }
+    tree = scoring_tree(
+        heavier_model, corpus, tmp_path, min_actors=1, max_actors=2, resources_per_actor={"scorer": 1}
+    )
     worker = {"resources": {"CPU": 2, "scorer": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}
     cluster = Cluster()
     try:
