@@ -439,3 +439,46 @@ def test_lazy_greedy_over_shards_in_any_order_makes_the_official_picks(real_resp
     assert got[0] == want[0]
     np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
     assert sum(seen) == 50 and len(seen) == 50  # progress every max(1, k // 200) picks
+
+
+def test_coded_rows_hold_every_count_and_column_escapes_included():
+    """Columns 0 and 2^24 - 1, gaps past 17 bits, counts past 7 bits and an empty row come back whole."""
+    from iterit.selection.coded import MAX_GAP, decode_row, encode_counts
+
+    rows = [
+        ([0, 5, 6], [1, 127, 128]),
+        ([], []),
+        ([3, 3 + MAX_GAP, 4 + 2 * MAX_GAP, (1 << 24) - 1], [2, 1, 70_000, 9]),
+    ]
+    indptr = np.cumsum([0] + [len(c) for c, _ in rows])
+    x = sp.csr_matrix(
+        (np.concatenate([n for _, n in rows]).astype(np.float32), np.concatenate([c for c, _ in rows]).astype(np.int32), indptr),
+        shape=(3, 1 << 24),
+    )  # fmt: skip
+    starts, codes = encode_counts(x)
+    for r, (cols, counts) in enumerate(rows):
+        got_cols, got_counts = decode_row(codes, starts[r], starts[r + 1])
+        assert got_cols.tolist() == cols and got_counts.tolist() == counts
+    # 3 bytes an entry, 9 for an escape: 128 (count), 70,000 (count and gap), 2^24 - 1 (gap)
+    assert starts.tolist() == [0, 3 + 3 + 9, 15, 15 + 3 + 3 + 9 + 9]
+
+
+def test_the_coded_greedy_makes_the_official_picks_on_counts_x_idf_over_norm(real_responses):
+    """The hashed mode's greedy (coded rows, weights computed as it reads them) = the official loop on the
+    float64 matrix counts x idf / norm, picks and gains, with escapes in the codes."""
+    from iterit.selection.coded import coded_rows
+    from iterit.selection.greedy import lazy_greedy_coded
+    from iterit.selection.tfidf import HASH_FEATURES, hash_counts, smooth_idf
+
+    x = hash_counts(response_texts(real_responses, "<|im_end|>"))
+    x.data[::41] = 300.0  # counts past 7 bits: escapes
+    idf = smooth_idf(np.bincount(x.indices, minlength=HASH_FEATURES), x.shape[0])
+    ifd = np.random.default_rng(7).uniform(0.2, 1.0, x.shape[0])
+    rows = coded_rows(x, idf, ifd)
+    w = sp.diags(1 / rows.norms) @ x.astype(np.float64).multiply(idf.astype(np.float64)).tocsr()
+    np.testing.assert_allclose(np.sqrt(w.multiply(w).sum(axis=1)).A1, 1.0, rtol=1e-12)
+    want = reference_greedy(ifd, w, 60, 0.1)
+    seen = []
+    got = lazy_greedy_coded(ifd, rows, 60, 0.1, on_picks=seen.append)
+    assert got[0] == want[0] and sum(seen) == 60
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-12)

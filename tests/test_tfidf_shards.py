@@ -1,5 +1,5 @@
 """Hashed TF-IDF built on the cluster (iterit.selection.shards): row for row, bit for bit the in-memory
-hashed matrix, and the greedy over its memory-mapped shards picks what the in-memory greedy picks."""
+hashed rows, and the greedy over its memory-mapped shards picks what the in-memory greedy picks."""
 
 import json
 import os
@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from iterit.data import SAMPLE_SCHEMA
-from iterit.selection.greedy import initial_scores, lazy_greedy, lazy_greedy_rows
+from iterit.selection.greedy import lazy_greedy_coded
 from iterit.selection.pipeline import build_shards
-from iterit.selection.shards import ShardedRows, task_groups
-from iterit.selection.tfidf import response_texts, tfidf_matrix
+from iterit.selection.shards import sharded_rows, task_groups
+from iterit.selection.tfidf import hashed_rows, response_texts
 
 EOS = "<|im_end|>"
 
@@ -55,8 +55,18 @@ def test_task_groups_cover_every_row_group_once(samples):
     assert tasks[0]["offset"] == 0 and tasks[1]["offset"] == 37 * 3  # 3 groups of 37 reach 100 rows
 
 
+def same_rows(got, want) -> bool:
+    """Every candidate's columns and counts, norm and initial score bit for bit, and the idf."""
+    n = len(want.initial)
+    if len(got.initial) != n or not np.array_equal(got.idf, want.idf):
+        return False
+    if not (np.array_equal(got.norms, want.norms) and np.array_equal(got.initial, want.initial)):
+        return False
+    return all(all(np.array_equal(a, b) for a, b in zip(got.row(c), want.row(c))) for c in range(n))
+
+
 @pytest.mark.parametrize("order", ["file", "shuffled"])
-def test_sharded_rows_and_picks_equal_the_in_memory_hashed_matrix(samples, tmp_path, ray_local, order):
+def test_sharded_rows_and_picks_equal_the_in_memory_hashed_rows(samples, tmp_path, ray_local, order):
     path, texts, ifd = samples
     window = np.arange(len(texts)) if order == "file" else np.random.default_rng(1).permutation(len(texts))
     cand_of_row, c_ifd, rows_in_order = candidates(ifd, window)
@@ -64,23 +74,16 @@ def test_sharded_rows_and_picks_equal_the_in_memory_hashed_matrix(samples, tmp_p
         path, cand_of_row, c_ifd, str(tmp_path / "tfidf"), EOS, rows_per_task=100, log=print
     )
     assert record["candidates"] == c_ifd.size and record["shards"] == 5
-    assert not os.path.exists(tmp_path / "tfidf" / "counts")  # the count shards are gone
 
-    x = tfidf_matrix(response_texts([texts[r] for r in rows_in_order], EOS), "hashed")
-    rows = ShardedRows(str(tmp_path / "tfidf"), c_ifd.size)
-    assert record["nnz"] == x.nnz
-    for c in range(c_ifd.size):
-        indices, data = rows.row(c)
-        a, b = x.indptr[c], x.indptr[c + 1]
-        assert np.array_equal(indices, x.indices[a:b]) and np.array_equal(data, x.data[a:b])  # bit for bit
-    assert np.array_equal(rows.initial, initial_scores(c_ifd, x))
+    mem = hashed_rows(response_texts([texts[r] for r in rows_in_order], EOS), c_ifd, workers=1)
+    rows = sharded_rows(str(tmp_path / "tfidf"), c_ifd.size)
+    assert record["nnz"] == sum(rows.row(c)[0].size for c in range(c_ifd.size))
+    assert same_rows(rows, mem)
 
     k = 40
-    want = lazy_greedy(c_ifd, x, k, 0.1)
+    want = lazy_greedy_coded(c_ifd, mem, k, 0.1)
     calls = []
-    got = lazy_greedy_rows(
-        c_ifd, rows.shards, rows.shard_of, rows.local_of, rows.initial, rows.n_terms, k, 0.1, calls.append
-    )
+    got = lazy_greedy_coded(c_ifd, rows, k, 0.1, calls.append)
     assert got == want and len(got[0]) == k and sum(calls) == k  # progress counts every pick
 
 
@@ -93,37 +96,36 @@ def test_an_interrupted_build_completes_what_is_missing(samples, tmp_path, ray_l
     cand_of_row, c_ifd, _ = candidates(ifd, np.arange(len(texts)))
     out = tmp_path / "tfidf"
     first = build_shards(path, cand_of_row, c_ifd, str(out), EOS, rows_per_task=100, log=print)
-    want = ShardedRows(str(out), c_ifd.size)
-    want_rows = [want.row(c) for c in range(c_ifd.size)]
+    want = sharded_rows(str(out), c_ifd.size)
     tasks = task_groups(path, 100)
 
     def killed(shards_counted: list[str], weighted: list[str]):
-        """OUT as a driver killed mid-build leaves it: those count shards written, those rows weighted."""
+        """OUT as a driver killed mid-build leaves it: those shards counted, those weighted."""
         os.remove(out / "done.json")
-        shutil.rmtree(out / "counts", ignore_errors=True)
-        for shard in os.listdir(out / "rows"):
-            if shard not in weighted:
-                shutil.rmtree(out / "rows" / shard)
-        if not weighted:
-            os.remove(out / "idf.npy")
+        shutil.rmtree(out / "rows")
+        shutil.rmtree(out / "weights")
         for t in tasks:
-            if t["shard"] in shards_counted:
+            if t["shard"] in shards_counted + weighted:
                 count_shard(t, path, str(out), cand_of_row, EOS)
-        os.makedirs(out / "rows" / "000004")  # a rows shard begun but not complete
-        (out / "rows" / "000004" / "data.npy").write_bytes(b"half")
+        if weighted:
+            for s in weighted:
+                shutil.copytree(tmp_path / "weights-done" / s, out / "weights" / s)
+        else:
+            os.remove(out / "idf.npy")
+        os.makedirs(out / "rows" / "000004", exist_ok=True)  # a shard begun but not complete
+        (out / "rows" / "000004" / "codes.npy").write_bytes(b"half")
+        os.makedirs(out / "weights" / "000001", exist_ok=True)
+        (out / "weights" / "000001" / "norms.npy").write_bytes(b"half")
 
+    shutil.copytree(out / "weights", tmp_path / "weights-done")
     for counted, weighted in (
         (["000000", "000002"], []),
-        (["000001", "000004"], ["000000", "000002", "000003"]),
+        (["000001"], ["000000", "000002", "000003"]),
     ):
         killed(counted, weighted)
         again = build_shards(path, cand_of_row, c_ifd, str(out), EOS, rows_per_task=100, log=print)
         assert again == first
-        got = ShardedRows(str(out), c_ifd.size)
-        assert np.array_equal(got.initial, want.initial)
-        for c, (i, d) in enumerate(want_rows):
-            gi, gd = got.row(c)
-            assert np.array_equal(gi, i) and np.array_equal(gd, d)
+        assert same_rows(sharded_rows(str(out), c_ifd.size), want)
 
 
 def test_a_folder_built_for_other_candidates_is_rebuilt_not_reused(samples, tmp_path, ray_local):
@@ -139,13 +141,13 @@ def test_a_folder_built_for_other_candidates_is_rebuilt_not_reused(samples, tmp_
     record = build_shards(path, cand2, c_ifd2, out, EOS, rows_per_task=100, log=lines.append)
     assert record["candidates"] == c_ifd2.size < c_ifd.size
     assert any("built for other candidates: rebuilt" in line for line in lines)
-    rows = ShardedRows(out, c_ifd2.size)
-    x = tfidf_matrix(response_texts([texts[r] for r in np.flatnonzero(cand2 >= 0)], EOS), "hashed")
-    assert np.array_equal(rows.initial, initial_scores(c_ifd2, x))
+    rows = sharded_rows(out, c_ifd2.size)
+    mem = hashed_rows(response_texts([texts[r] for r in np.flatnonzero(cand2 >= 0)], EOS), c_ifd2, workers=1)
+    assert same_rows(rows, mem)
     same_ifd_other_value = c_ifd2.copy()
     same_ifd_other_value[0] += 0.01  # the same candidates, one IFD changed: the initial scores differ
     again = build_shards(path, cand2, same_ifd_other_value, out, EOS, rows_per_task=100, log=lines.append)
-    assert again == record and ShardedRows(out, c_ifd2.size).initial[0] == pytest.approx(
+    assert again == record and sharded_rows(out, c_ifd2.size).initial[0] == pytest.approx(
         rows.initial[0] * same_ifd_other_value[0] / c_ifd2[0]
     )
     n_rebuilt = sum("rebuilt" in line for line in lines)

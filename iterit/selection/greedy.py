@@ -19,6 +19,8 @@ import scipy.sparse as sp
 from numba import get_num_threads, njit, prange
 from numba.typed import List as NumbaList
 
+from iterit.selection.coded import decay_row, row_sum
+
 
 def reference_greedy(
     ifd: np.ndarray, tfidf: sp.spmatrix, k: int, decay: float
@@ -260,6 +262,85 @@ def lazy_greedy_rows(
             stale,
             fresh,
         )
+        if on_picks is not None:
+            on_picks(int(state[1]) - before)
+    done = int(state[1])
+    lazy_greedy_rows.rescored = int(state[2])  # re-evaluations of the last call (benchmarks read it)
+    return picks[:done].tolist(), gains[:done].tolist()
+
+
+@njit(inline="always")
+def _coded_score(c, shard_of, local_of, starts, codes, norms, ifd, g):
+    """Candidate c's score at the current g, from its coded row (selection.coded)."""
+    s, r = shard_of[c], local_of[c]
+    st = starts[s]
+    return ifd[c] * (row_sum(codes[s], st[r], st[r + 1], g) / norms[c])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _coded_rescore(cands, out, shard_of, local_of, starts, codes, norms, ifd, g):
+    for q in prange(cands.shape[0]):
+        out[q] = _coded_score(cands[q], shard_of, local_of, starts, codes, norms, ifd, g)
+
+
+@njit(cache=True, nogil=True)
+def _coded_steps(
+    state, score, idx, epoch, g, shard_of, local_of, starts, codes, norms, ifd, decay, picks, gains, until,
+    stale, fresh,
+):  # fmt: skip
+    """_greedy_steps over coded rows: the same heap and the same order of operations; a row's terms are
+    decayed in g (idf x decay^uses) and its score divided by its norm (selection.coded)."""
+    size, now, rescored = state[0], state[1], state[2]
+    while size > 0 and now < until:
+        c = idx[0]
+        if epoch[0] == now:
+            picks[now], gains[now] = c, score[0]
+            s, r = shard_of[c], local_of[c]
+            decay_row(codes[s], starts[s][r], starts[s][r + 1], g, decay)
+            now += 1
+            size = pop_top(score, idx, epoch, size)
+        else:  # the stale entries at the top, up to `batch`, re-scored together (in parallel)
+            nb = 0
+            while size > 0 and epoch[0] != now and nb < stale.shape[0]:
+                stale[nb] = idx[0]
+                nb += 1
+                size = pop_top(score, idx, epoch, size)
+            _coded_rescore(stale[:nb], fresh[:nb], shard_of, local_of, starts, codes, norms, ifd, g)
+            for q in range(nb):
+                score[size], idx[size], epoch[size] = fresh[q], stale[q], now
+                sift_up(score, idx, epoch, size)
+                size += 1
+            rescored += nb
+    state[0], state[1], state[2] = size, now, rescored
+
+
+def lazy_greedy_coded(ifd: np.ndarray, rows, k: int, decay: float, on_picks=None, batch: int | None = None):
+    """The lazy greedy over coded hashed rows (selection.coded.CodedRows: in memory or memory-mapped
+    shards), the heap of lazy_greedy_rows: (picks in order, gain of each pick). Only the rows it
+    re-evaluates and picks are read. What it holds besides the heap: g, one float64 per hashed column
+    (128 MB), and per candidate its shard, row, norm and IFD (28 bytes)."""
+    n = len(rows.initial)
+    k = min(k, n)
+    score = np.asarray(rows.initial, dtype=np.float64).copy()
+    idx = np.arange(n, dtype=np.int64)
+    epoch = np.zeros(n, dtype=np.int64)
+    heapify(score, idx, epoch, n)
+    g = np.array(rows.idf, dtype=np.float64)  # idf_t x decay^(picks that used t)
+    starts = NumbaList([_readonly(st) for st, _ in rows.shards])
+    codes = NumbaList([_readonly(cd) for _, cd in rows.shards])
+    picks, gains = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float64)
+    state = np.array([n, 0, 0], dtype=np.int64)
+    step = max(1, k // 200)
+    batch = RESCORE_BATCH_PER_THREAD * get_num_threads() if batch is None else batch
+    stale, fresh = np.empty(batch, dtype=np.int64), np.empty(batch, dtype=np.float64)
+    norms, c_ifd = np.asarray(rows.norms, dtype=np.float64), np.asarray(ifd, dtype=np.float64)
+    shard_of, local_of = np.asarray(rows.shard_of), np.asarray(rows.local_of)
+    while state[1] < k and state[0] > 0:
+        before = int(state[1])
+        _coded_steps(
+            state, score, idx, epoch, g, shard_of, local_of, starts, codes, norms, c_ifd, float(decay),
+            picks, gains, min(k, before + step), stale, fresh,
+        )  # fmt: skip
         if on_picks is not None:
             on_picks(int(state[1]) - before)
     done = int(state[1])

@@ -96,7 +96,7 @@ def build_shards(
         _return_freed_memory()
         return {"r": batch["item"], "df": df}
 
-    idf_path = join(out_dir, "idf.npy")  # saved before any shard is weighted (their counts then go)
+    idf_path = join(out_dir, "idf.npy")  # saved before any shard is weighted
     if fs.exists(idf_path):
         idf = load_array(fs, out_dir, "idf")
     else:
@@ -108,7 +108,7 @@ def build_shards(
         idf = smooth_idf(df, n)
         with atomic_open(idf_path) as f:
             np.save(f, idf)
-    idf_ref = ray.put(idf)
+    idf_ref = ray.put(idf.astype(np.float64))  # the weights' precision (selection.coded)
 
     def weight(batch: dict) -> dict:
         nnz = [weight_shard(s, out_dir, ray.get(idf_ref), ray.get(ifd_ref)) for s in batch["item"]]
@@ -121,9 +121,7 @@ def build_shards(
         "candidates": n,
         "shards": len(shards),
         "nnz": int(nnz),
-        "bytes": int(fs.du(join(out_dir, "rows"))),
+        "bytes": int(fs.du(out_dir)),
     }
-    if fs.exists(join(out_dir, "counts")):
-        fs.rm(join(out_dir, "counts"), recursive=True)
     atomic_write_text(done_path, json.dumps(record) + "\n")
     return record

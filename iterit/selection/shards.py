@@ -1,35 +1,35 @@
 """Hashed TF-IDF rows on disk, built on the cluster: the iterit greedy at millions of responses.
 
-The pure part (numpy, scipy, pyarrow; no Ray): the work of each task of the build and the reader. The
-Ray Data layer that runs the tasks is selection.pipeline.build_shards.
+The pure part (numpy, pyarrow; no Ray): the work of each task of the build and the reader. The Ray
+Data layer that runs the tasks is selection.pipeline.build_shards.
 
     count_shard / sum_df_range / weight_shard   one task of each of the three passes below
-    ShardedRows(out_dir)   the weighted rows memory-mapped: row(c) -> (indices, data), initial scores
+    sharded_rows(out_dir, n)   the coded rows memory-mapped, as selection.coded.CodedRows
 
-The matrix is the one tfidf_matrix(texts, "hashed") builds in memory, row for row and bit for bit
-(a test holds the greedy's picks and gains to the in-memory ones), but no process ever holds it:
+The rows are coded counts (selection.coded: 3 bytes a non-zero; the weights are counts x idf / norm,
+computed where they are used), and they are the same rows, bit for bit, that coded_rows builds in
+memory for the same candidates (a test holds the greedy's picks and gains to the in-memory ones), but
+no process ever holds all of them:
   counts  one task per group of the samples' Parquet row groups: the candidates' responses (+ eos) ->
-          hashed 1-3-gram counts (tfidf.hash_counts), written as a count shard with its sorted
+          hashed 1-3-gram counts (tfidf.hash_counts), coded and written as a row shard with its sorted
           document frequencies;
   df      one task per column range: that range of every shard's document frequencies, summed. The
           driver receives the 2^24 document frequencies (128 MB whatever N) and nothing else of the matrix;
-  weight  one task per shard: idf and l2 norm (tfidf.weight_inplace with the whole matrix's idf: a row's
-          weights depend on that row and the idf only), each row's initial greedy score
-          (greedy.initial_scores), the weighted shard written, the count shard removed.
+  weight  one task per shard: each row's l2 norm under the whole matrix's idf and its initial greedy
+          score (a row's norm depends on that row and the idf only), written beside the rows.
 Candidates are numbered 0..n-1 in window order (the order select_window gives them); `cand_of_row`
 maps each row of the samples file to its candidate number, -1 for a sample that is not a candidate.
 
 Layout of OUT_DIR (each shard directory is complete once its `complete` file exists, so a task retried
 by Ray, or a build run again after the driver died, redoes only what is missing):
-    counts/<shard>/{data,indices,indptr,cands,df_cols,df_counts}.npy, complete   counts uint16 (float32
-                 in a shard with a count above 65,535)
-    rows/<shard>/{data,indices,indptr,cands,initial}.npy, complete   float32 / int32 / int64 / int64 / float64
+    rows/<shard>/{starts,codes,cands,df_cols,df_counts}.npy, complete   int64 / uint8 / int64 / int32 / int32
+    weights/<shard>/{norms,initial,nnz}.npy, complete   float64 / float64 / int64 (one value)
     idf.npy     the 2^24 idf (float32), saved before the first shard is weighted
     inputs.json {fingerprint}: the candidates, their IFD and the eos token the folder was built for
                 (a folder of other inputs is removed, not reused)
     done.json   {candidates, shards, nnz, bytes}: the build finished
 A popped row is read from its memory-mapped shard, so OUT_DIR must be a local or shared POSIX path on
-the driver; rows on object storage are copied to a local directory first (ShardedRows does it).
+the driver; rows on object storage are copied to a local directory first (sharded_rows does it).
 """
 
 from __future__ import annotations
@@ -41,14 +41,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import scipy.sparse as sp
 from fsspec.implementations.local import LocalFileSystem
 
 from iterit.io import filesystem, join
-from iterit.selection.greedy import initial_scores
-from iterit.selection.tfidf import HASH_FEATURES, hash_counts, response_texts, weight_inplace
+from iterit.selection.coded import CodedRows, encode_counts, norms_and_scores
+from iterit.selection.tfidf import HASH_FEATURES, hash_counts, response_texts
 
-ROWS_PER_TASK = 32_768  # samples per counts task: ~20M non-zeros, ~0.5 GB of task memory
+ROWS_PER_TASK = 32_768  # samples per counts task: ~18M non-zeros, ~0.5 GB of task memory
 DF_RANGES = 16  # column ranges of the document-frequency reduction (2^20 columns each)
 
 
@@ -103,12 +102,12 @@ def task_groups(samples_path: str, rows_per_task: int = ROWS_PER_TASK) -> list[d
 
 
 def count_shard(task: dict, samples_path: str, out_dir: str, cand_of_row: np.ndarray, eos_token: str | None):
-    """Pass 1 for one task (pure but for the files): its candidates' hashed counts and document
-    frequencies, written to counts/<shard>. Returns the number of candidates it holds."""
+    """Pass 1 for one task (pure but for the files): its candidates' coded counts and document
+    frequencies, written to rows/<shard>. Returns the number of candidates it holds."""
     fs, _ = filesystem(out_dir)
-    folder, done = join(out_dir, "counts", task["shard"]), join(out_dir, "rows", task["shard"])
-    if is_complete(fs, folder) or is_complete(fs, done):
-        return int(load_array(fs, folder if is_complete(fs, folder) else done, "cands").size)
+    folder = join(out_dir, "rows", task["shard"])
+    if is_complete(fs, folder):
+        return int(load_array(fs, folder, "cands").size)
     sfs, sp_path = filesystem(samples_path)
     with sfs.open(sp_path, "rb") as f:
         table = pq.ParquetFile(f).read_row_groups(task["groups"], columns=["messages"])
@@ -119,16 +118,13 @@ def count_shard(task: dict, samples_path: str, out_dir: str, cand_of_row: np.nda
     responses = final_contents(table.column("messages").take(pa.array(keep)))
     counts = hash_counts(response_texts(responses, eos_token))
     df_cols, df_counts = np.unique(counts.indices, return_counts=True)
-    # Whole counts: uint16 holds them exactly (float32 where a count passes 65,535): the build is
-    # disk-bound, and this shard is written once and read once.
-    small = counts.data.size == 0 or counts.data.max() <= np.iinfo(np.uint16).max
+    starts, codes = encode_counts(counts)
     save_arrays(
         fs,
         folder,
         {
-            "data": counts.data.astype(np.uint16) if small else counts.data,
-            "indices": counts.indices.astype(np.int32),
-            "indptr": counts.indptr.astype(np.int64),
+            "starts": starts,
+            "codes": codes,
             "cands": cands[keep].astype(np.int64),
             "df_cols": df_cols.astype(np.int32),
             "df_counts": df_counts.astype(np.int32),
@@ -139,13 +135,13 @@ def count_shard(task: dict, samples_path: str, out_dir: str, cand_of_row: np.nda
 
 def sum_df_range(r: int, out_dir: str, shards: list[str], ranges: int = DF_RANGES) -> np.ndarray:
     """Pass 2 for one column range: the document frequencies of columns [r, r + 1) x 2^24 / ranges,
-    summed over every count shard (each shard's sorted columns sliced by binary search)."""
+    summed over every row shard (each shard's sorted columns sliced by binary search)."""
     fs, _ = filesystem(out_dir)
     width = HASH_FEATURES // ranges
     lo, hi = r * width, (r + 1) * width
     df = np.zeros(width, dtype=np.int64)
     for s in shards:
-        folder = join(out_dir, "counts", s)
+        folder = join(out_dir, "rows", s)
         cols, cnt = map_array(fs, folder, "df_cols"), map_array(fs, folder, "df_counts")
         a, b = np.searchsorted(cols, [lo, hi])
         df += np.bincount(cols[a:b] - lo, weights=cnt[a:b], minlength=width).astype(np.int64)
@@ -153,61 +149,50 @@ def sum_df_range(r: int, out_dir: str, shards: list[str], ranges: int = DF_RANGE
 
 
 def weight_shard(shard: str, out_dir: str, idf: np.ndarray, cand_ifd: np.ndarray) -> int:
-    """Pass 3 for one shard: counts -> TF-IDF rows with the whole matrix's idf, the rows' initial scores,
-    written to rows/<shard>; the count shard removed. Returns the shard's non-zeros."""
+    """Pass 3 for one shard: each row's norm under the whole matrix's idf (float64) and its initial
+    score, written to weights/<shard>. Returns the shard's non-zeros."""
     fs, _ = filesystem(out_dir)
-    src, dst = join(out_dir, "counts", shard), join(out_dir, "rows", shard)
+    src, dst = join(out_dir, "rows", shard), join(out_dir, "weights", shard)
     if not is_complete(fs, dst):
         cands = load_array(fs, src, "cands")
-        counts = load_array(fs, src, "data").astype(np.float32, copy=False)
-        x = sp.csr_matrix(
-            (counts, load_array(fs, src, "indices"), load_array(fs, src, "indptr")),
-            shape=(cands.size, HASH_FEATURES),
+        norms, initial, nnz = norms_and_scores(
+            map_array(fs, src, "starts"),
+            map_array(fs, src, "codes"),
+            np.asarray(idf, np.float64),
+            cand_ifd[cands],
         )
-        weight_inplace(x, idf=idf)
-        ip, ix, d = x.indptr, x.indices, x.data
-        initial = initial_scores(cand_ifd[cands], x)
-        save_arrays(fs, dst, {"data": d, "indices": ix, "indptr": ip, "cands": cands, "initial": initial})
-    if fs.exists(src):
-        fs.rm(src, recursive=True)
-    return int(map_array(fs, dst, "indptr")[-1])
+        save_arrays(fs, dst, {"norms": norms, "initial": initial, "nnz": np.array([nnz], dtype=np.int64)})
+    return int(load_array(fs, dst, "nnz")[0])
 
 
-class ShardedRows:
-    """The weighted rows of OUT_DIR, memory-mapped: row(c) -> (indices, data) of candidate c, and
-    `initial`, every candidate's initial score. What stays in memory: initial (8 bytes per candidate)
-    and two index arrays (12 bytes per candidate); the rows are paged in as the greedy pops them."""
-
-    def __init__(self, out_dir: str, n: int):
-        fs, p = filesystem(out_dir)
-        if not isinstance(fs, LocalFileSystem):  # object storage: a local copy to memory-map
-            local = tempfile.mkdtemp(prefix="iterit-tfidf-")
-            fs.get(join(out_dir, "rows"), os.path.join(local, "rows"), recursive=True)
-            p = local
-        root = os.path.join(p, "rows")
-        self.shards = []
-        self.initial = np.full(n, np.nan)
-        self.shard_of = np.full(n, -1, dtype=np.int32)
-        self.local_of = np.zeros(n, dtype=np.int64)
-        for s, name in enumerate(sorted(os.listdir(root))):
-            folder = os.path.join(root, name)
-            # Plain ndarray views of the maps: slicing a np.memmap builds a memmap object per row.
-            arrays = [
-                np.load(os.path.join(folder, f"{a}.npy"), mmap_mode="r").view(np.ndarray)
-                for a in ("indptr", "indices", "data")
-            ]
-            self.shards.append(arrays)
-            cands = np.load(os.path.join(folder, "cands.npy"))
-            self.shard_of[cands], self.local_of[cands] = s, np.arange(cands.size)
-            self.initial[cands] = np.load(os.path.join(folder, "initial.npy"))
-        if (self.shard_of < 0).any():
-            raise ValueError(
-                f"{out_dir}: {(self.shard_of < 0).sum():,} candidates have no row (an incomplete build)"
+def sharded_rows(out_dir: str, n: int) -> CodedRows:
+    """The coded rows of OUT_DIR's n candidates, memory-mapped. What is read into memory: the norms and
+    initial scores (16 bytes a candidate), the idf, and two index arrays (12 bytes a candidate); the
+    rows (and their starts) are paged in as the greedy pops them."""
+    fs, p = filesystem(out_dir)
+    if not isinstance(fs, LocalFileSystem):  # object storage: a local copy to memory-map
+        local = tempfile.mkdtemp(prefix="iterit-tfidf-")
+        for part in ("rows", "weights"):
+            fs.get(join(out_dir, part), os.path.join(local, part), recursive=True)
+        fs.get(join(out_dir, "idf.npy"), os.path.join(local, "idf.npy"))
+        p = local
+    shards = []
+    norms, initial = np.full(n, np.nan), np.full(n, np.nan)
+    shard_of, local_of = np.full(n, -1, dtype=np.int32), np.zeros(n, dtype=np.int64)
+    for s, name in enumerate(sorted(os.listdir(os.path.join(p, "rows")))):
+        rows, weights = os.path.join(p, "rows", name), os.path.join(p, "weights", name)
+        # Plain ndarray views of the maps: slicing a np.memmap builds a memmap object per row.
+        shards.append(
+            tuple(
+                np.load(os.path.join(rows, f"{a}.npy"), mmap_mode="r").view(np.ndarray)
+                for a in ("starts", "codes")
             )
-        self.n_terms = HASH_FEATURES
-
-    def row(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        indptr, indices, data = self.shards[self.shard_of[c]]
-        local = self.local_of[c]
-        a, b = indptr[local], indptr[local + 1]
-        return indices[a:b], data[a:b]
+        )
+        cands = np.load(os.path.join(rows, "cands.npy"))
+        shard_of[cands], local_of[cands] = s, np.arange(cands.size)
+        norms[cands] = np.load(os.path.join(weights, "norms.npy"))
+        initial[cands] = np.load(os.path.join(weights, "initial.npy"))
+    if (shard_of < 0).any():
+        raise ValueError(f"{out_dir}: {(shard_of < 0).sum():,} candidates have no row (an incomplete build)")
+    idf = np.load(os.path.join(p, "idf.npy")).astype(np.float64)
+    return CodedRows(shards, shard_of, local_of, norms, initial, idf)

@@ -179,7 +179,7 @@ def diversity_inputs(
     if not uses_cluster_tfidf(method, tfidf_mode, cand.size):
         return {"responses": read_responses(samples_path, window_rows)}
     from iterit.selection.pipeline import build_shards
-    from iterit.selection.shards import ShardedRows
+    from iterit.selection.shards import sharded_rows
 
     cluster.connect()
     cand_of_row = np.full(sample_count(samples_path), -1, dtype=np.int64)
@@ -189,7 +189,7 @@ def diversity_inputs(
         f"  TF-IDF rows: {built['nnz']:,} non-zeros in {built['shards']} shards, "
         f"{built['bytes'] / 2**30:.2f} GiB on disk"
     )
-    return {"tfidf_rows": ShardedRows(work_dir, cand.size)}
+    return {"tfidf_rows": sharded_rows(work_dir, cand.size)}
 
 
 PROGRESS_MIN_PICKS = 10_000  # below this a selection takes seconds: no bar

@@ -222,14 +222,17 @@ def weight_inplace(x: sp.csr_matrix, idf: np.ndarray | None = None) -> sp.csr_ma
     return x
 
 
-def tfidf_matrix(texts: list[str], mode: str = "auto", workers: int | None = None) -> sp.csr_matrix:
-    """(documents x terms) TF-IDF rows, l2-normalised. mode: exact | hashed | auto."""
+def resolved_mode(mode: str, n_docs: int) -> str:
+    """exact | hashed for `mode` (exact, hashed or auto) and a window of n_docs responses."""
     if mode == "auto":
-        mode = "exact" if len(texts) <= EXACT_MAX_DOCS else "hashed"
-    if mode == "exact":
-        return exact_tfidf(texts)
-    if mode != "hashed":
+        return "exact" if n_docs <= EXACT_MAX_DOCS else "hashed"
+    if mode not in ("exact", "hashed"):
         raise ValueError(f"tfidf mode {mode!r}: expected exact, hashed or auto")
+    return mode
+
+
+def hashed_counts(texts: list[str], workers: int | None = None) -> sp.csr_matrix:
+    """hash_counts of many texts, over up to 4 processes in parts."""
     workers = workers or min(4, os.cpu_count() or 1)
     chunk = min(20_000, max(1, -(-len(texts) // workers)))  # small parts: each worker holds one at a time
     parts = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
@@ -238,7 +241,24 @@ def tfidf_matrix(texts: list[str], mode: str = "auto", workers: int | None = Non
             counts = list(pool.map(hash_counts, parts))
     else:
         counts = [hash_counts(p) for p in parts]
-    return weight_inplace(stack_rows(counts))
+    return stack_rows(counts) if counts else hash_counts([])
+
+
+def tfidf_matrix(texts: list[str], mode: str = "auto", workers: int | None = None) -> sp.csr_matrix:
+    """(documents x terms) TF-IDF rows, l2-normalised. mode: exact | hashed | auto."""
+    if resolved_mode(mode, len(texts)) == "exact":
+        return exact_tfidf(texts)
+    return weight_inplace(hashed_counts(texts, workers))
+
+
+def hashed_rows(texts: list[str], ifd: np.ndarray, workers: int | None = None):
+    """The hashed mode's rows in memory, as the greedy reads them: coded counts, the idf, each row's norm
+    and initial score (selection.coded.CodedRows; what the cluster writes as shards, bit for bit)."""
+    from iterit.selection.coded import coded_rows
+
+    counts = hashed_counts(texts, workers)
+    idf = smooth_idf(np.bincount(counts.indices, minlength=HASH_FEATURES), counts.shape[0])
+    return coded_rows(counts, idf, ifd)
 
 
 def stack_rows(parts: list[sp.csr_matrix]) -> sp.csr_matrix:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from iterit.config import iteration_rng
-from iterit.selection.greedy import lazy_greedy, lazy_greedy_rows, rest_by_ifd
+from iterit.selection.greedy import lazy_greedy, lazy_greedy_coded, rest_by_ifd
 
 METHODS = ("iterit", "ifd", "random", "longest", "embedding", "full")
 
@@ -48,7 +48,7 @@ def select_window(
     """Order one window. `ifd` has NaN for samples that were rejected or not scored. The random method
     draws from iteration_rng(seed, iteration), the run's one stream for that iteration. iterit reads
     either `responses` (TF-IDF built here, in memory) or `tfidf_rows`, the candidates' rows built on the
-    cluster (selection.shards.ShardedRows, candidates numbered in window order). on_picks(n): from
+    cluster (selection.shards.sharded_rows, candidates numbered in window order). on_picks(n): from
     iterit's greedy, with the picks made since its last call (a progress bar)."""
     ifd = np.asarray(ifd, dtype=np.float64)
     finite = np.isfinite(ifd)
@@ -63,18 +63,18 @@ def select_window(
             raise ValueError(
                 f"tfidf_rows holds {len(tfidf_rows.initial):,} rows for {len(cand):,} candidates"
             )
-        rows = tfidf_rows
-        picked, gains = lazy_greedy_rows(
-            c_ifd, rows.shards, rows.shard_of, rows.local_of, rows.initial, rows.n_terms, k, decay, on_picks
-        )
+        picked, gains = lazy_greedy_coded(c_ifd, tfidf_rows, k, decay, on_picks)
         rest = rest_by_ifd(c_ifd, picked)
     elif method == "iterit":
-        from iterit.selection.tfidf import response_texts, tfidf_matrix
+        from iterit.selection.tfidf import exact_tfidf, hashed_rows, resolved_mode, response_texts
 
         if responses is None:
             raise ValueError("method iterit needs the response texts")
         texts = response_texts([responses[i] for i in cand], eos_token)
-        picked, gains = lazy_greedy(c_ifd, tfidf_matrix(texts, tfidf_mode), k, decay, on_picks)
+        if resolved_mode(tfidf_mode, len(texts)) == "hashed":  # the cluster's rows, built here
+            picked, gains = lazy_greedy_coded(c_ifd, hashed_rows(texts, c_ifd), k, decay, on_picks)
+        else:
+            picked, gains = lazy_greedy(c_ifd, exact_tfidf(texts), k, decay, on_picks)
         rest = rest_by_ifd(c_ifd, picked)
     elif method == "embedding":
         from iterit.selection.embedding import lazy_embedding_greedy
