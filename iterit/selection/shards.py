@@ -23,6 +23,7 @@ maps each row of the samples file to its candidate number, -1 for a sample that 
 Layout of OUT_DIR (each shard directory is complete once its `complete` file exists, so a task retried
 by Ray, or a build run again after the driver died, redoes only what is missing):
     rows/<shard>/{starts,codes,cands,df_cols,df_counts}.npy, complete   int64 / uint8 / int64 / int32 / int32
+                 (df_cols and df_counts removed once the shard is weighted)
     weights/<shard>/{norms,initial,nnz}.npy, complete   float64 / float64 / int64 (one value)
     idf.npy     the 2^24 idf (float32), saved before the first shard is weighted
     inputs.json {fingerprint}: the candidates, their IFD and the eos token the folder was built for
@@ -162,6 +163,10 @@ def weight_shard(shard: str, out_dir: str, idf: np.ndarray, cand_ifd: np.ndarray
             cand_ifd[cands],
         )
         save_arrays(fs, dst, {"norms": norms, "initial": initial, "nnz": np.array([nnz], dtype=np.int64)})
+    for name in ("df_cols", "df_counts"):  # summed into idf.npy before any shard is weighted
+        path = join(src, f"{name}.npy")
+        if fs.exists(path):  # as large as the codes at 32,768 rows a shard: gone before the greedy
+            fs.rm(path)
     return int(load_array(fs, dst, "nnz")[0])
 
 
