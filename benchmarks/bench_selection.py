@@ -2,6 +2,8 @@
 
     python benchmarks/bench_selection.py                     # N = 10,000 and 50,000, then 1,000,000
     python benchmarks/bench_selection.py --sizes 10000 --skip-1m
+    python benchmarks/bench_selection.py --cluster 1000000   # the hashed path on the cluster at N
+    python benchmarks/bench_selection.py --select 1000000    # the whole selection stage at N
 
 Corpus: real text. Up to the ~67,000 ShareGPT assistant turns of the demo corpus, responses are those
 turns; beyond that (the 1M run) each response is 3-30 sentences drawn (seeded) from all of those
@@ -187,8 +189,8 @@ def cluster_run(n: int, work: str) -> None:
 
     from iterit import cluster
     from iterit.io import filesystem
-    from iterit.selection.greedy import lazy_greedy_rows
-    from iterit.selection.stage import diversity_inputs, remove_tfidf
+    from iterit.selection.greedy import lazy_greedy_coded
+    from iterit.selection.stage import diversity_inputs, pick_progress, remove_tfidf
     from iterit.selection.window import select_window
 
     samples = os.path.join(work, f"samples-{n}.parquet")
@@ -210,19 +212,56 @@ def cluster_run(n: int, work: str) -> None:
         fs, _ = filesystem(tfidf)
         disk = fs.du(tfidf)
         mem.phase("greedy")
-        wo = select_window(ifd, n // 20, "iterit", **div)
+        with pick_progress(n // 20, "iterit") as on_picks:  # picks/s and an ETA every 10 s on stderr
+            wo = select_window(ifd, n // 20, "iterit", on_picks=on_picks, **div)
         t2 = time.perf_counter()
     by = mem.run_peak_mb_of
     print(
         f"N={n:,} k={len(wo.picks):,} (hashed TF-IDF on the cluster): {t2 - t0:.0f} s end to end (Ray "
         f"start and TF-IDF rows {t1 - t0:.0f} s, greedy {t2 - t1:.0f} s, {len(wo.picks) / (t2 - t1):,.0f} "
-        f"picks/s, {lazy_greedy_rows.rescored / len(wo.picks):.0f} re-evaluations a pick); "
+        f"picks/s, {lazy_greedy_coded.rescored / len(wo.picks):.0f} re-evaluations a pick); "
         f"memory of every process together (machine used memory above before) {mem.run_peak_mb / 1024:.1f} "
         f"GiB (rows {by['run'] / 1024:.1f}, greedy {by['greedy'] / 1024:.1f}), driver peak RSS "
         f"{mem.driver_peak_mb / 1024:.1f} GiB; rows on disk {disk / 2**30:.1f} GiB",
         flush=True,
     )
     remove_tfidf(tfidf)
+
+
+def select_stage_run(n: int, work: str) -> None:
+    """The selection stage as `iterit select` runs it after ingest (selection.stage.run_selection): ids
+    and scores read from files, the TF-IDF rows built on the cluster, the greedy, selection.jsonl and
+    order.parquet written; memory of every process together (benchmarks/memwatch)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from memwatch import MemoryWatch
+
+    from iterit import cluster
+    from iterit.selection.stage import run_selection
+
+    samples = os.path.join(work, f"samples-{n}.parquet")
+    if not os.path.exists(samples):
+        write_corpus(samples, n)
+    scores = os.path.join(work, f"scores-{n}.parquet")
+    ifd = np.random.default_rng(1).uniform(0.3, 1.0, size=n)
+    ids = pq.read_table(samples, columns=["id"]).column("id")
+    pq.write_table(pa.table({"id": ids, "ifd": ifd}), scores)
+    del ids
+    out = os.path.join(work, f"select-{n}")
+    with MemoryWatch() as mem:
+        t0 = time.perf_counter()
+        cluster.connect()
+        got = run_selection(
+            samples, scores, lambda m: m // 20, "iterit", out, eos_token="<|im_end|>", tfidf_mode="hashed"
+        )
+        sec = time.perf_counter() - t0
+    print(
+        f"N={n:,} k={got['k']:,} through the selection stage (run_selection: ids, scores, cluster TF-IDF, "
+        f"greedy, outputs written): {sec:.0f} s, memory of every process together (machine used memory "
+        f"above before) {mem.run_peak_mb / 1024:.1f} GiB, driver peak RSS "
+        f"{mem.driver_peak_mb / 1024:.1f} GiB",
+        flush=True,
+    )
 
 
 def embedding_run(n: int, k: int, dim: int, dtype: str) -> None:
@@ -276,12 +315,19 @@ def main() -> None:
     ap.add_argument(
         "--work", default=os.path.join(os.path.expanduser("~"), ".cache", "iterit", "bench-selection")
     )
+    ap.add_argument(
+        "--select", type=int, metavar="N", help="only the selection stage (`iterit select` after ingest) at N"
+    )
     ap.add_argument("--embedding", action="store_true", help="only the embedding method at --big, k = 5%%")
     ap.add_argument("--embedding-dim", type=int, default=256)
     ap.add_argument("--embedding-dtype", default="float16", choices=["float16", "float32"])
     args = ap.parse_args()
     if args.embedding:
         embedding_run(args.big, args.big // 20, args.embedding_dim, args.embedding_dtype)
+        return
+    if args.select:
+        os.makedirs(args.work, exist_ok=True)
+        select_stage_run(args.select, args.work)
         return
     if args.cluster:
         os.makedirs(args.work, exist_ok=True)

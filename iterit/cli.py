@@ -430,6 +430,89 @@ def show_config(
         typer.echo(f"# memory estimate: {e}", err=True)
 
 
+@app.command()
+def plan(
+    path: Annotated[str, typer.Argument(help="YAML config file.")],
+    gpus: Annotated[
+        int, typer.Option("--gpus", help="GPUs the run gets (wall-clock = GPU-hours / GPUs).")
+    ] = 8,
+    gpu: Annotated[str, typer.Option("--gpu", help="h100, h200, a100, l40s, l4, a10g or v100.")] = "h100",
+    mfu: Annotated[float, typer.Option("--mfu", help="Share of the peak FLOP/s reached.")] = 0.4,
+    flops: Annotated[
+        float | None,
+        typer.Option("--flops", help="A device's FLOP/s instead of --gpu (a CPU: its measured rate)."),
+    ] = None,
+    samples: Annotated[
+        int | None, typer.Option("--samples", help="N, where the corpus cannot be read from here.")
+    ] = None,
+    tokens_per_sample: Annotated[
+        float | None,
+        typer.Option("--tokens-per-sample", help="Mean templated conversation tokens (with --samples)."),
+    ] = None,
+    response_tokens: Annotated[
+        float | None,
+        typer.Option("--response-tokens", help="Mean response tokens (default: half the sample)."),
+    ] = None,
+    params: Annotated[
+        float | None, typer.Option("--params", help="Parameters, for a model whose config cannot be read.")
+    ] = None,
+    sample_rows: Annotated[
+        int, typer.Option("--sample-rows", help="Rows read per file to measure tokens.")
+    ] = 1000,
+    set: SetOpt = None,
+) -> None:
+    """Before a run: the tokens and FLOPs each stage will compute, GPU-hours and wall-clock at an MFU, and
+    the training memory per GPU (docs/run.md#plan)."""
+    from iterit.config import load_config
+    from iterit.plan import GPU_PEAK_FLOPS, CorpusStats, corpus_stats, format_plan, plan_rows
+    from iterit.training.memory import estimate_for, read_model_shape
+
+    cfg = load_config(path, set)
+    if flops is None and gpu.lower() not in GPU_PEAK_FLOPS:
+        raise IteritError(f"--gpu {gpu}: expected one of {', '.join(GPU_PEAK_FLOPS)}, or --flops F/s")
+    if not 0 < mfu <= 1:
+        raise IteritError(f"--mfu {mfu}: expected a share in (0, 1]")
+    given = []
+    if samples is not None or tokens_per_sample is not None:
+        if samples is None or tokens_per_sample is None:
+            raise IteritError("--samples and --tokens-per-sample stand in for the corpus together: give both")
+        prior = response_tokens if response_tokens is not None else tokens_per_sample / 2
+        stats = CorpusStats(samples, tokens_per_sample, prior, "corpus figures given")
+        given.append(
+            f"given: N {samples:,}, {tokens_per_sample:g} tokens a sample, {prior:g} a response"
+            + ("" if response_tokens is not None else " (assumed: half)")
+        )
+    else:
+        stats = corpus_stats(cfg, sample_rows)
+        given.append(
+            f"{stats.measured}: N {stats.samples:,}, {stats.cond_tokens:.0f} tokens a sample, "
+            f"{stats.prior_tokens:.0f} a response"
+        )
+    try:
+        shape = read_model_shape(cfg.base_model, cfg.trust_remote_code)
+    except IteritError:
+        if params is None:
+            raise
+        shape = None
+    n_params = params if params is not None else shape.params
+    layers, hidden = (shape.layers, shape.hidden) if shape else (0, 0)
+    given.append(
+        f"{n_params / 1e9:.3g}B parameters ({'given' if params is not None else 'from the model config'})"
+        + ("" if shape else "; attention not counted (no model config)")
+    )
+    memory = ""
+    if shape:
+        est = estimate_for(cfg, gpu=True, shape=shape)
+        memory = f"{est.total / 2**30:.1f} GiB/GPU"
+    n, sel = stats.samples, cfg.selection
+    rows = plan_rows(
+        cfg.iterations, n, sel.num_selected(n), sel.window(n), stats, n_params, layers, hidden,
+        cfg.gradient_checkpointing, memory,
+    )  # fmt: skip
+    peak, device = (flops, "device") if flops is not None else (GPU_PEAK_FLOPS[gpu.lower()], gpu.upper())
+    typer.echo(format_plan(rows, peak, device, gpus, mfu, given))
+
+
 def command_names() -> list[str]:
     return sorted(c.name or c.callback.__name__ for c in app.registered_commands)
 

@@ -53,8 +53,10 @@ class _Section(BaseModel):
 
 class DatasetConfig(_Section):
     path: HomePath
-    """A file, directory or glob; local or an fsspec URI (s3://, gs://, ...). JSON, JSONL or Parquet,
-    optionally compressed (.gz, .bz2, .xz, .zst)."""
+    """A file, directory or glob; local or an fsspec URI (s3://, gs://, hf://datasets/..., ...). JSON,
+    JSONL or Parquet, optionally compressed (.gz, .bz2, .xz, .zst). Or a Hugging Face dataset: a hub id
+    (`tatsu-lab/alpaca`), a `save_to_disk` folder, or a local dataset repository (a folder whose
+    README.md declares `configs`, or any folder given with `name` or `split`)."""
     type: Literal["auto", "alpaca", "sharegpt", "messages"] = "auto"
     """Row format. `auto` detects it per row from the fields present."""
     field_id: str = "id"
@@ -71,6 +73,13 @@ class DatasetConfig(_Section):
     """OpenAI-style: the list of {role, content} messages."""
     max_samples: int | None = Field(None, ge=1)
     """Read only the first N rows of this dataset (as LLaMA-Factory's max_samples): demos, dry runs."""
+    name: str | None = None
+    """Hugging Face datasets: the configuration (subset) to load, as `load_dataset(path, name)`."""
+    split: str | None = None
+    """Hugging Face datasets: the split to read (default `train`; a `save_to_disk` folder of one split:
+    that one)."""
+    revision: str | None = None
+    """Hub datasets: the branch, tag or commit to load."""
 
 
 class SelectionConfig(_Section):

@@ -1,7 +1,8 @@
 """Ingest: read corpora, detect the row format, normalise to chat messages, keep ids, reject with reasons.
 
-    files / dirs / globs / fsspec URIs
-      -> records   (JSONL line by line, JSON arrays element by element, Parquet batch by batch)
+    files / dirs / globs / fsspec URIs / Hugging Face datasets (hub ids, save_to_disk folders)
+      -> records   (JSONL line by line, JSON arrays element by element, Parquet batch by batch,
+                    datasets row by row: memory-mapped or streamed)
       -> normalise (alpaca | sharegpt | messages -> [system, ..., assistant: response])
       -> samples.parquet + rejects.jsonl + summary.json
 
@@ -12,6 +13,7 @@ to rejects.jsonl with a reason from REJECT_REASONS; nothing disappears silently.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import lzma
@@ -114,6 +116,16 @@ def expand_paths(spec: str) -> list[str]:
     return [uri(f) for f in files]
 
 
+def sources(ds: DatasetConfig) -> list:
+    """What a dataset entry reads: [HFSource] for a Hugging Face dataset (opened here, so a bad one fails
+    before any output), else its files (expand_paths)."""
+    src = hf_source(ds)
+    if src is None:
+        return expand_paths(ds.path)
+    _, split = open_hf(src)
+    return [dataclasses.replace(src, split=split)]
+
+
 def id_prefixes(files: list[str]) -> dict[str, str]:
     """Default id prefix per file: its stem, or its relative path when two inputs share a stem."""
     stems = {f: _split_name(f)[0] for f in files}
@@ -125,6 +137,127 @@ def id_prefixes(files: list[str]) -> dict[str, str]:
         rel = f.split("://")[-1][len(common) :].lstrip("/")
         out[f] = rel.rsplit("/", 1)[0] + "/" + stems[f] if "/" in rel else stems[f]
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face datasets: a hub id, a save_to_disk folder, a local dataset repository
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """A dataset read through `datasets` rather than as files: kind `disk` (load_from_disk), `hub` (a
+    hub id) or `repo` (a local dataset repository, load_dataset(folder)). Rows stream one at a time."""
+
+    kind: str
+    path: str
+    split: str
+    name: str | None = None
+    revision: str | None = None
+
+    @property
+    def dataset(self) -> str:
+        """The dataset's name in default ids (`<dataset>:<split>:<row>`): the hub id or the folder."""
+        return self.path if self.kind == "hub" else self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return f"{self.path} [{self.name + ', ' if self.name else ''}{self.split}]"
+
+
+def _declares_configs(folder: str) -> bool:
+    """A dataset repository's card: README.md with YAML front matter naming `configs` or `dataset_info`."""
+    card = os.path.join(folder, "README.md")
+    if not os.path.isfile(card):
+        return False
+    with open(card, encoding="utf-8", errors="replace") as f:
+        head = f.read(1 << 16)
+    if not head.startswith("---"):
+        return False
+    front = head[3:].split("\n---", 1)[0]
+    return bool(re.search(r"^(configs|dataset_info):", front, re.M))
+
+
+def hf_source(ds: DatasetConfig) -> HFSource | None:
+    """The HFSource a dataset entry names, or None for files (hf://datasets/... paths are files too,
+    read through huggingface_hub's fsspec filesystem)."""
+    p = ds.path
+    if "://" in p:
+        return None
+    if os.path.isdir(p):
+        if os.path.isfile(os.path.join(p, "dataset_dict.json")) or os.path.isfile(
+            os.path.join(p, "state.json")
+        ):
+            return HFSource("disk", p, ds.split or "", ds.name, ds.revision)
+        if ds.name or ds.split or _declares_configs(p):
+            return HFSource("repo", p, ds.split or "train", ds.name, ds.revision)
+        return None
+    if (
+        not os.path.exists(p)
+        and HUB_ID.fullmatch(p)
+        and not _split_name(p)[1]
+        and not any(c in p for c in "*?[")
+    ):
+        return HFSource("hub", p, ds.split or "train", ds.name, ds.revision)
+    return None
+
+
+def open_hf(src: HFSource):
+    """(the split's rows as a datasets Dataset (memory-mapped Arrow) or a streaming IterableDataset, the
+    split's name). Fails with one line naming the dataset and the fix."""
+    try:
+        import datasets
+    except ImportError:
+        raise IteritError(
+            f"{src.path}: a Hugging Face dataset needs the `datasets` package (pip install datasets)"
+        ) from None
+    if src.kind == "disk":
+        try:
+            data = datasets.load_from_disk(src.path)
+        except Exception as e:  # noqa: BLE001 - any failure of the folder is the user's to fix
+            raise IteritError(
+                f"{src.path}: not a readable save_to_disk folder ({type(e).__name__}: {e})"
+            ) from None
+        if isinstance(data, datasets.DatasetDict):
+            splits = list(data)
+            split = src.split or ("train" if "train" in splits else splits[0] if len(splits) == 1 else None)
+            if split not in data:
+                raise IteritError(
+                    f"{src.path}: split {src.split or '(none given)'!r} not in this DatasetDict; its splits: "
+                    f"{', '.join(splits)} (set `split:` in the dataset entry)"
+                )
+            return data[split], split
+        return data, src.split or str(data.split or "train")
+    try:
+        data = datasets.load_dataset(
+            src.path, name=src.name, split=src.split, revision=src.revision, streaming=True
+        )
+        return data, src.split
+    except Exception as e:  # noqa: BLE001 - network, auth, a wrong name or split: one line, then stop
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        fix = (
+            "check the folder's data files and card"
+            if src.kind == "repo"
+            else "check the id, name and split; offline, set HF_DATASETS_OFFLINE=1 with the dataset in the "
+            "cache (HF_HOME), or give a local path (a save_to_disk folder or its data files)"
+        )
+        raise IteritError(
+            f"dataset {src}: could not be loaded ({type(e).__name__}: {first}); {fix}"
+        ) from None
+
+
+def read_hf_records(src: HFSource) -> Iterator[tuple[int, Any]]:
+    """(row, record) of an HFSource, streamed; a failure while reading ends it with one unreadable_file
+    reject at row -1, as read_records does for a file."""
+    row = -1
+    try:
+        for row, rec in enumerate(open_hf(src)[0]):
+            yield row, rec
+    except IteritError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported as a reject with its cause, never swallowed
+        where = "before its first row" if row < 0 else f"after row {row}"
+        yield -1, RowError("unreadable_file", f"reading stopped {where}: {type(e).__name__}: {e}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,15 +631,16 @@ def iter_samples(
     """(sample, None) for each accepted row, (None, reject) for each rejected one; fills `stats`.
 
     `inputs` are (dataset, file URI) pairs, from expand_paths."""
-    prefixes = id_prefixes([f for _, f in inputs])
+    prefixes = id_prefixes([f for _, f in inputs if isinstance(f, str)])
+    prefixes.update({f: f"{f.dataset}:{f.split}" for _, f in inputs if isinstance(f, HFSource)})
     # Duplicate detection is the one thing that grows with the corpus: ~100 bytes per id
     # (the id and its first (file, row), packed in one int).
     seen: dict[str, int] = {}
     taken: Counter = Counter()  # rows read per dataset, for max_samples
     for file_index, (ds, uri) in enumerate(inputs):
-        st = FileStats(uri)
+        st = FileStats(str(uri))
         stats.append(st)
-        for row, rec in read_records(uri):
+        for row, rec in read_hf_records(uri) if isinstance(uri, HFSource) else read_records(uri):
             if ds.max_samples is not None and taken[id(ds)] >= ds.max_samples:
                 break
             taken[id(ds)] += 1
@@ -527,7 +661,7 @@ def iter_samples(
                 yield (
                     None,
                     {
-                        "source": uri,
+                        "source": str(uri),
                         "row": row if row >= 0 else None,
                         "id": sid,
                         "reason": e.reason,
@@ -537,7 +671,7 @@ def iter_samples(
                 continue
             seen[sid] = (file_index << 40) + row
             st.accepted += 1
-            yield {"id": sid, "messages": messages, "source": uri, "row": row}, None
+            yield {"id": sid, "messages": messages, "source": str(uri), "row": row}, None
 
 
 def ingest(
@@ -545,7 +679,7 @@ def ingest(
 ) -> dict:
     """Normalise every input into OUTPUT/samples.parquet; OUTPUT/rejects.jsonl; OUTPUT/summary.json."""
     t0 = time.perf_counter()
-    inputs = [(ds, f) for ds in datasets for f in expand_paths(ds.path)]  # bad paths fail before any output
+    inputs = [(ds, f) for ds in datasets for f in sources(ds)]  # bad paths fail before any output
     stats: list[FileStats] = []
     samples_path, rejects_path = join(output_dir, "samples.parquet"), join(output_dir, "rejects.jsonl")
     batch: list[dict] = []

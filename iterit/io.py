@@ -43,13 +43,13 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def read_parquet(path: str, schema=None):
-    """A whole Parquet file (local or URI) as a pyarrow Table."""
+def read_parquet(path: str, schema=None, columns: list[str] | None = None):
+    """A whole Parquet file (local or URI), or those columns of it, as a pyarrow Table."""
     import pyarrow.parquet as pq
 
     fs, p = filesystem(path)
     with fs.open(p, "rb") as f:
-        return pq.read_table(f, schema=schema)
+        return pq.read_table(f, schema=schema, columns=columns)
 
 
 def read_jsonl(path: str, missing_ok: bool = True) -> list[dict]:

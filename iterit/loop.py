@@ -40,11 +40,10 @@ from iterit.rundir import Manifest, RunDir, iter_scores, iteration_key, stage_na
 from iterit.selection.stage import (
     diversity_inputs,
     pick_progress,
-    read_score_rows,
     remove_tfidf,
-    sample_count,
     sample_ids,
     score_columns,
+    score_table,
     window_inputs,
 )
 from iterit.selection.window import reorder
@@ -65,7 +64,8 @@ def score_stage(cfg: Config, run: RunDir, e: int, samples_path: str, log) -> dic
 
     if e == 0:
         return run_scoring(cfg, samples_path, run.scoring(0).dir, log=log)
-    window = run.selection(e - 1).read_order()[: cfg.selection.window(sample_count(samples_path))]
+    order = run.selection(e - 1).order_ids()
+    window = order.slice(0, cfg.selection.window(len(order))).to_pylist()
     if cfg.selection.method in SCORE_FREE:
         return reuse_scores(run, e, window)
     model = run.model(e - 1)
@@ -116,18 +116,19 @@ def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str |
     """Order the window of iteration e by the method and pick k (DESIGN section 2, Iteration)."""
     t0 = time.perf_counter()
     sel = cfg.selection
+    # Ids stay Arrow arrays and scores an Arrow table: at 10^7 samples their Python objects would be
+    # gigabytes on the driver; what grows with N here is what the greedy reads (ifd, rows).
     ids = sample_ids(samples_path)
     n = len(ids)
-    current = ids if e == 0 else run.selection(e - 1).read_order()
-    window = current[: n if e == 0 else sel.window(n)]
-    scores = read_score_rows(run.scoring(e).written, score_columns(sel.method))
+    current = ids if e == 0 else run.selection(e - 1).order_ids()
+    window = current.slice(0, n if e == 0 else sel.window(n))
+    scores = score_table(run.scoring(e).written, score_columns(sel.method))
     arrays = window_inputs(window, scores, sel.method, run.scoring(e).written)
-    window_ifd = dict(zip(window, arrays["ifd"].tolist()))
+    del scores
     if e == 0:
         window_rows = np.arange(n)
     else:
-        row_of = {sid: r for r, sid in enumerate(ids)}
-        window_rows = np.array([row_of[i] for i in window], dtype=np.int64)
+        window_rows = pc.index_in(window, value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
     files = run.selection(e)
     diversity = diversity_inputs(
         samples_path, window_rows, arrays["ifd"], sel.method, sel.tfidf, files.tfidf, eos, log
@@ -135,7 +136,7 @@ def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str |
     with pick_progress(sel.num_selected(n), sel.method) as on_picks:
         order, wo = reorder(
             current,
-            window_ifd,
+            arrays["ifd"],
             sel.num_selected(n),
             sel.method,
             **diversity,
@@ -152,7 +153,7 @@ def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str |
     ifd = np.concatenate([arrays["ifd"][wo.order], np.full(tail, np.nan)])
     files.write(order, ifd, wo.status + ["tail"] * tail, wo.gains)
     remove_tfidf(files.tfidf)
-    picked = [window_ifd[i] for i in order[: len(wo.picks)]]
+    picked = arrays["ifd"][wo.picks]
     return {
         "samples": n,
         "window": len(window),
@@ -161,7 +162,7 @@ def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str |
         "k": len(wo.picks),
         "method": sel.method,
         "seconds": round(time.perf_counter() - t0, 2),
-        "mean_ifd_selected": float(np.mean(picked)) if picked else None,
+        "mean_ifd_selected": float(np.mean(picked)) if len(picked) else None,
     }
 
 

@@ -162,12 +162,13 @@ class SelectionFiles:
         the selection is written."""
         return join(self.dir, "tfidf")
 
-    def write(self, order: list[str], ifd: np.ndarray, status: list[str], gains: list[float]) -> None:
-        """The picks are order[: len(gains)] (in pick order); `ifd` and `status` are aligned with `order`
-        (NaN and "tail" past the re-ordered window)."""
+    def write(self, order, ifd: np.ndarray, status: list[str], gains: list[float]) -> None:
+        """The picks are order[: len(gains)] (in pick order); `order` an Arrow string array or a list of
+        ids; `ifd` and `status` are aligned with it (NaN and "tail" past the re-ordered window)."""
         ifd = np.asarray(ifd, dtype=np.float64)
+        order = pa.array(order, pa.string()) if isinstance(order, list) else order
         with atomic_open(self.selection, "w") as f:
-            for rank, (sid, gain) in enumerate(zip(order, gains)):
+            for rank, (sid, gain) in enumerate(zip(order.slice(0, len(gains)).to_pylist(), gains)):
                 f.write(json.dumps({"id": sid, "rank": rank, "ifd": float(ifd[rank]), "gain": gain}) + "\n")
         table = pa.table(
             {"id": order, "position": np.arange(len(order), dtype=np.int64), "ifd": ifd, "status": status},
@@ -183,7 +184,11 @@ class SelectionFiles:
         return [r["id"] for r in read_jsonl(self.selection, missing_ok=False)]
 
     def read_order(self) -> list[str]:
-        return read_parquet(self.order).column("id").to_pylist()
+        return self.order_ids().to_pylist()
+
+    def order_ids(self) -> pa.Array:
+        """The order's ids as one Arrow string array (what the loop holds at 10^7 samples)."""
+        return pc.cast(read_parquet(self.order, columns=["id"]).column("id"), pa.string()).combine_chunks()
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,6 +178,7 @@ ADDED_SINCE = {
     "  embeddings: true\n": "  embedding_dim: null\n  embedding_dtype: float32\n",
     "  cpus_per_actor: 1.0\n": "  resources_per_actor: null\n",
     "offload_optimizer: false\n": "zero3_init: true\ngradient_checkpointing: false\n",
+    "  max_samples: null\n": "  name: null\n  split: null\n  revision: null\n",
 }
 
 

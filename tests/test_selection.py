@@ -283,11 +283,11 @@ def test_window_order_hand_worked():
 
 def test_reorder_keeps_the_tail():
     current = list("abcdefg")
-    new, wo = reorder(current, {"a": 0.2, "b": 0.8, "c": 1.5, "d": 0.5}, 2, "ifd")
-    assert new == ["b", "d", "c", "a", "e", "f", "g"]
+    new, wo = reorder(current, np.array([0.2, 0.8, 1.5, 0.5]), 2, "ifd")
+    assert new.to_pylist() == ["b", "d", "c", "a", "e", "f", "g"]
     assert wo.status == ["selected", "selected", "other", "candidate"]
     with pytest.raises(ValueError):
-        reorder(current, {"a": 0.2, "z": 0.1}, 1, "ifd")
+        reorder(current[:2], np.array([0.2, 0.1, 0.3]), 1, "ifd")
 
 
 def test_select_command_writes_the_contracted_files(tmp_path, cli, real_responses):
@@ -482,3 +482,40 @@ def test_the_coded_greedy_makes_the_official_picks_on_counts_x_idf_over_norm(rea
     got = lazy_greedy_coded(ifd, rows, 60, 0.1, on_picks=seen.append)
     assert got[0] == want[0] and sum(seen) == 60
     np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+
+
+def test_window_inputs_align_arrow_ids_with_a_scores_table(tmp_path):
+    """The driver keeps ids in Arrow: each id gets its own score row, NaN (and 0 tokens) without one,
+    rejected rows are not scores, scored ids outside the window are counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from iterit.errors import IteritError
+    from iterit.selection.stage import score_table, unknown_ids, window_inputs
+
+    path = tmp_path / "scores.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["c", "a", "zz", "b"],
+                "ifd": [0.3, 0.1, 0.9, None],
+                "n_response_tokens": [30, 10, 90, 20],
+                "reject": ["", "", "", "too_long"],
+            }
+        ),
+        path,
+    )
+    ids = pa.array(["a", "b", "c", "d"])
+    table = score_table(str(path), ["id", "ifd", "n_response_tokens"])
+    got = window_inputs(ids, table, "longest", str(path))
+    np.testing.assert_array_equal(got["ifd"], [0.1, np.nan, 0.3, np.nan])
+    assert got["n_response_tokens"].tolist() == [10, 0, 30, 0] and unknown_ids(table, ids) == 1
+    assert window_inputs(ids.slice(2), table, "iterit", str(path))["ifd"].tolist()[0] == 0.3
+    jsonl = tmp_path / "scores.jsonl"
+    jsonl.write_text('{"id": "b", "ifd": 0.2}\n')
+    table = score_table(str(jsonl), ["id", "ifd", "n_response_tokens"])
+    np.testing.assert_array_equal(
+        window_inputs(ids, table, "iterit", str(jsonl))["ifd"], [np.nan, 0.2, np.nan, np.nan]
+    )
+    with pytest.raises(IteritError, match="method longest needs n_response_tokens"):
+        window_inputs(ids, table, "longest", str(jsonl))

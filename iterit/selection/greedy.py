@@ -344,7 +344,7 @@ def lazy_greedy_coded(ifd: np.ndarray, rows, k: int, decay: float, on_picks=None
         if on_picks is not None:
             on_picks(int(state[1]) - before)
     done = int(state[1])
-    lazy_greedy_rows.rescored = int(state[2])  # re-evaluations of the last call (benchmarks read it)
+    lazy_greedy_coded.rescored = int(state[2])  # re-evaluations of the last call (benchmarks read it)
     return picks[:done].tolist(), gains[:done].tolist()
 
 

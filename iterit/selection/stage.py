@@ -1,7 +1,8 @@
 """The selection stage on files: samples + scores -> selection.jsonl + order.parquet (DESIGN section 3).
 
-read_score_rows   a scores Parquet (or JSONL {id, ifd}) -> id -> row
-window_inputs     the per-sample arrays a method reads, for the ids of a window, checked
+read_score_rows   JSONL rows {id, ifd} (or a scores table) -> id -> row, checked row by row
+score_table       the scored rows of a scores folder or Parquet (or that JSONL) as one Arrow table
+window_inputs     the per-sample arrays a method reads, for the ids of a window, aligned in Arrow
 diversity_inputs  what iterit's diversity term reads: the window's responses (TF-IDF in memory), or
                   the candidates' hashed TF-IDF rows built on the cluster (selection.shards)
 run_selection     `iterit select`: one window = the whole corpus in file order
@@ -14,6 +15,8 @@ import json
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from iterit import cluster
@@ -63,32 +66,56 @@ def read_score_rows(path: str, columns: list[str] | None = None) -> dict[str, di
     return out
 
 
-def window_inputs(ids: list[str], scores: dict[str, dict], method: str, scores_path: str) -> dict:
-    """select_window's per-sample arrays for `ids`: ifd (NaN where a sample has no score: rejected while
-    scoring, or never scored), and n_response_tokens (longest) or embeddings (embedding, read from
-    `scores_path`)."""
-    out = {"ifd": np.array([scores[i]["ifd"] if i in scores else np.nan for i in ids], dtype=np.float64)}
-    scored = [scores[i] for i in ids if i in scores]
+def score_table(path: str, columns: list[str]) -> pa.Table:
+    """The scored rows of `path`, `columns` only: a scores folder (or scores.parquet) of `iterit score`
+    read in Arrow (at 10^7 rows, Python dicts of them would be gigabytes on the driver), or JSONL rows
+    {id, ifd} checked by read_score_rows."""
+    fs, p = filesystem(path)
+    if fs.exists(p) and _is_scores_table(fs, p):
+        table = read_scores(path, columns)
+        return table.set_column(0, "id", pc.cast(table.column("id"), pa.string()))
+    rows = read_score_rows(path, columns).values()
+    return pa.table({c: [r.get(c) for r in rows] for c in columns}).set_column(
+        0, "id", pa.array([str(r["id"]) for r in rows], pa.string())
+    )
+
+
+def _align(ids, scores: pa.Table) -> pa.Array:
+    """For each of `ids` (an Arrow array or a list), the row of `scores` holding its score; null where
+    it has none."""
+    ids = pa.array(ids, pa.string()) if isinstance(ids, list) else ids
+    return pc.index_in(ids, value_set=scores.column("id").combine_chunks())
+
+
+def window_inputs(ids, scores: pa.Table, method: str, scores_path: str) -> dict:
+    """select_window's per-sample arrays for `ids` (Arrow strings, or a list): ifd (NaN where a sample
+    has no score: rejected while scoring, or never scored), and n_response_tokens (longest) or
+    embeddings (embedding, read from `scores_path`). `scores`: score_table's."""
+    rows = _align(ids, scores)
+    ifd = pc.cast(scores.column("ifd"), pa.float64()).take(rows).fill_null(np.nan)
+    out = {"ifd": np.asarray(ifd.to_numpy(zero_copy_only=False), dtype=np.float64)}
     if method == "longest":
-        if not all("n_response_tokens" in r for r in scored):
+        if "n_response_tokens" not in scores.column_names or scores.column("n_response_tokens").null_count:
             raise IteritError(
                 "method longest needs n_response_tokens in the scores (the scores.parquet of `iterit score`)"
             )
-        out["n_response_tokens"] = np.array(
-            [scores[i]["n_response_tokens"] if i in scores else 0 for i in ids]
-        )
+        tokens = scores.column("n_response_tokens").take(rows).fill_null(0)
+        out["n_response_tokens"] = tokens.to_numpy(zero_copy_only=False)
     if method == "embedding":
         out["embeddings"] = read_embeddings(scores_path, ids)
     return out
+
+
+def unknown_ids(scores: pa.Table, ids) -> int:
+    """How many scored ids are not among `ids`."""
+    ids = pa.array(ids, pa.string()) if isinstance(ids, list) else ids
+    return int(pc.sum(pc.invert(pc.is_in(scores.column("id"), value_set=ids))).as_py() or 0)
 
 
 def read_embeddings(scores_path: str, ids: list[str]) -> np.ndarray:
     """(len(ids), d) embeddings of `ids` in their stored dtype (float16 stays float16: 2 bytes a value on
     the driver), zeros for a sample without a score. Taken from Arrow part by part, never as Python
     lists (at 10^6 samples of 256 values those would be ~10 GB)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     from iterit.rundir import iter_scores
 
     fs, p = filesystem(scores_path)
@@ -97,7 +124,7 @@ def read_embeddings(scores_path: str, ids: list[str]) -> np.ndarray:
             f"{scores_path}: method embedding reads the embedding column of a scores folder or "
             "scores.parquet of `iterit score`, not JSONL"
         )
-    value_set, out = pa.array(ids, type=pa.string()), None
+    value_set, out = (pa.array(ids, type=pa.string()) if isinstance(ids, list) else ids), None
     for part in iter_scores(scores_path, ["id", "embedding"]):
         if "embedding" not in part.column_names:
             raise IteritError(
@@ -134,9 +161,11 @@ def _with_samples(samples_path: str, read):
         return read(pq.ParquetFile(f))
 
 
-def sample_ids(samples_path: str) -> list[str]:
-    """The ids of the samples file in file order (the corpus order), and nothing else of it."""
-    return _with_samples(samples_path, lambda f: f.read(columns=["id"]).column("id").to_pylist())
+def sample_ids(samples_path: str) -> pa.Array:
+    """The ids of the samples file in file order (the corpus order), one Arrow string array: at 10^7
+    samples Python strings would take ~10x the memory."""
+    ids = _with_samples(samples_path, lambda f: f.read(columns=["id"]).column("id"))
+    return pc.cast(ids, pa.string()).combine_chunks()
 
 
 def sample_count(samples_path: str) -> int:
@@ -235,9 +264,10 @@ def run_selection(
     method draws as iteration 0 of a run seeded `seed` would."""
     t0 = time.perf_counter()
     ids = sample_ids(samples_path)
-    scores = read_score_rows(scores_path, score_columns(method))
-    unknown = len(set(scores) - set(ids))
+    scores = score_table(scores_path, score_columns(method))
+    unknown = unknown_ids(scores, ids)
     arrays = window_inputs(ids, scores, method, scores_path)
+    del scores
     ifd = arrays["ifd"]
     files = SelectionFiles(output_dir)
     diversity = diversity_inputs(
@@ -259,7 +289,7 @@ def run_selection(
             on_picks=on_picks,
             **diversity,
         )
-    files.write([ids[p] for p in wo.order], ifd[wo.order], wo.status, wo.gains)
+    files.write(ids.take(pa.array(wo.order, pa.int64())), ifd[wo.order], wo.status, wo.gains)
     remove_tfidf(files.tfidf)
     return {
         "samples": len(ids),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from iterit.config import iteration_rng
 from iterit.selection.greedy import lazy_greedy, lazy_greedy_coded, rest_by_ifd
@@ -104,20 +105,15 @@ def select_window(
     return WindowOrder(order, status, picks, list(map(float, gains)))
 
 
-def reorder(
-    current: list[str],
-    window_ifd: dict[str, float],
-    k: int,
-    method: str = "iterit",
-    **kwargs,
-) -> tuple[list[str], WindowOrder]:
-    """Later iterations: re-order the first W = len(window_ifd) ids of `current` by their new scores
-    and keep the tail as it was. Returns (the new full order of ids, the window's WindowOrder).
-    `kwargs` go to select_window (`responses` and `tfidf_rows` aligned with the window)."""
+def reorder(current, window_ifd: np.ndarray, k: int, method: str = "iterit", **kwargs):
+    """Later iterations: re-order the first W = len(window_ifd) ids of `current` (an Arrow string array,
+    or a list) by their new scores (`window_ifd`, aligned with them) and keep the tail as it was.
+    Returns (the new full order of ids, as an Arrow array; the window's WindowOrder). `kwargs` go to
+    select_window (`responses` and `tfidf_rows` aligned with the window)."""
+    current = pa.array(current, pa.string()) if isinstance(current, list) else current
     w = len(window_ifd)
-    window = current[:w]
-    if set(window) != set(window_ifd):
-        raise ValueError("window_ifd must score exactly the first W ids of the current order")
-    ifd = np.array([window_ifd[i] for i in window], dtype=np.float64)
-    wo = select_window(ifd, k, method, **kwargs)
-    return [window[p] for p in wo.order] + current[w:], wo
+    if w > len(current):
+        raise ValueError(f"{w:,} window scores for an order of {len(current):,} ids")
+    wo = select_window(np.asarray(window_ifd, dtype=np.float64), k, method, **kwargs)
+    moved = current.slice(0, w).take(pa.array(wo.order, pa.int64()))
+    return pa.concat_arrays([moved, current.slice(w)]), wo
