@@ -216,7 +216,10 @@ def test_a_crashed_actor_is_restarted_and_no_id_is_lost_or_doubled(
     assert len(ids) == len(set(ids)) == len(by_id) - 1 and summary["rejected"] == 1
 
 
-def test_score_command(ray_local, tiny_model_dir, mixed_corpus, tmp_path, cli):
+def test_score_command(ray_local, tiny_model_dir, mixed_corpus, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(
+        tmp_path
+    )  # a relative --output, as `make demo`'s runs/demo: Ray's workers run elsewhere
     code, out, _ = cli(
         [
             "score",
@@ -225,7 +228,7 @@ def test_score_command(ray_local, tiny_model_dir, mixed_corpus, tmp_path, cli):
             "--data",
             str(mixed_corpus),
             "--output",
-            str(tmp_path / "s"),
+            "s",
             "--max-length",
             str(MAX_LEN),
             "--set",

@@ -117,6 +117,9 @@ def run_scoring(
     `rejects_prefix`: a rejects.jsonl (from ingest) copied first, so one file holds every reject.
     `prior=False`: the conditional pass only; ifd and loss_prior are NaN, no embedding column.
     """
+    # Ray's workers run in other directories (and Ray Data's checkpoint takes only absolute paths):
+    # a relative run directory (`make demo`'s runs/demo) would land elsewhere, or fail.
+    output_dir, samples_path = cluster.absolute(output_dir), cluster.absolute(samples_path)
     files = ScoreFiles(output_dir)
     fs, scores = filesystem(files.scores)
     _, checkpoint = filesystem(files.checkpoint)

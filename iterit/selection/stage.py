@@ -211,6 +211,10 @@ def diversity_inputs(
     from iterit.selection.shards import sharded_rows
 
     cluster.connect()
+    samples_path, work_dir = (
+        cluster.absolute(samples_path),
+        cluster.absolute(work_dir),
+    )  # Ray tasks' cwd differs
     cand_of_row = np.full(sample_count(samples_path), -1, dtype=np.int64)
     cand_of_row[np.asarray(window_rows)[cand]] = np.arange(cand.size)
     built = build_shards(samples_path, cand_of_row, ifd[cand], work_dir, eos_token, log=log)
