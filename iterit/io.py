@@ -7,7 +7,10 @@ leaves a half file that looks whole (DESIGN section 3).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import IO
@@ -17,8 +20,12 @@ from fsspec.core import url_to_fs
 
 
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a local path or any fsspec URI."""
-    return url_to_fs(os.path.expanduser(str(path)))
+    """(filesystem, path inside it) for a local path or any fsspec URI. Its listings are fresh: s3fs and
+    gcsfs cache directory listings per instance, and fsspec shares instances, so the parts that Ray's
+    workers wrote from other processes would stay invisible to the driver (found by the S3 tests)."""
+    fs, p = url_to_fs(os.path.expanduser(str(path)))
+    fs.invalidate_cache()
+    return fs, p
 
 
 def join(base: str, *names: str) -> str:
@@ -66,3 +73,35 @@ def read_jsonl(path: str, missing_ok: bool = True) -> list[dict]:
 def atomic_write_text(path: str, text: str) -> None:
     with atomic_open(str(path), "w") as f:
         f.write(text)
+
+
+def local_copy(path: str) -> str:
+    """A model folder on object storage (an iteration's export on s3://) copied once to this machine's
+    disk, for libraries that read local folders only (transformers' from_pretrained); local paths and
+    hub ids as they are. Keyed by the URI and its config.json's version (ETag, modification time,
+    size), so a folder written again is fetched again. Copied under a temporary name and renamed when
+    whole: actors of one node loading at once share one complete copy."""
+    if "://" not in str(path):
+        return path
+    fs, p = filesystem(path)
+    p = p.rstrip("/")
+    info = fs.info(join(p, "config.json")) if fs.exists(join(p, "config.json")) else {}
+    version = "/".join(str(info.get(k, "")) for k in ("ETag", "LastModified", "mtime", "created", "size"))
+    key = hashlib.sha1(f"{path}\0{version}".encode()).hexdigest()[:16]
+    dest = os.path.join(tempfile.gettempdir(), "iterit-models", f"{p.rsplit('/', 1)[-1]}-{key}")
+    if os.path.isdir(dest):
+        return dest
+    tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        for remote in fs.find(p):
+            local = os.path.join(tmp, remote[len(p) :].lstrip("/"))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get_file(remote, local)
+        os.rename(tmp, dest)
+    except OSError:
+        if not os.path.isdir(dest):  # not another actor's finished copy: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -57,8 +57,10 @@ def load_tokenizer(model: str, chat_template: str | None = None, trust_remote_co
     """The model's tokenizer with a chat template guaranteed: its own, the configured one, or ChatML."""
     from transformers import AutoTokenizer
 
+    from iterit.io import local_copy
+
     try:
-        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(local_copy(model), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise IteritError(
             f"cannot load a tokenizer from {model!r}: {str(e).splitlines()[0]} "

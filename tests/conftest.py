@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -368,5 +369,23 @@ def mixed_corpus(tmp_path_factory) -> Path:
         for i in range(14)
     ]
     p = tmp_path_factory.mktemp("mixed") / "mixed.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+@pytest.fixture(scope="session")
+def loop_corpus(tmp_path_factory) -> Path:
+    """60 Alpaca rows of random words (ids q0..q59) and one reject at ingest: the corpus of whole runs."""
+    rng = random.Random(5)
+    rows = [
+        {
+            "id": f"q{i}",
+            "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
+            "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30))),
+        }
+        for i in range(60)
+    ]
+    rows.append({"id": "bad"})  # one reject at ingest
+    p = tmp_path_factory.mktemp("loop") / "corpus.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,26 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import WORDS
 
 from iterit.rundir import read_scores
-
-
-@pytest.fixture(scope="module")
-def loop_corpus(tmp_path_factory) -> Path:
-    rng = random.Random(5)
-    rows = [
-        {
-            "id": f"q{i}",
-            "instruction": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
-            "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30))),
-        }
-        for i in range(60)
-    ]
-    rows.append({"id": "bad"})  # one reject at ingest
-    p = tmp_path_factory.mktemp("loop") / "corpus.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return p
 
 
 def _selections(run_dir: Path) -> dict:

@@ -143,3 +143,22 @@ def test_select_reads_a_scores_folder(tmp_path, cli):
     picks = [json.loads(line)["id"] for line in open(tmp_path / "o" / "selection.jsonl")]
     # ifd a 0.1, b 0.9, c 0.1; d (0.9) was rejected at scoring: never a candidate
     assert picks == ["b", "a"] and "1 without a score" in out
+
+
+def test_a_model_folder_on_object_storage_is_copied_once_and_again_when_rewritten():
+    import os
+
+    import fsspec
+
+    from iterit.io import local_copy
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/m/config.json": b'{"a": 1}', "/m/sub/weights.bin": b"w1"})
+    first = local_copy("memory://m")
+    assert open(os.path.join(first, "config.json")).read() == '{"a": 1}'
+    assert open(os.path.join(first, "sub", "weights.bin")).read() == "w1"
+    assert local_copy("memory://m") == first  # the same version: the one copy
+    fs.pipe({"/m/config.json": b'{"a": 22}'})  # written again: another version
+    again = local_copy("memory://m")
+    assert again != first and open(os.path.join(again, "config.json")).read() == '{"a": 22}'
+    assert local_copy("/a/local/folder") == "/a/local/folder" and local_copy("org/hub-id") == "org/hub-id"

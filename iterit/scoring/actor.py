@@ -74,9 +74,11 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from iterit.io import local_copy
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     m = AutoModelForCausalLM.from_pretrained(
-        model,
+        local_copy(model),  # a previous iteration's export on object storage: copied to this node
         dtype=resolve_dtype(dtype, device),
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,

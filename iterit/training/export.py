@@ -49,7 +49,11 @@ def save_hf(module, state_dict: dict, job: WorkerJob, out: Path) -> None:
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        base = AutoModelForCausalLM.from_pretrained(job.base_model, trust_remote_code=job.trust_remote_code)
+        from iterit.io import local_copy
+
+        base = AutoModelForCausalLM.from_pretrained(
+            local_copy(job.base_model), trust_remote_code=job.trust_remote_code
+        )
         peft_model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
         peft_model.load_state_dict(state_dict, strict=True)
         if job.training.lora_export == "adapter":

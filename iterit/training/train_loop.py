@@ -147,13 +147,15 @@ def build_model(job: WorkerJob, dtype):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+    from iterit.io import local_copy
+
     # transformers reads a live HfDeepSpeedConfig (a weak reference) in from_pretrained and builds the
     # model under deepspeed.zero.Init; unset right after, or a later from_pretrained on rank 0 alone
     # (the LoRA export's base model) would start a collective the other ranks never join.
     ds = HfDeepSpeedConfig(copy.deepcopy(job.ds_config)) if job.partitioned_loading else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            job.base_model,
+            local_copy(job.base_model),  # a folder on object storage: copied to this node first
             dtype=dtype,
             trust_remote_code=job.trust_remote_code,
             attn_implementation=job.attn_implementation,

@@ -139,6 +139,15 @@ def training_dataset(cfg: Config, samples_path: str, ids: list[str], iteration: 
     )
 
 
+def checkpoint_uri(path: str, storage: str) -> str:
+    """A checkpoint's path as a URI again: Ray Train gives it inside its storage's filesystem, without
+    the scheme (`bucket/runs/x/...` for s3://bucket/runs/x), which the next iteration's
+    ray.train.Checkpoint(path) and the pruning would read as a local path (found by the S3 tests)."""
+    if "://" in storage and "://" not in path:
+        return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}"
+    return path
+
+
 def storage_path(cfg: Config, run_dir: str) -> str:
     """Where Ray Train keeps this run's checkpoints: storage_path, else RUN/checkpoints (absolute)."""
     return absolute(cfg.storage_path or RunDir(run_dir).checkpoints)
@@ -266,7 +275,7 @@ def train(
     if result.error:
         raise IteritError(f"training failed: {result.error}")
     return {
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint_uri(result.checkpoint.path, storage) if result.checkpoint else None,
         "fit_seconds": round(seconds, 2),
         "total_steps": job.total_steps,
         "iterations": {e: iteration_summary(run, e) for e in iterations},
