@@ -5,12 +5,14 @@ Errors print one line (what, where, how to fix) and exit 2; `iterit --debug ...`
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
 import click
 import typer
 
+from iterit.cluster import VERBOSE_ENV
 from iterit.errors import IteritError
 
 app = typer.Typer(
@@ -462,7 +464,7 @@ def plan(
     set: SetOpt = None,
 ) -> None:
     """Before a run: the tokens and FLOPs each stage will compute, GPU-hours and wall-clock at an MFU, and
-    the training memory per GPU (docs/run.md#plan)."""
+    the training memory per GPU (docs/run.md#plan-a-run)."""
     from iterit.config import load_config
     from iterit.plan import GPU_PEAK_FLOPS, CorpusStats, corpus_stats, format_plan, plan_rows
     from iterit.training.memory import estimate_for, read_model_shape
@@ -522,6 +524,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
+    if "--verbose" in args:  # Ray's own console output too (cluster.connect reads it)
+        args.remove("--verbose")
+        os.environ[VERBOSE_ENV] = "1"
     try:
         code = app(args=args, prog_name="iterit", standalone_mode=False)
     except IteritError as e:

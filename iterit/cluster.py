@@ -1,7 +1,9 @@
 """Cluster access: starting or joining Ray, and the resource checks of the preflight.
 
 connect()              RAY_ADDRESS set (`ray job submit`, a cluster): join it; else start a Ray on
-                       this machine. The only place in iterit that calls ray.init.
+                       this machine. The only place in iterit that calls ray.init. Quiet unless
+                       `iterit --verbose`: workers' output and Ray Data's progress go to Ray's
+                       session logs (RAY_LOGS), not the console
 is_local()             Ray was started here by iterit: no autoscaler will grow it, so a request
                        that does not fit is an error, not a wait
 scoring_gpus(sc)       GPUs per scoring actor (the config's, else 1 when the cluster has GPUs)
@@ -17,6 +19,25 @@ import os
 from iterit.errors import IteritError
 
 _started_here = False  # True once connect() started Ray on this machine
+VERBOSE_ENV = "ITERIT_VERBOSE"  # `iterit --verbose`: Ray's own console output, as Ray prints it
+RAY_LOGS = "/tmp/ray/session_latest/logs"  # Ray's default session logs, on the machine of the head
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's progress bars and INFO lines off the console: its ray-data.log in Ray's session logs
+    keeps every line (Ray Data's own file handler), the console shows errors only."""
+    import logging
+
+    from ray.data import DataContext
+
+    for h in logging.getLogger("ray.data").handlers:
+        if "File" not in type(h).__name__:
+            h.setLevel(logging.ERROR)
+    DataContext.get_current().enable_progress_bars = False
 
 
 def connect() -> None:
@@ -28,14 +49,38 @@ def connect() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    # Quiet by default: the workers' output (Ray Train's and Ray Data's lines, model-loading bars)
+    # stays in Ray's session logs instead of interleaving with iterit's own lines.
+    quiet = {"logging_level": "WARNING", "log_to_driver": verbose()}
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, **quiet)
     else:
         # One logical CPU more than the cores: Ray Data's checkpoint filter (a resumed scoring stage)
         # is an actor that reserves a CPU and does little work; without it, a one-machine Ray whose
         # cores the scoring actors hold would wait forever on a resume.
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, logging_level="WARNING")
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, **quiet)
+    if not verbose():
+        _quiet_ray_data()
     _started_here = address is None
+
+
+def logs_line(run_dir: str | None = None) -> str:
+    """Where Ray's own output went (the first line of a run): with a local run directory on a Ray
+    started here, RUN/logs/ray links to Ray's session logs."""
+    if verbose():
+        return "Ray's own output is shown as it comes (--verbose)"
+    where = RAY_LOGS if _started_here else f"{RAY_LOGS} on the head node (or `ray logs`)"
+    if run_dir and "://" not in run_dir and _started_here and os.path.isdir(RAY_LOGS):
+        link = os.path.join(run_dir, "logs", "ray")
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.realpath(RAY_LOGS), link)  # this session's folder, not the moving "latest"
+        where = f"{link} ({os.path.realpath(RAY_LOGS)})"
+    return (
+        f"Ray's own output (worker logs, Ray Data's progress in ray-data.log): {where}; "
+        "`iterit --verbose` prints it here"
+    )
 
 
 def is_local() -> bool:

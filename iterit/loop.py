@@ -256,6 +256,7 @@ def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict
 
     cfg, run, manifest = _open(cfg, resume)
     cluster.connect()
+    log(cluster.logs_line(run.path))
     preflight(cfg, run, log)
     t0 = time.perf_counter()
     ing = manifest.run("ingest", lambda: ingest(cfg.datasets, run.ingest, cfg.system_prompt), log)

@@ -389,3 +389,16 @@ def loop_corpus(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("loop") / "corpus.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return p
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(ray_local, tiny_run_config, loop_corpus, tmp_path_factory):
+    """The whole tiny run of loop_corpus, uninterrupted, on local disk: (run_dir, run()'s result), the
+    reference of the resumed runs (test_loop, test_s3)."""
+    from iterit.config import config_from_dict
+    from iterit.loop import run
+
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    tree = tiny_run_config(loop_corpus, run_dir, report_to="tensorboard")
+    out = run(config_from_dict(tree), log=lambda *_: None)
+    return run_dir, out

@@ -27,17 +27,6 @@ def _selections(run_dir: Path) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(ray_local, tiny_run_config, loop_corpus, tmp_path_factory):
-    from iterit.config import config_from_dict
-    from iterit.loop import run
-
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    tree = tiny_run_config(loop_corpus, run_dir, report_to="tensorboard")
-    out = run(config_from_dict(tree), log=lambda *_: None)
-    return run_dir, out
-
-
 def test_run_writes_every_artifact(uninterrupted):
     from transformers import AutoModelForCausalLM
 

@@ -119,19 +119,12 @@ def _stage(fs, manifest: str, stage: str) -> str | None:
 
 
 def test_a_run_on_s3_killed_and_resumed_selects_as_a_local_run(
-    s3,
-    s3_cluster,
-    tiny_run_config,
-    loop_corpus,
-    tmp_path,
+    s3, s3_cluster, tiny_run_config, loop_corpus, uninterrupted, tmp_path
 ):
     _, fs = s3
     run = f"s3://{BUCKET}/runs/tiny"
-    local = tmp_path / "local"
-    for name, out_dir in (("s3", run), ("local", str(local))):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(tiny_run_config(loop_corpus, out_dir)))
-    reference = driver(s3_cluster, ["run", tmp_path / "local.yaml"], tmp_path / "local.log")
-    finished(reference, tmp_path / "local.log")
+    local = uninterrupted[0]  # the same config, run on local disk
+    (tmp_path / "s3.yaml").write_text(yaml.safe_dump(tiny_run_config(loop_corpus, run)))
 
     manifest = f"{BUCKET}/runs/tiny/manifest.json"
     first = driver(s3_cluster, ["run", tmp_path / "s3.yaml"], tmp_path / "s3-1.log")

@@ -135,11 +135,22 @@ def run_scoring(
         if before:
             log(f"  resuming {files.scores}: the ids of its {len(before):,} parts are not scored again")
         fs.makedirs(checkpoint, exist_ok=True)  # marks an attempt under way; Ray Data deletes it at the end
+        import pyarrow.parquet as pq
+
+        from iterit.progress import scoring_progress
+
+        if only_ids is not None:
+            total = len(only_ids)
+        else:
+            sfs, sp = filesystem(samples_path)
+            with sfs.open(sp, "rb") as f:
+                total = pq.ParquetFile(f).metadata.num_rows
         with id_checkpoint(files):
             ds = scoring_dataset(
                 cfg, samples_path, only_ids, actor_env, log, prior=prior, resuming=bool(before)
             )
-            ds.write_parquet(files.scores)
+            with scoring_progress(files.scores, total, log=log):  # samples, tokens/s, ETA while it runs
+                ds.write_parquet(files.scores)
     seconds = time.perf_counter() - t0
     summary = summarise_parts(files, before, rejects_prefix)
     summary.update(

@@ -123,6 +123,27 @@ def pop_top(score, idx, epoch, size):
 
 
 @njit(inline="always")
+def _pop_stale(score, idx, epoch, size, stale, now):
+    """Pop the stale entries at the top (scored before pick `now`), up to len(stale), into `stale`."""
+    nb = 0
+    while size > 0 and epoch[0] != now and nb < stale.shape[0]:
+        stale[nb] = idx[0]
+        nb += 1
+        size = pop_top(score, idx, epoch, size)
+    return nb, size
+
+
+@njit(inline="always")
+def _push_back(score, idx, epoch, size, stale, fresh, nb, now):
+    """Put the nb re-scored entries back, exact at pick `now`; returns the heap's size."""
+    for q in range(nb):
+        score[size], idx[size], epoch[size] = fresh[q], stale[q], now
+        sift_up(score, idx, epoch, size)
+        size += 1
+    return size
+
+
+@njit(inline="always")
 def _score(c, shard_of, local_of, indptrs, indices, datas, ifd, factor):
     """Candidate c's score at the current factors, from its row in its shard."""
     s, r = shard_of[c], local_of[c]
@@ -183,16 +204,9 @@ def _greedy_steps(
             rescored += 1
             sift_down(score, idx, epoch, size, 0)
         else:  # the stale entries at the top, up to `batch`, re-scored together (in parallel)
-            nb = 0
-            while size > 0 and epoch[0] != now and nb < stale.shape[0]:
-                stale[nb] = idx[0]
-                nb += 1
-                size = pop_top(score, idx, epoch, size)
+            nb, size = _pop_stale(score, idx, epoch, size, stale, now)
             _rescore(stale[:nb], fresh[:nb], shard_of, local_of, indptrs, indices, datas, ifd, factor)
-            for q in range(nb):
-                score[size], idx[size], epoch[size] = fresh[q], stale[q], now
-                sift_up(score, idx, epoch, size)
-                size += 1
+            size = _push_back(score, idx, epoch, size, stale, fresh, nb, now)
             rescored += nb
     state[0], state[1], state[2] = size, now, rescored
 
@@ -300,16 +314,9 @@ def _coded_steps(
             now += 1
             size = pop_top(score, idx, epoch, size)
         else:  # the stale entries at the top, up to `batch`, re-scored together (in parallel)
-            nb = 0
-            while size > 0 and epoch[0] != now and nb < stale.shape[0]:
-                stale[nb] = idx[0]
-                nb += 1
-                size = pop_top(score, idx, epoch, size)
+            nb, size = _pop_stale(score, idx, epoch, size, stale, now)
             _coded_rescore(stale[:nb], fresh[:nb], shard_of, local_of, starts, codes, norms, ifd, g)
-            for q in range(nb):
-                score[size], idx[size], epoch[size] = fresh[q], stale[q], now
-                sift_up(score, idx, epoch, size)
-                size += 1
+            size = _push_back(score, idx, epoch, size, stale, fresh, nb, now)
             rescored += nb
     state[0], state[1], state[2] = size, now, rescored
 

@@ -15,6 +15,7 @@ the whole run and each fit resumes model, optimizer, scheduler and step from the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -269,8 +270,16 @@ def train(
         datasets={iteration_key(e): training_dataset(cfg, samples_path, subsets[e], e) for e in iterations},
         dataset_config=DataConfig(execution_options=_ordered()),
     )
+    from iterit.progress import training_progress
+
     t0 = time.perf_counter()
-    result = trainer.fit()
+    live = (  # one iteration's fit (the loop's): its steps, loss and tokens/s while it runs
+        training_progress(run.train_metrics(iterations[0]), job.total_steps // cfg.iterations, log=log)
+        if len(iterations) == 1
+        else contextlib.nullcontext()
+    )
+    with live:
+        result = trainer.fit()
     seconds = time.perf_counter() - t0
     if result.error:
         raise IteritError(f"training failed: {result.error}")
