@@ -139,6 +139,7 @@ def score(
     typer.echo(f"ingest: {ingested['accepted']:,} of {ingested['read']:,} rows accepted")
     save_config(cfg, join(out, "config.yaml"))
     cluster.connect()
+    typer.echo(cluster.logs_line(out))
     s = run_scoring(
         cfg, ingested["samples"], out, rejects_prefix=ingested["rejects"], log=typer.echo, fresh=fresh
     )
