@@ -459,6 +459,9 @@ def plan(
     params: Annotated[
         float | None, typer.Option("--params", help="Parameters, for a model whose config cannot be read.")
     ] = None,
+    eval_samples: Annotated[
+        int, typer.Option("--eval-samples", help="Held-out conversations evaluated per iteration (compare).")
+    ] = 0,
     sample_rows: Annotated[
         int, typer.Option("--sample-rows", help="Rows read per file to measure tokens.")
     ] = 1000,
@@ -510,7 +513,7 @@ def plan(
     n, sel = stats.samples, cfg.selection
     rows = plan_rows(
         cfg.iterations, n, sel.num_selected(n), sel.window(n), stats, n_params, layers, hidden,
-        cfg.gradient_checkpointing, memory,
+        cfg.gradient_checkpointing, memory, eval_samples,
     )  # fmt: skip
     peak, device = (flops, "device") if flops is not None else (GPU_PEAK_FLOPS[gpu.lower()], gpu.upper())
     typer.echo(format_plan(rows, peak, device, gpus, mfu, given))

@@ -11,6 +11,8 @@ W = selection.window(N)):
     scoring, iterations 1..   W samples x the same two passes, with the previous iteration's model
                               (rows the template rejects are not counted: they never reach the model)
     training, each iteration  k samples x the conversation's tokens, forward and backward
+    evaluation (--eval-samples M, as `iterit compare` evaluates each iteration's model): M held-out
+                              conversations, one forward pass (`iterit run` itself evaluates nothing)
 FLOPs per token (Kaplan et al. 2020, eq. 2.1, with causal attention: a token attends to s/2 tokens on
 average): forward 2P + 2Lsd, for P parameters, L layers, hidden size d and a pass of s tokens a
 sequence; training 3x the forward (6P + 6Lsd), 4x with gradient checkpointing (one more forward).
@@ -71,8 +73,10 @@ def plan_rows(
     hidden: int,
     gradient_checkpointing: bool = False,
     training_memory: str = "",
+    eval_samples: int = 0,
 ) -> list[StageRow]:
-    """One StageRow per stage of the run (module docstring), in run order."""
+    """One StageRow per stage of the run (module docstring), in run order; `eval_samples` held-out
+    conversations evaluated after each iteration (as `iterit compare` does: one forward pass each)."""
     cond, prior = stats.cond_tokens, stats.prior_tokens
 
     def scoring(samples: float) -> tuple[float, float]:
@@ -98,6 +102,11 @@ def plan_rows(
         rows.append(
             StageRow(f"iter {e} training ({k:,} samples)", train_tokens, train_flops, training_memory)
         )
+        if eval_samples:
+            flops = eval_samples * cond * forward_flops_per_token(params, layers, hidden, cond)
+            rows.append(
+                StageRow(f"iter {e} evaluation ({eval_samples:,} held out)", eval_samples * cond, flops)
+            )
     return rows
 
 

@@ -23,6 +23,9 @@ def test_stage_tokens_and_flops_are_the_hand_computed_ones():
     assert (rows[2].tokens, rows[2].flops) == (210, 15 * (10 * 2320 + 4 * 2128))
     checkpointed = plan_rows(2, 100, 5, 15, stats, 1000, 2, 8, gradient_checkpointing=True)
     assert checkpointed[1].flops == 4 * 50 * 2320  # one more forward
+    evaluated = plan_rows(2, 100, 5, 15, stats, 1000, 2, 8, eval_samples=7)
+    assert evaluated[2].stage == "iter 0 evaluation (7 held out)" and len(evaluated) == 6
+    assert (evaluated[2].tokens, evaluated[2].flops) == (70, 7 * 10 * 2320)
     # half the rows rejected by the template: iteration 0 scores 50; a later window of 15 holds the 5
     # picks, then the 50 rejects: only the picks are re-scored
     half = plan_rows(2, 100, 5, 15, CorpusStats(100, 10.0, 4.0, "given", 0.5), 1000, 2, 8)
