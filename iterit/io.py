@@ -75,12 +75,31 @@ def atomic_write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+MODEL_COPIES_KEPT = 2  # an iteration's model and the one before it: 16 GB each at 8B parameters
+
+
+def _prune_copies(root: str, keep: int) -> None:
+    """Remove all but the `keep` newest model copies under root (temporary ones included once an hour
+    old): a node would otherwise keep every iteration's export. A copy still being read is safe to
+    remove: transformers memory-maps safetensors, and an unlinked file stays readable while mapped."""
+    import time
+
+    if not os.path.isdir(root):
+        return
+    entries = [os.path.join(root, n) for n in os.listdir(root)]
+    done = sorted((e for e in entries if ".tmp-" not in e), key=os.path.getmtime, reverse=True)
+    stale = [e for e in entries if ".tmp-" in e and time.time() - os.path.getmtime(e) > 3600]
+    for old in done[keep:] + stale:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def local_copy(path: str) -> str:
     """A model folder on object storage (an iteration's export on s3://) copied once to this machine's
     disk, for libraries that read local folders only (transformers' from_pretrained); local paths and
     hub ids as they are. Keyed by the URI and its config.json's version (ETag, modification time,
     size), so a folder written again is fetched again. Copied under a temporary name and renamed when
-    whole: actors of one node loading at once share one complete copy."""
+    whole: actors of one node loading at once share one complete copy. A node keeps the
+    MODEL_COPIES_KEPT newest copies."""
     if "://" not in str(path):
         return path
     fs, p = filesystem(path)
@@ -91,6 +110,7 @@ def local_copy(path: str) -> str:
     dest = os.path.join(tempfile.gettempdir(), "iterit-models", f"{p.rsplit('/', 1)[-1]}-{key}")
     if os.path.isdir(dest):
         return dest
+    _prune_copies(os.path.dirname(dest), keep=MODEL_COPIES_KEPT - 1)
     tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:

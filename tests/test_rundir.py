@@ -145,12 +145,15 @@ def test_select_reads_a_scores_folder(tmp_path, cli):
     assert picks == ["b", "a"] and "1 without a score" in out
 
 
-def test_a_model_folder_on_object_storage_is_copied_once_and_again_when_rewritten():
+def test_a_model_folder_on_object_storage_is_copied_once_and_again_when_rewritten(tmp_path, monkeypatch):
     import os
+    import tempfile
 
     import fsspec
 
     from iterit.io import local_copy
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's copies only
 
     fs = fsspec.filesystem("memory")
     fs.pipe({"/m/config.json": b'{"a": 1}', "/m/sub/weights.bin": b"w1"})
@@ -162,3 +165,7 @@ def test_a_model_folder_on_object_storage_is_copied_once_and_again_when_rewritte
     again = local_copy("memory://m")
     assert again != first and open(os.path.join(again, "config.json")).read() == '{"a": 22}'
     assert local_copy("/a/local/folder") == "/a/local/folder" and local_copy("org/hub-id") == "org/hub-id"
+    # a third model: the node keeps the two newest copies (each iteration's export would pile up)
+    fs.pipe({"/m3/config.json": b"{}"})
+    third = local_copy("memory://m3")
+    assert os.path.isdir(third) and os.path.isdir(again) and not os.path.exists(first)
