@@ -104,7 +104,10 @@ def local_copy(path: str) -> str:
         return path
     fs, p = filesystem(path)
     p = p.rstrip("/")
-    info = fs.info(join(p, "config.json")) if fs.exists(join(p, "config.json")) else {}
+    try:
+        info = fs.info(join(p, "config.json"))
+    except FileNotFoundError:
+        info = {}
     version = "/".join(str(info.get(k, "")) for k in ("ETag", "LastModified", "mtime", "created", "size"))
     key = hashlib.sha1(f"{path}\0{version}".encode()).hexdigest()[:16]
     dest = os.path.join(tempfile.gettempdir(), "iterit-models", f"{p.rsplit('/', 1)[-1]}-{key}")

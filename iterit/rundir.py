@@ -142,6 +142,12 @@ def read_scores(path: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
+def id_array(ids) -> pa.Array:
+    """Sample ids as one Arrow string array (how the driver holds them at 10^7 samples): a list is
+    converted, an Arrow array passes as it is."""
+    return pa.array(ids, pa.string()) if isinstance(ids, list) else ids
+
+
 @dataclass(frozen=True)
 class SelectionFiles:
     """The selection stage's outputs in `dir`: the picks (selection.jsonl) and the order (order.parquet)."""
@@ -166,7 +172,7 @@ class SelectionFiles:
         """The picks are order[: len(gains)] (in pick order); `order` an Arrow string array or a list of
         ids; `ifd` and `status` are aligned with it (NaN and "tail" past the re-ordered window)."""
         ifd = np.asarray(ifd, dtype=np.float64)
-        order = pa.array(order, pa.string()) if isinstance(order, list) else order
+        order = id_array(order)
         with atomic_open(self.selection, "w") as f:
             for rank, (sid, gain) in enumerate(zip(order.slice(0, len(gains)).to_pylist(), gains)):
                 f.write(json.dumps({"id": sid, "rank": rank, "ifd": float(ifd[rank]), "gain": gain}) + "\n")

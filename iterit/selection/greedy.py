@@ -244,43 +244,42 @@ def lazy_greedy_rows(
     threads (default RESCORE_BATCH_PER_THREAD per numba thread; 1: one at a time, in place); a
     re-evaluation is ~10 microseconds at 560 non-zeros a row, the random reads of the factors.
     on_picks(n): the number of picks made since the last call, about every 0.5% of k (a progress bar)."""
+    factor = np.ones(n_terms, dtype=np.float64)  # f_t = decay ** (times term t was picked)
+    lists = [NumbaList([_readonly(s[p]) for s in shards]) for p in range(3)]
+    shard_of, local_of, c_ifd = np.asarray(shard_of), np.asarray(local_of), np.asarray(ifd, dtype=np.float64)
+
+    def steps(state, score, idx, epoch, picks, gains, until, stale, fresh):
+        _greedy_steps(
+            state, score, idx, epoch, factor, shard_of, local_of, *lists, c_ifd, float(decay), picks, gains,
+            until, stale, fresh,
+        )  # fmt: skip
+
+    picks, gains, lazy_greedy_rows.rescored = _drive(initial, k, steps, on_picks, batch)
+    return picks, gains
+
+
+def _drive(initial, k: int, steps, on_picks, batch: int | None):
+    """What the lazy greedies share around their compiled kernels: the heap of initial scores (score,
+    candidate, epoch), then steps(state, heap..., picks, gains, until, stale, fresh) about 0.5% of k at a
+    time, on_picks(n) after each. Returns (picks, gains, re-evaluations)."""
     n = len(initial)
     k = min(k, n)
     score = np.asarray(initial, dtype=np.float64).copy()
     idx = np.arange(n, dtype=np.int64)
     epoch = np.zeros(n, dtype=np.int64)
     heapify(score, idx, epoch, n)
-    factor = np.ones(n_terms, dtype=np.float64)  # f_t = decay ** (times term t was picked)
-    lists = [NumbaList([_readonly(s[p]) for s in shards]) for p in range(3)]
     picks, gains = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float64)
-    state = np.array([n, 0, 0], dtype=np.int64)
+    state = np.array([n, 0, 0], dtype=np.int64)  # heap size, picks made, re-evaluations
     step = max(1, k // 200)
     batch = RESCORE_BATCH_PER_THREAD * get_num_threads() if batch is None else batch
     stale, fresh = np.empty(batch, dtype=np.int64), np.empty(batch, dtype=np.float64)
     while state[1] < k and state[0] > 0:
         before = int(state[1])
-        _greedy_steps(
-            state,
-            score,
-            idx,
-            epoch,
-            factor,
-            np.asarray(shard_of),
-            np.asarray(local_of),
-            *lists,
-            np.asarray(ifd, dtype=np.float64),
-            float(decay),
-            picks,
-            gains,
-            min(k, before + step),
-            stale,
-            fresh,
-        )
+        steps(state, score, idx, epoch, picks, gains, min(k, before + step), stale, fresh)
         if on_picks is not None:
             on_picks(int(state[1]) - before)
     done = int(state[1])
-    lazy_greedy_rows.rescored = int(state[2])  # re-evaluations of the last call (benchmarks read it)
-    return picks[:done].tolist(), gains[:done].tolist()
+    return picks[:done].tolist(), gains[:done].tolist(), int(state[2])
 
 
 @njit(inline="always")
@@ -326,33 +325,20 @@ def lazy_greedy_coded(ifd: np.ndarray, rows, k: int, decay: float, on_picks=None
     shards), the heap of lazy_greedy_rows: (picks in order, gain of each pick). Only the rows it
     re-evaluates and picks are read. What it holds besides the heap: g, one float64 per hashed column
     (128 MB), and per candidate its shard, row, norm and IFD (28 bytes)."""
-    n = len(rows.initial)
-    k = min(k, n)
-    score = np.asarray(rows.initial, dtype=np.float64).copy()
-    idx = np.arange(n, dtype=np.int64)
-    epoch = np.zeros(n, dtype=np.int64)
-    heapify(score, idx, epoch, n)
     g = np.array(rows.idf, dtype=np.float64)  # idf_t x decay^(picks that used t)
     starts = NumbaList([_readonly(st) for st, _ in rows.shards])
     codes = NumbaList([_readonly(cd) for _, cd in rows.shards])
-    picks, gains = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float64)
-    state = np.array([n, 0, 0], dtype=np.int64)
-    step = max(1, k // 200)
-    batch = RESCORE_BATCH_PER_THREAD * get_num_threads() if batch is None else batch
-    stale, fresh = np.empty(batch, dtype=np.int64), np.empty(batch, dtype=np.float64)
     norms, c_ifd = np.asarray(rows.norms, dtype=np.float64), np.asarray(ifd, dtype=np.float64)
     shard_of, local_of = np.asarray(rows.shard_of), np.asarray(rows.local_of)
-    while state[1] < k and state[0] > 0:
-        before = int(state[1])
+
+    def steps(state, score, idx, epoch, picks, gains, until, stale, fresh):
         _coded_steps(
             state, score, idx, epoch, g, shard_of, local_of, starts, codes, norms, c_ifd, float(decay),
-            picks, gains, min(k, before + step), stale, fresh,
+            picks, gains, until, stale, fresh,
         )  # fmt: skip
-        if on_picks is not None:
-            on_picks(int(state[1]) - before)
-    done = int(state[1])
-    lazy_greedy_coded.rescored = int(state[2])  # re-evaluations of the last call (benchmarks read it)
-    return picks[:done].tolist(), gains[:done].tolist()
+
+    picks, gains, lazy_greedy_coded.rescored = _drive(rows.initial, k, steps, on_picks, batch)
+    return picks, gains
 
 
 def lazy_greedy(

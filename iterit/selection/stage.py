@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from iterit import cluster
 from iterit.errors import IteritError
 from iterit.io import filesystem
-from iterit.rundir import SelectionFiles, read_scores
+from iterit.rundir import SelectionFiles, id_array, read_scores
 from iterit.selection.window import select_window
 
 
@@ -83,8 +83,7 @@ def score_table(path: str, columns: list[str]) -> pa.Table:
 def _align(ids, scores: pa.Table) -> pa.Array:
     """For each of `ids` (an Arrow array or a list), the row of `scores` holding its score; null where
     it has none."""
-    ids = pa.array(ids, pa.string()) if isinstance(ids, list) else ids
-    return pc.index_in(ids, value_set=scores.column("id").combine_chunks())
+    return pc.index_in(id_array(ids), value_set=scores.column("id").combine_chunks())
 
 
 def window_inputs(ids, scores: pa.Table, method: str, scores_path: str) -> dict:
@@ -108,8 +107,7 @@ def window_inputs(ids, scores: pa.Table, method: str, scores_path: str) -> dict:
 
 def unknown_ids(scores: pa.Table, ids) -> int:
     """How many scored ids are not among `ids`."""
-    ids = pa.array(ids, pa.string()) if isinstance(ids, list) else ids
-    return int(pc.sum(pc.invert(pc.is_in(scores.column("id"), value_set=ids))).as_py() or 0)
+    return int(pc.sum(pc.invert(pc.is_in(scores.column("id"), value_set=id_array(ids)))).as_py() or 0)
 
 
 def read_embeddings(scores_path: str, ids: list[str]) -> np.ndarray:
@@ -124,7 +122,7 @@ def read_embeddings(scores_path: str, ids: list[str]) -> np.ndarray:
             f"{scores_path}: method embedding reads the embedding column of a scores folder or "
             "scores.parquet of `iterit score`, not JSONL"
         )
-    value_set, out = (pa.array(ids, type=pa.string()) if isinstance(ids, list) else ids), None
+    value_set, out = id_array(ids), None
     for part in iter_scores(scores_path, ["id", "embedding"]):
         if "embedding" not in part.column_names:
             raise IteritError(
@@ -211,10 +209,8 @@ def diversity_inputs(
     from iterit.selection.shards import sharded_rows
 
     cluster.connect()
-    samples_path, work_dir = (
-        cluster.absolute(samples_path),
-        cluster.absolute(work_dir),
-    )  # Ray tasks' cwd differs
+    # Ray's tasks run in other directories: the paths they are given are absolute.
+    samples_path, work_dir = cluster.absolute(samples_path), cluster.absolute(work_dir)
     cand_of_row = np.full(sample_count(samples_path), -1, dtype=np.int64)
     cand_of_row[np.asarray(window_rows)[cand]] = np.arange(cand.size)
     built = build_shards(samples_path, cand_of_row, ifd[cand], work_dir, eos_token, log=log)

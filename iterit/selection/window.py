@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from iterit.config import iteration_rng
+from iterit.rundir import id_array
 from iterit.selection.greedy import lazy_greedy, lazy_greedy_coded, rest_by_ifd
 
 METHODS = ("iterit", "ifd", "random", "longest", "embedding", "full")
@@ -110,7 +111,7 @@ def reorder(current, window_ifd: np.ndarray, k: int, method: str = "iterit", **k
     or a list) by their new scores (`window_ifd`, aligned with them) and keep the tail as it was.
     Returns (the new full order of ids, as an Arrow array; the window's WindowOrder). `kwargs` go to
     select_window (`responses` and `tfidf_rows` aligned with the window)."""
-    current = pa.array(current, pa.string()) if isinstance(current, list) else current
+    current = id_array(current)
     w = len(window_ifd)
     if w > len(current):
         raise ValueError(f"{w:,} window scores for an order of {len(current):,} ids")
