@@ -401,14 +401,19 @@ def heavier_model(tmp_path_factory, tiny_model_dir) -> str:
 
 
 def test_scoring_pool_grows_onto_autoscaled_nodes(heavier_model, tmp_path, python):
-    """Ray's fake multi-node autoscaler: a head with no CPUs, a worker node type (2 CPUs and one
+    """Ray's fake multi-node autoscaler: a head with no CPUs, a worker node type (4 CPUs and one
     `scorer`) of at most 2 nodes, a pool of 1 to 2 actors that each ask for a scorer. The pool starts
-    on the first node the autoscaler adds and grows onto a second; every id is scored once."""
-    corpus = write_corpus(tmp_path / "corpus.jsonl", 800, seed=23)
+    on the first node the autoscaler adds and grows onto a second; every id is scored once.
+
+    Ray Data grows the pool once batches queue up in front of its actor. With 2 (logical) CPUs a node,
+    the actor's CPU left reading and templating one task at a time: the queue formed late or never, and
+    800 rows were scored before a second actor came up (CI failed so). With 4 the queue forms as the
+    first actor starts (about 23 s in, 3 runs of 3 here), and 2,400 rows (about 65 s) leave it time."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 2400, seed=23)
     tree = scoring_tree(
         heavier_model, corpus, tmp_path, min_actors=1, max_actors=2, resources_per_actor={"scorer": 1}
     )
-    worker = {"resources": {"CPU": 2, "scorer": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}
+    worker = {"resources": {"CPU": 4, "scorer": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}
     cluster = Cluster()
     try:
         cluster.start_head("head", cpus=0, autoscale={"cpu_node": worker})
@@ -436,4 +441,4 @@ def test_scoring_pool_grows_onto_autoscaled_nodes(heavier_model, tmp_path, pytho
     assert "waiting until the autoscaler adds them" in said  # the preflight saw no CPU and waited
     assert len(actors) == 2 and len(set(actors.values())) == 2 and head not in actors.values()
     ids = scored_ids(tmp_path / "out")
-    assert len(ids) == len(set(ids)) == 800
+    assert len(ids) == len(set(ids)) == 2400
