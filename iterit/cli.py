@@ -372,6 +372,66 @@ def compare(
     )
 
 
+@app.command()
+def audit(
+    config: Annotated[str, typer.Argument(help="YAML config: model, data, budget (selection.ratio).")],
+    noise: Annotated[
+        str | None,
+        typer.Option(
+            "--noise",
+            help="KIND=FRACTION of the clean corpus, comma-separated; kinds: mismatch, duplicate, "
+            "near_duplicate, truncated, same_response (default: each at 0.05).",
+        ),
+    ] = None,
+    seeds: Annotated[
+        str | None, typer.Option("--seeds", help="Comma-separated seeds (default: 42,43,44).")
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods", help="Comma-separated: iterit,ifd,random,longest,embedding (default: all of them)."
+        ),
+    ] = None,
+    iterations: Annotated[
+        int, typer.Option("--iterations", help="1: select only; N > 1: also train and re-score N iterations.")
+    ] = 1,
+    run: Annotated[
+        str | None,
+        typer.Option("--run", help="Reuse this run directory's ingest and iteration 0 scores (same model)."),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", help="Output directory (default: OUTPUT_DIR/audit of the config)."),
+    ] = None,
+    set: SetOpt = None,
+) -> None:
+    """How each method treats noise: inject labelled noise, score it, select, and count it in the picks."""
+    from iterit.audit import audit as run_audit
+    from iterit.audit import console_lines, parse_audit_methods, parse_noise
+    from iterit.compare import parse_seeds
+    from iterit.config import load_config
+    from iterit.io import join
+
+    cfg = load_config(config, set)
+    data = run_audit(
+        cfg,
+        parse_noise(noise),
+        parse_seeds(seeds or "42,43,44", cfg.seed),
+        parse_audit_methods(methods, cfg),
+        output=output,
+        iterations=iterations,
+        run_dir=run,
+        log=typer.echo,
+    )
+    out = data["output"]
+    for line in console_lines(data):
+        typer.echo(line)
+    typer.echo(
+        f"audit: {join(out, 'audit.md')}\nnumbers: {join(out, 'audit.json')}\n"
+        f"plots: {join(out, 'audit_shares.png')}, {join(out, 'audit_ifd.png')}"
+    )
+
+
 @app.command("prepare-demo")
 def prepare_demo(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if the assets are ready.")] = False,
