@@ -215,6 +215,7 @@ def seed_figures(
             "rows": int(mine.sum()),
             "scored": int(vals.size),
             "removed": int((vals >= 1).sum()),
+            "candidates": int((vals < 1).sum()),
             "expected": float(vals.size / max(1, scored.sum())),
             "ifd_quantiles": np.quantile(vals, [0.1, 0.25, 0.5, 0.75, 0.9]).tolist() if vals.size else None,
         }
@@ -233,6 +234,15 @@ def seed_figures(
                     for k in kinds
                 },
                 "noise_share": 1.0 - share[CLEAN],
+                # of the kind's rows that pass the IFD < 1 filter, the share picked
+                "of_candidates": {
+                    k: (
+                        float(np.sum((picked_kind == k) & (ifd[rows] < 1)) / per_kind[k]["candidates"])
+                        if per_kind[k]["candidates"]
+                        else None
+                    )
+                    for k in kinds
+                },
             }
             if source is not None:
                 chosen = np.zeros(len(kind), dtype=bool)
@@ -248,8 +258,9 @@ def seed_figures(
     return {"kinds": per_kind, "methods": methods}
 
 
-def interval(values: Sequence[float | None]) -> dict:
-    """mean and a 95% t-interval over seeds (low = high = mean for one seed); None values are left out."""
+def interval(values: Sequence[float | None], top: float = math.inf) -> dict:
+    """mean and a 95% t-interval over seeds (low = high = mean for one seed), clipped to [0, top] (the
+    figures are shares, ratios and counts); None values are left out."""
     vals = [v for v in values if v is not None]
     if not vals:
         return {"mean": None, "low": None, "high": None, "values": list(values)}
@@ -259,7 +270,7 @@ def interval(values: Sequence[float | None]) -> dict:
     from scipy.stats import t
 
     half = t.ppf(0.975, len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "values": list(values)}
+    return {"mean": mean, "low": max(0.0, mean - half), "high": min(top, mean + half), "values": list(values)}
 
 
 def across_seeds(per_seed: list[dict]) -> dict:
@@ -269,21 +280,26 @@ def across_seeds(per_seed: list[dict]) -> dict:
     for k in kinds:
         rows = [s["kinds"][k] for s in per_seed]
         out["kinds"][k] = {
-            f: interval([r[f] for r in rows]) for f in ("rows", "scored", "removed", "expected")
-        } | {"removed_share": interval([r["removed"] / r["scored"] if r["scored"] else None for r in rows])}
+            f: interval([r[f] for r in rows]) for f in ("rows", "scored", "removed", "candidates")
+        } | {
+            "expected": interval([r["expected"] for r in rows], top=1),
+            "removed_share": interval([r["removed"] / r["scored"] if r["scored"] else None for r in rows], 1),
+        }
     for m in per_seed[0]["methods"]:
         iters = []
         for e in range(len(per_seed[0]["methods"][m])):
             runs = [s["methods"][m][e] for s in per_seed]
             entry = {
                 "picks": interval([r["picks"] for r in runs]),
-                "noise_share": interval([r["noise_share"] for r in runs]),
-                "share": {k: interval([r["share"][k] for r in runs]) for k in kinds},
+                "noise_share": interval([r["noise_share"] for r in runs], top=1),
+                "share": {k: interval([r["share"][k] for r in runs], top=1) for k in kinds},
                 "ratio": {k: interval([r["ratio"][k] for r in runs]) for k in kinds},
+                "of_candidates": {k: interval([r["of_candidates"][k] for r in runs], top=1) for k in kinds},
             }
             if "with_original" in runs[0]:
                 entry["with_original"] = {
-                    k: interval([r["with_original"][k] for r in runs]) for k in runs[0]["with_original"]
+                    k: interval([r["with_original"][k] for r in runs], top=1)
+                    for k in runs[0]["with_original"]
                 }
             iters.append(entry)
         out["methods"][m] = iters
@@ -330,8 +346,11 @@ def clean_stages(cfg: Config, out: str, run_dir: str | None, log) -> tuple[RunDi
 def _copy_tree(src: str, dst: str) -> None:
     """Every finished file under src to the same place under dst (file by file, not through memory)."""
     fs, root = filesystem(src)
-    dfs, droot = filesystem(dst)
-    for f in fs.find(root):
+    if fs.isfile(root):  # an older run's single scores.parquet
+        root, found = root.rsplit("/", 1)[0], [root]
+    else:
+        found = fs.find(root)
+    for f in found:
         rel = f[len(root.rstrip("/")) + 1 :]
         if ".tmp-" in rel or ".checkpoint" in rel:
             continue
@@ -516,9 +535,25 @@ def to_markdown(data: dict) -> str:
             s = per[e]
             cells = [f"{_ci(s['share'][k], '.1f', True)} (×{_ci(s['ratio'][k])})" for k in noise]
             lines.append(f"| {m} | {_ci(s['noise_share'], '.1f', True)} | " + " | ".join(cells) + " |")
+    last = data["iterations"] - 1
+    lines += [
+        "",
+        "## Of the rows that pass the IFD < 1 filter, the share picked",
+        "",
+        "The candidates of iterit, ifd and embedding: each kind's rows with IFD < 1 (mean count per seed "
+        "in the header), and the share of them each method picked. Against the clean rows' share, it "
+        "shows whether a method goes looking for the noise the filter let through.",
+        "",
+        "| method | "
+        + " | ".join(f"{k} ({_ci(summ['kinds'][k]['candidates'], ',.1f')})" for k in kinds)
+        + " |",
+        "|---" * (len(kinds) + 1) + "|",
+    ]
+    for m, per in summ["methods"].items():
+        cells = [_ci(per[last]["of_candidates"][k], ".1f", True) for k in kinds]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     copies = [k for k in COPIES if k in noise]
     if copies:
-        last = data["iterations"] - 1
         lines += [
             "",
             "## Copies picked together with their original",

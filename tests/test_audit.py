@@ -92,6 +92,7 @@ def test_seed_figures_count_shares_ratios_and_copies():
         "rows": 10,
         "scored": 9,
         "removed": 0,
+        "candidates": 9,
         "expected": 9 / 15,
         "ifd_quantiles": pytest.approx(
             np.quantile([0.1 * (i + 1) for i in range(9)], [0.1, 0.25, 0.5, 0.75, 0.9])
@@ -103,16 +104,20 @@ def test_seed_figures_count_shares_ratios_and_copies():
     assert a["ratio"]["mismatch"] == pytest.approx(0.25 / (4 / 15))
     assert a["noise_share"] == 0.5
     assert a["with_original"] == {"duplicate": 1.0}  # row 14 is a copy of row 0, picked too
+    # of the rows under IFD 1: mismatches at 0.95 and 0.99, one picked; 2 of 9 clean; 1 of 2 copies
+    assert a["of_candidates"] == {CLEAN: pytest.approx(2 / 9), "mismatch": 0.5, "duplicate": 0.5}
     b = f["methods"]["b"][0]
     assert b["ratio"][CLEAN] == pytest.approx(1 / (9 / 15)) and b["with_original"] == {"duplicate": None}
 
 
 def test_across_seeds_gives_t_intervals_of_the_per_seed_values():
-    s = interval([0.1, 0.2, 0.3])
+    s = interval([0.5, 0.6, 0.7])
     half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
-    assert s["mean"] == pytest.approx(0.2) and s["low"] == pytest.approx(0.2 - half)
-    assert s["high"] == pytest.approx(0.2 + half)
+    assert s["mean"] == pytest.approx(0.6) and s["low"] == pytest.approx(0.6 - half)
+    assert s["high"] == pytest.approx(0.6 + half)
     assert interval([0.5]) == {"mean": 0.5, "low": 0.5, "high": 0.5, "values": [0.5]}
+    clipped = interval([0.0, 0.0, 0.9], top=1)  # shares stay in [0, 1]
+    assert (clipped["low"], clipped["high"]) == (0.0, 1.0) and clipped["mean"] == pytest.approx(0.3)
     assert interval([None, None])["mean"] is None
     one = _figures()
     summary = across_seeds([one, one])
