@@ -447,8 +447,11 @@ def seed_picks(
     return picks
 
 
-def pool_figures(pool: RunDir, labels: pa.Table, picks: dict[str, list[pa.Array]]) -> tuple[dict, dict]:
-    """seed_figures on the pool's files, and the IFD of each kind's scored rows (for the plot)."""
+def pool_figures(
+    pool: RunDir, labels: pa.Table, picks: dict[str, list[pa.Array]], clean_rows: int
+) -> tuple[dict, dict]:
+    """seed_figures on the pool's files, and the IFD of each kind's scored rows (for the plot).
+    `clean_rows`: the clean corpus's accepted rows (those rejected at scoring have no score row)."""
     scores = read_scores(pool.scoring(0).written, ["id", "ifd"])
     ids = scores.column("id").combine_chunks().cast(pa.string())
     at = pc.index_in(ids, value_set=labels.column("id"))
@@ -456,9 +459,10 @@ def pool_figures(pool: RunDir, labels: pa.Table, picks: dict[str, list[pa.Array]
         pc.fill_null(labels.column("kind").take(at), CLEAN).to_numpy(zero_copy_only=False), dtype=object
     )
     ifd = scores.column("ifd").to_numpy().astype(np.float64)
-    # rejected at scoring: rows of the labels with no scored row count in `rows`, not `scored`
+    # rejected at scoring: rows without a score count in `rows`, not in `scored`
     missing = pc.invert(pc.is_in(labels.column("id"), value_set=ids))
-    lost = labels.filter(missing).column("kind").to_numpy(zero_copy_only=False)
+    lost = labels.filter(missing).column("kind").to_numpy(zero_copy_only=False).tolist()
+    lost += [CLEAN] * (clean_rows - int(np.sum(kind == CLEAN)))
     kind = np.concatenate([kind, np.array(lost, dtype=object)])
     ifd = np.concatenate([ifd, np.full(len(lost), np.nan)])
     src_at = pc.index_in(labels.column("source_id"), value_set=ids)
@@ -685,7 +689,7 @@ def audit(
         pool_manifest = build_pool(clean, clean_manifest, noise_dir, pool, noise_summary)
         picks = seed_picks(cfg, out, seed, pool, pool_manifest, methods, iterations, eos, log)
         labels = read_parquet(join(noise_dir, "labels.parquet"))
-        figures, ifd = pool_figures(pool, labels, picks)
+        figures, ifd = pool_figures(pool, labels, picks, ing["accepted"])
         per_seed.append({"seed": seed, **figures})
         for k, vals in ifd.items():
             if k != CLEAN or CLEAN not in ifd_by_kind:  # the clean rows are the same in every seed

@@ -173,6 +173,7 @@ def test_audit_writes_tables_and_plots_that_agree_with_the_per_seed_files(audite
         pool = RunDir(str(out / f"seed_{seed}" / "pool"))
         scores = read_scores(pool.scoring(0).written, ["id", "ifd"]).to_pylist()
         assert len(scores) == len({r["id"] for r in scores}) <= pool_n
+        assert per_seed["kinds"][CLEAN]["rows"] == 60  # every accepted row, scored or rejected at scoring
         for kind, n in (("mismatch", 6), ("same_response", 12)):
             assert per_seed["kinds"][kind]["rows"] == n
             ifds = [r["ifd"] for r in scores if kind_of.get(r["id"]) == kind]
