@@ -222,7 +222,7 @@ def seed_figures(
     methods = {}
     for m, iterations in picks.items():
         per_iter = []
-        for rows in iterations:
+        for e, rows in enumerate(iterations):
             rows = np.asarray(rows, dtype=np.int64)
             picked_kind = kind[rows]
             share = {k: float(np.mean(picked_kind == k)) if rows.size else 0.0 for k in kinds}
@@ -234,6 +234,10 @@ def seed_figures(
                     for k in kinds
                 },
                 "noise_share": 1.0 - share[CLEAN],
+                # the share of these picks that iteration 0 picked too: what re-scoring changed
+                "kept_from_iteration_0": float(np.isin(rows, iterations[0]).mean())
+                if e and rows.size
+                else None,
                 # of the kind's rows that pass the IFD < 1 filter, the share picked
                 "of_candidates": {
                     k: (
@@ -295,6 +299,7 @@ def across_seeds(per_seed: list[dict]) -> dict:
                 "share": {k: interval([r["share"][k] for r in runs], top=1) for k in kinds},
                 "ratio": {k: interval([r["ratio"][k] for r in runs]) for k in kinds},
                 "of_candidates": {k: interval([r["of_candidates"][k] for r in runs], top=1) for k in kinds},
+                "kept_from_iteration_0": interval([r["kept_from_iteration_0"] for r in runs], top=1),
             }
             if "with_original" in runs[0]:
                 entry["with_original"] = {
@@ -527,24 +532,29 @@ def to_markdown(data: dict) -> str:
             "Each noise kind's share of the picks, and (×) its ratio to the kind's share of the scored "
             "pool: ×1 is a uniform draw, below 1 the method avoids that noise.",
             "",
-            "| method | noise in picks | " + " | ".join(noise) + " |",
-            "|---" * (len(noise) + 2) + "|",
+            "| method | noise in picks | "
+            + " | ".join(noise)
+            + (" | also picked in iteration 0 |" if e else " |"),
+            "|---" * (len(noise) + 2 + bool(e)) + "|",
             "| expected (scored pool) | "
             + _ci(interval([1 - ps["kinds"][CLEAN]["expected"] for ps in data["per_seed"]]), ".1f", True)
             + " | "
             + " | ".join(_ci(summ["kinds"][k]["expected"], ".1f", True) for k in noise)
-            + " |",
+            + (" | - |" if e else " |"),
         ]
         for m, per in summ["methods"].items():
             s = per[e]
             cells = [f"{_ci(s['share'][k], '.1f', True)} (×{_ci(s['ratio'][k])})" for k in noise]
+            cells += [_ci(s["kept_from_iteration_0"], ".0f", True)] if e else []
             lines.append(f"| {m} | {_ci(s['noise_share'], '.1f', True)} | " + " | ".join(cells) + " |")
     last = data["iterations"] - 1
     lines += [
         "",
-        "## Of the rows that pass the IFD < 1 filter, the share picked",
+        "## Of the rows that pass the IFD < 1 filter, the share picked"
+        + (f" (iteration {last})" if last else ""),
         "",
-        "The candidates of iterit, ifd and embedding: each kind's rows with IFD < 1 (mean count per seed "
+        "The candidates of iterit, ifd and embedding: each kind's rows with IFD < 1 under the base model "
+        "(mean count per seed "
         "in the header), and the share of them each method picked. Against the clean rows' share, it "
         "shows whether a method goes looking for the noise the filter let through.",
         "",

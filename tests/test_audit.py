@@ -106,6 +106,8 @@ def test_seed_figures_count_shares_ratios_and_copies():
     assert a["with_original"] == {"duplicate": 1.0}  # row 14 is a copy of row 0, picked too
     # of the rows under IFD 1: mismatches at 0.95 and 0.99, one picked; 2 of 9 clean; 1 of 2 copies
     assert a["of_candidates"] == {CLEAN: pytest.approx(2 / 9), "mismatch": 0.5, "duplicate": 0.5}
+    two = seed_figures(np.array([CLEAN] * 4, dtype=object), np.full(4, 0.5), {"a": [[0, 1], [1, 2]]})
+    assert two["methods"]["a"][1]["kept_from_iteration_0"] == 0.5  # row 1 of rows 1, 2 was picked before
     b = f["methods"]["b"][0]
     assert b["ratio"][CLEAN] == pytest.approx(1 / (9 / 15)) and b["with_original"] == {"duplicate": None}
 
@@ -240,6 +242,9 @@ def test_audit_iterations_train_and_rescore(audited, cli_module, tmp_path):
     data = json.loads((tmp_path / "o" / "audit.json").read_text())
     per = data["per_seed"][0]["methods"]["ifd"]
     assert len(per) == 2 and [p["picks"] for p in per] == [len(run.selection(e).read_picks()) for e in (0, 1)]
+    first, second = (run.selection(e).read_picks() for e in (0, 1))
+    assert per[1]["kept_from_iteration_0"] == pytest.approx(len(set(first) & set(second)) / len(second))
+    assert per[0]["kept_from_iteration_0"] is None
     assert "iteration 1" in (tmp_path / "o" / "audit.md").read_text()
 
 
