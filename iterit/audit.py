@@ -675,10 +675,16 @@ def audit(
         raise IteritError(f"--iterations {iterations}: give 1 (select only) or more (train and re-score)")
     out = cluster.absolute(output or join(cfg.output_dir, "audit"))
     cluster.connect()
+    log(cluster.logs_line(out))
     if not run_dir:
         preflight(cfg.model_copy(update={"output_dir": join(out, "clean")}), RunDir(join(out, "clean")), log)
     clean, clean_manifest = clean_stages(cfg, out, run_dir, log)
     ing = clean_manifest["stages"]["ingest"]["result"]
+    scored = clean_manifest["stages"][SHARED[1]]["result"]["scored"]
+    log(
+        f"[audit] clean corpus: {ing['accepted']:,} samples, {scored:,} scored ({clean.path}); "
+        f"{len(seeds)} seed(s), methods {', '.join(methods)}"
+    )
     eos = load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code).eos_token
     per_seed, ifd_by_kind, injected = [], {}, 0
     for seed in seeds:
