@@ -514,14 +514,13 @@ def to_markdown(data: dict) -> str:
     ]
     for k in kinds:
         s = summ["kinds"][k]
-        median = statistics.median(
-            q["ifd_quantiles"][2] for q in (ps["kinds"][k] for ps in data["per_seed"]) if q["ifd_quantiles"]
-        )
+        medians = [q[2] for q in (ps["kinds"][k]["ifd_quantiles"] for ps in data["per_seed"]) if q]
+        median = f"{statistics.median(medians):.3f}" if medians else "-"  # none scored: all rejected
         lines.append(
             f"| {k} | {NOISE_KINDS.get(k, 'the corpus as given')} | {_ci(s['rows'], ',.0f')} | "
             f"{_ci(s['scored'], ',.0f')} | {_ci(s['removed'], ',.1f')} "
             f"({_ci(s['removed_share'], '.1f', True)}) "
-            f"| {median:.3f} |"
+            f"| {median} |"
         )
     for e in range(data["iterations"]):
         title = "" if data["iterations"] == 1 else f", iteration {e}"

@@ -257,3 +257,15 @@ def test_audit_names_bad_options(cli, tiny_run_config, loop_corpus, tmp_path):
     assert code == 2 and "KIND=FRACTION" in err
     code, _, err = cli(["audit", config, "--iterations", "0", "--noise", "mismatch=0.1"])
     assert code == 2 and "--iterations 0" in err
+
+
+def test_the_table_reads_a_kind_whose_rows_were_all_rejected_at_scoring():
+    from iterit.audit import to_markdown
+
+    kind = np.array([CLEAN] * 4 + ["truncated"] * 2, dtype=object)
+    ifd = np.array([0.2, 0.4, 0.6, 0.8, np.nan, np.nan])  # both truncated rows rejected at scoring
+    per_seed = [seed_figures(kind, ifd, {"ifd": [np.array([0, 1])]})]
+    data = {"base_model": "m", "clean_samples": 4, "injected": 2, "k": 2, "ratio": 0.5, "seeds": [1]}
+    data |= {"iterations": 1, "per_seed": per_seed, "summary": across_seeds(per_seed)}
+    row = next(line for line in to_markdown(data).splitlines() if line.startswith("| truncated |"))
+    assert row.endswith("| 2 | 0 | 0.0 (-) | - |")
