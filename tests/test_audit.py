@@ -269,3 +269,25 @@ def test_the_table_reads_a_kind_whose_rows_were_all_rejected_at_scoring():
     data |= {"iterations": 1, "per_seed": per_seed, "summary": across_seeds(per_seed)}
     row = next(line for line in to_markdown(data).splitlines() if line.startswith("| truncated |"))
     assert row.endswith("| 2 | 0 | 0.0 (-) | - |")
+
+
+def test_audit_stopped_halfway_redoes_the_unfinished_and_keeps_every_id_once(audited, cli_module):
+    """What a kill leaves: a pool without its manifest (copied halfway) and a selection without its
+    order. The rerun rebuilds both; the figures are those of the uninterrupted audit."""
+    out, config, _ = audited
+    before = json.loads((out / "audit.json").read_text())
+    pool = out / "seed_2" / "pool"
+    (pool / "manifest.json").unlink()
+    next((pool / "iter_0" / "scores" / "noise").rglob("*.parquet")).unlink()
+    (out / "seed_2" / "select" / "iterit" / "order.parquet").unlink()
+    code, stdout = cli_module(
+        ["audit", config, "--seeds", "1,2", "--methods", "iterit,ifd,random,longest", "--output", out,
+         "--noise", "mismatch=0.1,duplicate=0.1,near_duplicate=0.1,truncated=0.1,same_response=0.2"]
+    )  # fmt: skip
+    assert code == 0, stdout[-2000:]
+    assert "seed 2: iterit selects" in stdout and "seed 1: iterit selects" not in stdout
+    ids = read_scores(RunDir(str(pool)).scoring(0).written, ["id"]).column("id").to_pylist()
+    parts = [str(out / "clean" / "iter_0" / "scores"), str(out / "seed_2" / "noise" / "scores")]
+    scored = [i for part in parts for i in read_scores(part, ["id"]).column("id").to_pylist()]
+    assert sorted(ids) == sorted(scored) and len(ids) == len(set(ids))  # every scored id, once
+    assert json.loads((out / "audit.json").read_text())["per_seed"] == before["per_seed"]
