@@ -292,8 +292,9 @@ def test_a_node_that_cannot_see_the_run_directory_fails_the_preflight(
 def test_training_goes_on_when_a_node_is_lost(zero3_fit, two_nodes, train_corpus, tmp_path, python):
     """A 2-worker ZeRO-3 fit, one worker per node, a checkpoint every step: once the first checkpoint is
     written, the second node's raylet is killed. Ray Train restarts the worker group from the last
-    checkpoint (FailureConfig) on the node that replaced it, and the fit reaches its planned 10 steps
-    (20 samples / 2 workers / micro-batch 1), each once."""
+    checkpoint (FailureConfig) on the node that replaced it, and the fit reaches its planned 20 steps
+    (40 samples / 2 workers / micro-batch 1), each once. (At 10 steps CI once finished the fit before
+    the killed node's worker had exited: no restart to see.)"""
     samples, subsets = train_corpus
     run_dir = tmp_path / "run"
     tree = {
@@ -305,11 +306,11 @@ def test_training_goes_on_when_a_node_is_lost(zero3_fit, two_nodes, train_corpus
         "max_failures": 2,
         "resources_per_worker": {"CPU": 1, "slot": 1},
     }
-    ids = [*subsets[0], *subsets[1]][:20]
+    ids = [*subsets[0], *subsets[1], *subsets[2]][:40]
     before = set(placement(two_nodes, TRAINER))
     log = tmp_path / "fit.log"
     config = write_config(tmp_path / "fit.yaml", tree)
-    args = ["-c", FIT, config, json.dumps({0: ids}), samples, 20, tmp_path / "fit.json"]
+    args = ["-c", FIT, config, json.dumps({0: ids}), samples, 40, tmp_path / "fit.json"]
     proc = python(two_nodes, args, log)
     first_checkpoint = while_running(
         proc, log, lambda: list((run_dir / "checkpoints").glob("*/checkpoint_*"))
@@ -318,9 +319,9 @@ def test_training_goes_on_when_a_node_is_lost(zero3_fit, two_nodes, train_corpus
     finished(proc, log)
 
     out = result(tmp_path / "fit.json", log)
-    assert out["total_steps"] == 10 == out["iterations"]["0"]["steps"]
+    assert out["total_steps"] == 20 == out["iterations"]["0"]["steps"]
     steps = [json.loads(line)["step"] for line in open(run_dir / "iter_0" / "train_metrics.jsonl")]
-    assert steps == list(range(1, 11))
+    assert steps == list(range(1, 21))
     nodes = list(placement(two_nodes, TRAINER, before).values())
     assert lost in nodes and replacement in nodes  # the group lost a worker and restarted on the new node
 
