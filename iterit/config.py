@@ -146,6 +146,17 @@ class ScoringConfig(_Section):
     """Stored dtype of the embedding values: float16 halves their bytes (each value off by < 2.5e-4)."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa (default), flash_attention_2 (needs flash-attn), eager."""
+    proxy_model: HomePath | None = None
+    """A small model (HF folder or hub id; any family) that scores every sample in iteration 0 in the
+    base model's place. None: the base model scores all N (the paper's method). When set, iteration
+    0 orders all N by the proxy's scores with the configured method, the base model re-scores the first
+    W of that order (the window rule of later iterations, or proxy_window) and selects from them:
+    the full pass over N costs the proxy's FLOPs, not the base model's (docs/scoring.md#proxy)."""
+    proxy_chat_template: str | None = None
+    """The proxy's chat template (as chat_template): None, its tokenizer's own (ChatML if none)."""
+    proxy_window: int | None = Field(None, ge=1)
+    """With a proxy: how many of the proxy's order the base model re-scores in iteration 0 (a count of
+    samples). None: W = k x selection.update_ratio, the window of later iterations."""
 
     @model_validator(mode="after")
     def _check_pool(self) -> ScoringConfig:
@@ -292,7 +303,26 @@ class Config(TrainingConfig, _RunSettings):
     def _check_method(self) -> Config:
         if self.selection.method == "full" and self.iterations != 1:
             raise ValueError("selection.method=full trains on everything: set iterations: 1")
+        if self.selection.method == "full" and self.scoring.proxy_model:
+            raise ValueError(
+                "selection.method=full scores and trains on every sample: a proxy model saves nothing "
+                "there; unset scoring.proxy_model"
+            )
         return self
+
+    def proxy(self) -> Config:
+        """The config the proxy scores with: its model and chat template in the base model's place, the
+        rest (sequence_len, scoring section) the same."""
+        if not self.scoring.proxy_model:
+            raise ValueError("no scoring.proxy_model in this config")
+        return self.model_copy(
+            update={"base_model": self.scoring.proxy_model, "chat_template": self.scoring.proxy_chat_template}
+        )
+
+    def proxy_window(self, n: int) -> int:
+        """W of iteration 0 with a proxy: scoring.proxy_window, or the window of later iterations."""
+        w = self.scoring.proxy_window
+        return min(n, w) if w is not None else self.selection.window(n)
 
     def training(self) -> TrainingConfig:
         """The training keys as their own section (what the training stage and its workers take)."""

@@ -6,6 +6,11 @@
     ingest                      corpus -> RUN/ingest/samples.parquet (N samples; their file order is
                                 the initial order)
     for e in 0 .. iterations-1:
+      proxy_score, proxy_select e = 0 with scoring.proxy_model: the proxy scores all N (rows must fit
+                                the base model's template too) and orders them by the method
+                                (RUN/iter_0/proxy); iteration 0's window is then that order's first
+                                W = proxy_window candidates (default k x update_ratio), and score and
+                                select below treat iteration 0 like a later one, with the base model
       score (iteration e)       e = 0: all N with the base model; e > 0: the first W = k x update_ratio
                                 ids of the current order with iteration e-1's exported model (random
                                 and longest, which do not read scores, keep iteration 0's for the window)
@@ -35,7 +40,7 @@ import yaml
 from iterit import cluster
 from iterit.config import Config, config_from_dict, save_config
 from iterit.errors import IteritError
-from iterit.io import atomic_open, atomic_write_text, filesystem, join
+from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_parquet
 from iterit.rundir import Manifest, RunDir, iter_scores, iteration_key, stage_name
 from iterit.selection.stage import (
     diversity_inputs,
@@ -62,6 +67,9 @@ def score_stage(cfg: Config, run: RunDir, e: int, samples_path: str, log) -> dic
     from iterit.scoring.pipeline import run_scoring
     from iterit.training.export import is_exported
 
+    if e == 0 and cfg.scoring.proxy_model:  # the base model re-scores the proxy's window only
+        window = proxy_order(run).slice(0, cfg.proxy_window(len(sample_ids(samples_path))))
+        return run_scoring(cfg, samples_path, run.scoring(0).dir, only_ids=window.to_pylist(), log=log)
     if e == 0:
         return run_scoring(cfg, samples_path, run.scoring(0).dir, log=log)
     order = run.selection(e - 1).order_ids()
@@ -75,6 +83,27 @@ def score_stage(cfg: Config, run: RunDir, e: int, samples_path: str, log) -> dic
         )
     tuned = cfg.model_copy(update={"base_model": model})
     return run_scoring(tuned, samples_path, run.scoring(e).dir, only_ids=window, log=log)
+
+
+def proxy_score_stage(cfg: Config, run: RunDir, samples_path: str, log) -> dict:
+    """Iteration 0 with a proxy: the proxy scores every sample; a row counts only if it also fits the
+    base model's template (templated, not scored), since the base model re-scores the window."""
+    from iterit.scoring.pipeline import run_scoring
+
+    return run_scoring(cfg.proxy(), samples_path, run.proxy_scoring().dir, fit_under=cfg, log=log)
+
+
+def proxy_order(run: RunDir) -> pa.Array:
+    """The order iteration 0 starts from with a proxy: the proxy's order (its picks, its others, its
+    other candidates) with its others moved behind its candidates. Its others are rows the proxy
+    rejected or found at IFD >= 1: not worth the base model's pass, so the window is the proxy's best
+    W candidates."""
+    order = read_parquet(run.proxy_selection().order, columns=["id", "status"])
+    other = pc.equal(order.column("status"), "other")
+    ids = pc.cast(order.column("id"), pa.string())
+    return pa.concat_arrays(
+        [ids.filter(pc.invert(other)).combine_chunks(), ids.filter(other).combine_chunks()]
+    )
 
 
 def reuse_scores(run: RunDir, e: int, window: list[str]) -> dict:
@@ -112,24 +141,37 @@ def reuse_scores(run: RunDir, e: int, window: list[str]) -> dict:
     return summary
 
 
-def select_stage(cfg: Config, run: RunDir, e: int, samples_path: str, eos: str | None, log=print) -> dict:
-    """Order the window of iteration e by the method and pick k (DESIGN section 2, Iteration)."""
+def select_stage(
+    cfg: Config, run: RunDir, e: int, samples_path: str, eos: str | None, log=print, proxy: bool = False
+) -> dict:
+    """Order the window of iteration e by the method and pick k (DESIGN section 2, Iteration).
+
+    Iteration 0 orders all N; later ones the first W of the previous order. With a proxy model,
+    iteration 0 runs twice: `proxy=True` orders all N by the proxy's scores (RUN/iter_0/proxy), then
+    the window of that order, re-scored by the base model, is ordered like a later iteration's."""
     t0 = time.perf_counter()
     sel = cfg.selection
     # Ids stay Arrow arrays and scores an Arrow table: at 10^7 samples their Python objects would be
     # gigabytes on the driver; what grows with N here is what the greedy reads (ifd, rows).
     ids = sample_ids(samples_path)
     n = len(ids)
-    current = ids if e == 0 else run.selection(e - 1).order_ids()
-    window = current.slice(0, n if e == 0 else sel.window(n))
-    scores = score_table(run.scoring(e).written, score_columns(sel.method))
-    arrays = window_inputs(window, scores, sel.method, run.scoring(e).written)
+    scored, files = (
+        (run.proxy_scoring(), run.proxy_selection()) if proxy else (run.scoring(e), run.selection(e))
+    )
+    if proxy or (e == 0 and not cfg.scoring.proxy_model):
+        current, w = ids, n
+    elif e == 0:
+        current, w = proxy_order(run), cfg.proxy_window(n)
+    else:
+        current, w = run.selection(e - 1).order_ids(), sel.window(n)
+    window = current.slice(0, w)
+    scores = score_table(scored.written, score_columns(sel.method))
+    arrays = window_inputs(window, scores, sel.method, scored.written)
     del scores
-    if e == 0:
+    if current is ids:
         window_rows = np.arange(n)
     else:
         window_rows = pc.index_in(window, value_set=ids).to_numpy(zero_copy_only=False).astype(np.int64)
-    files = run.selection(e)
     diversity = diversity_inputs(
         samples_path, window_rows, arrays["ifd"], sel.method, sel.tfidf, files.tfidf, eos, log
     )
@@ -216,6 +258,8 @@ def preflight(cfg: Config, run: RunDir, log=print) -> None:
     from iterit.training.trainer import storage_path
 
     load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code)  # the model is reachable
+    if cfg.scoring.proxy_model:
+        load_tokenizer(cfg.scoring.proxy_model, cfg.scoring.proxy_chat_template, cfg.trust_remote_code)
     cluster.check_pool_fits(cfg.scoring, cluster.scoring_gpus(cfg.scoring), log)
     per_worker = cluster.worker_resources(cfg.resources_per_worker, cluster.use_gpu(cfg.use_gpu))
     cluster.check_training_fits(cfg.ray_num_workers, per_worker, cfg.use_gpu, log)
@@ -276,6 +320,23 @@ def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict
     rows = []
     for e in range(cfg.iterations):
         name = functools.partial(stage_name, e)
+        if e == 0 and cfg.scoring.proxy_model:
+            p = manifest.run(
+                name("proxy_score"), functools.partial(proxy_score_stage, cfg, run, samples, log), log
+            )
+            log(
+                f"[{name('proxy_score')}] {p['scored']:,} scored by the proxy {cfg.scoring.proxy_model}, "
+                f"{p['rejected']:,} rejected, {p['tokens_per_s']:,.0f} tokens/s"
+            )
+            p = manifest.run(
+                name("proxy_select"),
+                functools.partial(select_stage, cfg, run, 0, samples, eos, log, proxy=True),
+                log,
+            )
+            log(
+                f"[{name('proxy_select')}] the proxy's order of {p['candidates']:,} candidates; "
+                f"the base model re-scores its first {cfg.proxy_window(ing['accepted']):,}"
+            )
         s = manifest.run(name("score"), functools.partial(score_stage, cfg, run, e, samples, log), log)
         if s.get("reused_from"):
             log(

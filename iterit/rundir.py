@@ -6,6 +6,9 @@ writer of a selection. Nothing else builds a run's paths or stage names.
     RUN/ingest/                     samples.parquet, rejects.jsonl, summary.json (data.ingest)
     RUN/iter_<e>/                   scores.parquet, rejects.jsonl, score_summary.json (scoring),
                                     selection.jsonl, order.parquet (selection), train_metrics.jsonl
+    RUN/iter_0/proxy/               with scoring.proxy_model: the proxy's scores of all N and its
+                                    order (the same files as a scoring and a selection); iter_0/'s
+                                    own scores are then the base model's re-scoring of the window
     RUN/eval/iter_<e>.json          held-out evaluation of RUN/model/iter_<e> (iterit compare), with
     RUN/eval/iter_<e>/              its scores and rejects (base.json, base/: the base model's)
     RUN/checkpoints/                Ray Train's storage: resumable DeepSpeed state (unless storage_path)
@@ -14,8 +17,9 @@ writer of a selection. Nothing else builds a run's paths or stage names.
     RUN/tensorboard/                event files (report_to: tensorboard)
     RUN/corpus/                     the corpus `iterit demo` built for its run
 
-Stages are named `ingest`, `iter_<e>/score`, `iter_<e>/select`, `iter_<e>/train` and `report`; Ray
-Train's dataset of iteration e is named `iter_<e>` too (`iteration_key`).
+Stages are named `ingest`, `iter_<e>/score`, `iter_<e>/select`, `iter_<e>/train` and `report` (with a
+proxy, `iter_0/proxy_score` and `iter_0/proxy_select` come first); Ray Train's dataset of iteration e is
+named `iter_<e>` too (`iteration_key`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_jso
 
 MANIFEST_FORMAT = 1
 ITERATION_STAGES = ("score", "select", "train")
+PROXY_STAGES = ("proxy_score", "proxy_select")  # iteration 0's first two stages with a proxy model
 ORDER_SCHEMA = pa.schema(
     [("id", pa.string()), ("position", pa.int64()), ("ifd", pa.float64()), ("status", pa.string())]
 )
@@ -49,8 +54,10 @@ def iteration_key(e: int) -> str:
 
 def stage_name(e: int, kind: str) -> str:
     """The manifest key of iteration e's `kind` stage (score, select or train)."""
-    if kind not in ITERATION_STAGES:
-        raise ValueError(f"unknown iteration stage {kind!r}; expected one of {ITERATION_STAGES}")
+    if kind not in ITERATION_STAGES + PROXY_STAGES:
+        raise ValueError(
+            f"unknown iteration stage {kind!r}; expected one of {ITERATION_STAGES + PROXY_STAGES}"
+        )
     return f"{iteration_key(e)}/{kind}"
 
 
@@ -252,6 +259,16 @@ class RunDir:
 
     def selection(self, e: int) -> SelectionFiles:
         return SelectionFiles(self.iteration(e))
+
+    def proxy(self) -> str:
+        """Iteration 0's proxy folder: the proxy model's scores of every sample and its order."""
+        return join(self.iteration(0), "proxy")
+
+    def proxy_scoring(self) -> ScoreFiles:
+        return ScoreFiles(self.proxy())
+
+    def proxy_selection(self) -> SelectionFiles:
+        return SelectionFiles(self.proxy())
 
     def train_metrics(self, e: int) -> str:
         return join(self.iteration(e), "train_metrics.jsonl")

@@ -81,6 +81,49 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(out)
 
 
+# A chat template of another family than ChatML (the tiny proxy's): plain role headers, no specials.
+PROXY_TEMPLATE = (
+    "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_proxy_dir(tmp_path_factory) -> str:
+    """A tiny model of another family than tiny_model_dir's (a 1-layer GPT-2, hidden 32) with its own
+    tokenizer (a BPE of vocab 300, so its token counts differ) and chat template: the proxy of the
+    proxy-scoring tests."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_proxy")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(_training_text(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
+    tok.chat_template = PROXY_TEMPLATE
+    tok.save_pretrained(out)
+    torch.manual_seed(1)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=512,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from iterit.templates import load_tokenizer

@@ -38,13 +38,26 @@ CRASH_ONCE_ENV = (
 )
 
 
-def template_rows(batch: pa.Table, *, cfg: Config) -> pa.Table:
-    """Normalised samples -> token ids and spans (TEMPLATED_SCHEMA), cut at cfg.sequence_len."""
+def template_rows(batch: pa.Table, *, cfg: Config, fit_under: Config | None = None) -> pa.Table:
+    """Normalised samples -> token ids and spans (TEMPLATED_SCHEMA), cut at cfg.sequence_len.
+
+    `fit_under` (a proxy's pass: the base model's config): a row must also fit under that model's
+    template, templated only (no forward pass), or it is rejected; each reject's detail then names
+    the model whose template refused it."""
     from iterit.templates import cached_tokenizer, template_batch
 
     tok = cached_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code)
     out = {name: [] for name in TEMPLATED_SCHEMA.names}
-    results = template_batch(tok, batch.column("messages").to_pylist(), cfg.sequence_len)
+    messages = batch.column("messages").to_pylist()
+    results = template_batch(tok, messages, cfg.sequence_len)
+    if fit_under is not None:
+        results = [_named(r, f"the proxy {cfg.base_model}") for r in results]
+        base = cached_tokenizer(fit_under.base_model, fit_under.chat_template, fit_under.trust_remote_code)
+        live = [i for i, r in enumerate(results) if not isinstance(r, RowError)]
+        checks = template_batch(base, [messages[i] for i in live], fit_under.sequence_len)
+        for i, check in zip(live, checks):
+            if isinstance(check, RowError):
+                results[i] = _named(check, f"the base model {fit_under.base_model}")
     for r in results:
         ok = not isinstance(r, RowError)
         out["cond_ids"].append(r.cond_ids if ok else [])
@@ -57,6 +70,13 @@ def template_rows(batch: pa.Table, *, cfg: Config) -> pa.Table:
     for name in ("id", "source", "row"):
         out[name] = batch.column(name)
     return pa.table(out, schema=TEMPLATED_SCHEMA)
+
+
+def _named(result, model: str):
+    """A reject whose detail says which model's template refused the row; anything else as it is."""
+    if not isinstance(result, RowError):
+        return result
+    return RowError(result.reason, f"under {model}'s template: {result.detail}")
 
 
 def resolve_dtype(dtype: str, device: str):

@@ -42,10 +42,12 @@ def scoring_dataset(
     log=print,
     prior: bool = True,
     resuming: bool = False,
+    fit_under: Config | None = None,
 ):
     """The lazy Ray Dataset of scored rows (nothing runs until it is consumed). `prior=False`: the
     conditional pass only (held-out loss), no IFD and no embeddings. `resuming`: Ray Data will add its
-    checkpoint filter, an actor that holds a CPU of its own."""
+    checkpoint filter, an actor that holds a CPU of its own. `fit_under` (a proxy's pass): rows must
+    also fit under that config's model and template (actor.template_rows)."""
     import ray
 
     sc = cfg.scoring
@@ -68,7 +70,7 @@ def scoring_dataset(
         batch_format="pyarrow",
         batch_size=sc.batch_size,
         num_cpus=sc.template_cpus,
-        fn_kwargs=dict(cfg=cfg),
+        fn_kwargs=dict(cfg=cfg, fit_under=fit_under),
     )
     gpus = cluster.scoring_gpus(sc)
     cluster.check_pool_fits(sc, gpus, log, extra_cpus=1.0 if resuming else 0.0)
@@ -107,6 +109,7 @@ def run_scoring(
     log=print,
     prior: bool = True,
     fresh: bool = False,
+    fit_under: Config | None = None,
 ) -> dict:
     """Score every sample (or `only_ids`) into OUTPUT (rundir.ScoreFiles): the cluster writes the parts
     of OUTPUT/scores/; rejects.jsonl and score_summary.json are then built from them, part by part.
@@ -116,6 +119,7 @@ def run_scoring(
     folder is only summarised again. `fresh`: delete what an earlier attempt left and score everything.
     `rejects_prefix`: a rejects.jsonl (from ingest) copied first, so one file holds every reject.
     `prior=False`: the conditional pass only; ifd and loss_prior are NaN, no embedding column.
+    `fit_under`: a proxy's pass (cfg = Config.proxy()): rows must also fit the base model's template.
     """
     # Ray's workers run in other directories (and Ray Data's checkpoint takes only absolute paths):
     # a relative run directory (`make demo`'s runs/demo) would land elsewhere, or fail.
@@ -147,7 +151,14 @@ def run_scoring(
                 total = pq.ParquetFile(f).metadata.num_rows
         with id_checkpoint(files):
             ds = scoring_dataset(
-                cfg, samples_path, only_ids, actor_env, log, prior=prior, resuming=bool(before)
+                cfg,
+                samples_path,
+                only_ids,
+                actor_env,
+                log,
+                prior=prior,
+                resuming=bool(before),
+                fit_under=fit_under,
             )
             with scoring_progress(files.scores, total, log=log):  # samples, tokens/s, ETA while it runs
                 ds.write_parquet(files.scores)

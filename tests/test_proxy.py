@@ -1,0 +1,175 @@
+"""Proxy scoring (docs/scoring.md#proxy): a small model of another family scores every sample in
+iteration 0, the base model re-scores the proxy's best W and selects from them; a driver killed in the
+proxy pass and again in the window's re-scoring resumes to the picks of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from test_loop import _driver, _kill_when_running, _selections
+
+from iterit.rundir import iter_scores, read_scores
+
+
+def _proxy_tree(tiny_run_config, corpus, run_dir, proxy_dir, **changes) -> dict:
+    tree = tiny_run_config(corpus, run_dir, **changes)
+    tree["scoring"] = {**tree["scoring"], "proxy_model": proxy_dir}
+    return tree
+
+
+def _all_ids(scores: Path) -> list[str]:
+    """Every id of a scores folder, rejects included, as often as the parts hold it."""
+    return [
+        i for t in iter_scores(str(scores), ["id"], scored_only=False) for i in t.column("id").to_pylist()
+    ]
+
+
+@pytest.fixture(scope="session")
+def proxy_uninterrupted(ray_local, tiny_run_config, loop_corpus, tiny_proxy_dir, tmp_path_factory):
+    from iterit.config import config_from_dict
+    from iterit.loop import run
+
+    run_dir = tmp_path_factory.mktemp("proxy_uninterrupted") / "run"
+    out = run(
+        config_from_dict(_proxy_tree(tiny_run_config, loop_corpus, run_dir, tiny_proxy_dir)),
+        log=lambda *_: None,
+    )
+    return run_dir, out
+
+
+def test_config_of_the_proxy(tiny_run_config, loop_corpus, tmp_path):
+    from iterit.config import config_from_dict
+    from iterit.errors import IteritError
+
+    tree = _proxy_tree(tiny_run_config, loop_corpus, tmp_path, "some/proxy")
+    tree["scoring"]["proxy_chat_template"] = "chatml"
+    cfg = config_from_dict(tree)
+    proxy = cfg.proxy()
+    assert (proxy.base_model, proxy.chat_template, proxy.sequence_len) == ("some/proxy", "chatml", 64)
+    assert cfg.base_model != proxy.base_model and cfg.scoring == proxy.scoring
+    assert cfg.proxy_window(60) == 12  # k x update_ratio = 6 x 2, as later iterations
+    tree["scoring"]["proxy_window"] = 20
+    assert config_from_dict(tree).proxy_window(60) == 20 and config_from_dict(tree).proxy_window(15) == 15
+    with pytest.raises(IteritError, match="full .* saves nothing"):
+        config_from_dict({**tree, "iterations": 1, "selection": {"method": "full"}})
+    with pytest.raises(ValueError, match="no scoring.proxy_model"):
+        config_from_dict(tiny_run_config(loop_corpus, tmp_path)).proxy()
+
+
+def test_a_row_must_fit_the_base_models_template_too(tiny_model_dir, tiny_proxy_dir):
+    """The proxy's pass templates every row under the base model too (no forward pass): a row the base
+    model's template cannot fit is rejected, and the detail names the model that refused it."""
+    from iterit.config import config_from_dict
+    from iterit.scoring.actor import template_rows
+
+    long_prompt = " ".join(["explain the number"] * 12)
+    batch = pa.table(
+        {
+            "id": ["short", "long"],
+            "source": ["c.jsonl"] * 2,
+            "row": [0, 1],
+            "messages": [
+                [{"role": "user", "content": "why"}, {"role": "assistant", "content": "because it is"}],
+                [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "yes"}],
+            ],
+        }
+    )
+    base = {"base_model": tiny_model_dir, "datasets": [{"path": "unused"}], "sequence_len": 16}
+    proxy = config_from_dict({**base, "base_model": tiny_proxy_dir, "sequence_len": 256})
+    alone = template_rows(batch, cfg=proxy).column("reject").to_pylist()
+    assert alone == ["", ""]  # the proxy's own limit fits both
+    out = template_rows(batch, cfg=proxy, fit_under=config_from_dict(base)).to_pydict()
+    assert out["reject"] == ["", "response_truncated"]
+    assert out["detail"][1].startswith(f"under the base model {tiny_model_dir}'s template: ")
+    assert len(out["cond_ids"][0]) > 0 and out["cond_ids"][1] == []
+    tight = config_from_dict({**base, "base_model": tiny_proxy_dir})
+    out = template_rows(batch, cfg=tight, fit_under=config_from_dict(base)).to_pydict()
+    assert out["detail"][1].startswith(f"under the proxy {tiny_proxy_dir}'s template: ")
+
+
+def test_a_run_with_a_proxy_rescores_only_the_proxys_window(proxy_uninterrupted, loop_corpus):
+    from iterit.loop import proxy_order
+    from iterit.rundir import RunDir
+
+    run_dir, out = proxy_uninterrupted
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert list(manifest["stages"])[:5] == [
+        "ingest",
+        "iter_0/proxy_score",
+        "iter_0/proxy_select",
+        "iter_0/score",
+        "iter_0/select",
+    ]
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+    accepted = [json.loads(line)["id"] for line in open(loop_corpus)][:60]
+    proxy_ids = _all_ids(run_dir / "iter_0" / "proxy" / "scores")
+    assert sorted(proxy_ids) == sorted(accepted)  # the proxy scores all N, each once
+    order = proxy_order(RunDir(str(run_dir))).to_pylist()
+    status = dict(
+        zip(
+            *pq.read_table(run_dir / "iter_0" / "proxy" / "order.parquet", columns=["id", "status"])
+            .to_pydict()
+            .values()
+        )
+    )
+    # the window is the proxy's first 12 candidates (its picks first); its others only where it has
+    # fewer candidates than that (a random tiny model finds many IFDs >= 1)
+    window = order[:12]
+    candidates = sum(s != "other" for s in status.values())
+    assert 6 <= candidates < 60
+    assert [status[i] for i in window[:6]] == ["selected"] * 6
+    assert [status[i] == "other" for i in window] == [j >= candidates for j in range(12)]
+    base_ids = _all_ids(run_dir / "iter_0" / "scores")
+    assert sorted(base_ids) == sorted(window)  # the base model re-scored the window, each id once
+    # iteration 0's order: the window re-ordered, then the proxy's order as it was
+    order0 = pq.read_table(run_dir / "iter_0" / "order.parquet").to_pydict()
+    assert sorted(order0["id"][:12]) == sorted(window) and order0["id"][12:] == order[12:]
+    assert order0["status"][12:] == ["tail"] * 48
+    # the picks were made on the base model's IFD, not the proxy's
+    base = dict(zip(*read_scores(str(run_dir / "iter_0" / "scores"), ["id", "ifd"]).to_pydict().values()))
+    prox = dict(
+        zip(*read_scores(str(run_dir / "iter_0" / "proxy" / "scores"), ["id", "ifd"]).to_pydict().values())
+    )
+    picks = [json.loads(line) for line in open(run_dir / "iter_0" / "selection.jsonl")]
+    assert len(picks) == 6 and {p["id"] for p in picks} <= set(window)
+    assert np.allclose([p["ifd"] for p in picks], [base[p["id"]] for p in picks])
+    assert not np.allclose([p["ifd"] for p in picks], [prox.get(p["id"], np.nan) for p in picks])
+    # iteration 1 is as without a proxy: the first W of iteration 0's order, re-scored by its model
+    assert sorted(_all_ids(run_dir / "iter_1" / "scores")) == sorted(order0["id"][:12])
+    summary = json.loads((run_dir / "iter_0" / "proxy" / "score_summary.json").read_text())
+    assert summary["rows"] == 60 and summary["scored"] + summary["rejected"] == 60
+
+
+def test_a_driver_killed_in_the_proxy_pass_and_in_the_window_resumes_exactly(
+    proxy_uninterrupted, ray_local, tiny_run_config, loop_corpus, tiny_proxy_dir, tmp_path
+):
+    from iterit.loop import run
+
+    address = ray_local.get_runtime_context().gcs_address
+    run_dir = tmp_path / "run"
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(_proxy_tree(tiny_run_config, loop_corpus, run_dir, tiny_proxy_dir)))
+    manifest = run_dir / "manifest.json"
+
+    _kill_when_running(_driver(["run", str(cfg_path)], address), manifest, "iter_0/proxy_score", delay=1.5)
+    assert json.loads(manifest.read_text())["stages"]["iter_0/proxy_score"]["status"] == "running"
+    _kill_when_running(
+        _driver(["run", "--resume", str(run_dir)], address), manifest, "iter_0/score", delay=1.5
+    )
+    stages = json.loads(manifest.read_text())["stages"]
+    assert stages["iter_0/proxy_select"]["status"] == "done" and stages["iter_0/score"]["status"] == "running"
+
+    run(resume=str(run_dir), log=lambda *_: None)
+    stages = json.loads(manifest.read_text())["stages"]
+    assert all(s["status"] == "done" for s in stages.values())
+    assert _selections(run_dir) == _selections(proxy_uninterrupted[0])
+    for folder in ("iter_0/proxy", "iter_0", "iter_1"):
+        ids = _all_ids(run_dir / folder / "scores")
+        assert len(ids) == len(set(ids)) == len(_all_ids(proxy_uninterrupted[0] / folder / "scores"))
+        assert not (run_dir / folder / "scores.checkpoint").exists()
