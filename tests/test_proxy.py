@@ -173,3 +173,31 @@ def test_a_driver_killed_in_the_proxy_pass_and_in_the_window_resumes_exactly(
         ids = _all_ids(run_dir / folder / "scores")
         assert len(ids) == len(set(ids)) == len(_all_ids(proxy_uninterrupted[0] / folder / "scores"))
         assert not (run_dir / folder / "scores.checkpoint").exists()
+
+
+def test_the_report_of_a_proxy_run_shows_the_two_models_agreement(proxy_uninterrupted):
+    from scipy.stats import spearmanr
+
+    from iterit.report import load_run, proxy_agreement
+
+    run_dir, out = proxy_uninterrupted
+    page = Path(out["report"]).read_text()
+    assert (run_dir / "report" / "proxy.png").stat().st_size > 0
+    # the Spearman on the page is that of the two IFDs over the window, recomputed from the files
+    base = read_scores(str(run_dir / "iter_0" / "scores"), ["id", "ifd"]).to_pydict()
+    prox = dict(
+        zip(*read_scores(str(run_dir / "iter_0" / "proxy" / "scores"), ["id", "ifd"]).to_pydict().values())
+    )
+    both = [(prox[i], b) for i, b in zip(base["id"], base["ifd"]) if i in prox]
+    rho = spearmanr(*zip(*both)).statistic
+    proxy_ifd, base_ifd, got = proxy_agreement(load_run(str(run_dir)))
+    assert len(base_ifd) == len(both) and got == pytest.approx(rho)
+    assert f"Spearman of the two IFDs on the window: {rho:.3f} over {len(both):,} samples" in page
+    assert "iter 0 proxy scoring" in page and "| iter_0/proxy_score | done |" in page
+    assert "What is missing\n\nNothing" in page
+
+
+def test_a_report_without_a_proxy_has_no_proxy_plot(uninterrupted):
+    run_dir, out = uninterrupted
+    assert not (run_dir / "report" / "proxy.png").exists()
+    assert "proxy" not in Path(out["report"]).read_text().lower()
