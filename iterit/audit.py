@@ -86,6 +86,12 @@ def parse_audit_methods(text: str | None, cfg: Config) -> list[str]:
     methods = parse_methods(text or default, cfg)
     if "full" in methods:
         raise IteritError("--methods full picks every scored sample: its noise share is the pool's; drop it")
+    proxied = [m for m in methods if m.endswith("+proxy")]
+    if proxied:
+        raise IteritError(
+            f"--methods {proxied[0]}: the audit does not run proxy variants yet; compare the two paths "
+            f"with `iterit compare CONFIG --methods {proxied[0].removesuffix('+proxy')},{proxied[0]}`"
+        )
     return methods
 
 

@@ -34,16 +34,35 @@ from iterit.rundir import Manifest, RunDir, ScoreFiles, done_record, read_scores
 from iterit.selection.window import METHODS
 
 SHARED = ("ingest", stage_name(0, "score"))  # the stages every run of a compare has in common
+PROXY_SHARED = ("ingest", stage_name(0, "proxy_score"))  # ... and every `+proxy` run
+PROXY_SUFFIX = "+proxy"  # `iterit+proxy`: method iterit, iteration 0 scored by scoring.proxy_model
+
+
+def split_method(name: str) -> tuple[str, bool]:
+    """`iterit+proxy` -> ("iterit", True): a method, and whether its iteration 0 scores with the proxy."""
+    method, plus, rest = name.partition(PROXY_SUFFIX)
+    return (method, True) if plus and not rest else (name, False)
 
 
 def parse_methods(text: str, cfg: Config) -> list[str]:
     methods = list(dict.fromkeys(m.strip() for m in (text or "").split(",") if m.strip()))
     if not methods:
         raise IteritError(f"--methods is empty: give a comma-separated list of {', '.join(METHODS)}")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if split_method(m)[0] not in METHODS]
     if unknown:
-        raise IteritError(f"--methods: unknown method {unknown[0]!r}; expected some of {', '.join(METHODS)}")
-    if "embedding" in methods and not cfg.scoring.embeddings:
+        raise IteritError(
+            f"--methods: unknown method {unknown[0]!r}; expected some of {', '.join(METHODS)}, each "
+            f"optionally with {PROXY_SUFFIX} (iteration 0 scored by scoring.proxy_model)"
+        )
+    proxied = [m for m in methods if split_method(m)[1]]
+    if proxied and not cfg.scoring.proxy_model:
+        raise IteritError(
+            f"--methods {proxied[0]} needs a proxy model: set scoring.proxy_model in the config "
+            "(or --set scoring.proxy_model=PATH)"
+        )
+    if f"full{PROXY_SUFFIX}" in methods:
+        raise IteritError(f"--methods full{PROXY_SUFFIX}: full trains on every sample; a proxy saves nothing")
+    if any(split_method(m)[0] == "embedding" for m in methods) and not cfg.scoring.embeddings:
         raise IteritError(
             "--methods embedding needs response embeddings: drop scoring.embeddings: false "
             "(or --set scoring.embeddings=true)"
@@ -67,7 +86,9 @@ def run_config(base: Config, out: str, seed: int, method: str) -> Config:
     """The base config with this run's directory, seed and method; validated like a YAML config."""
     tree = base.model_dump(mode="json")
     tree.update(output_dir=join(out, f"seed_{seed}", method), seed=seed)
-    tree["selection"]["method"] = method
+    tree["selection"]["method"], proxied = split_method(method)
+    if not proxied:  # the plain method is the full path: the base model scores all of N
+        tree["scoring"]["proxy_model"] = None
     if method == "full":  # everything, once (the loop sizes its schedule by the picks, all of N)
         tree["iterations"] = 1
     if base.storage_path:  # Ray Train resumes silently from a same-named fit: one checkpoint folder per run
@@ -102,16 +123,20 @@ def _check_same(run_dir: str, cfg: Config) -> None:
         )
 
 
-def shared_stages(base: Config, shared: str, log=print) -> dict:
-    """Ingest and iteration 0's scoring in OUT/shared, with loop's stage functions and the manifest."""
+def shared_stages(base: Config, shared: str, log=print, proxy: bool = False) -> dict:
+    """Ingest and iteration 0's scoring in OUT/shared, with loop's stage functions and the manifest;
+    `proxy`: the proxy's pass over every sample too (the `+proxy` methods' iteration 0)."""
     from iterit.data import ingest
-    from iterit.loop import score_stage
+    from iterit.loop import proxy_score_stage, score_stage
 
     run = RunDir(shared)
     save_config(base, run.config)
     manifest = Manifest.open(run)
     ing = manifest.run(SHARED[0], lambda: ingest(base.datasets, run.ingest, base.system_prompt), log)
-    manifest.run(SHARED[1], lambda: score_stage(base, run, 0, ing["samples"], log), log)
+    full_path = base.model_copy(update={"scoring": base.scoring.model_copy(update={"proxy_model": None})})
+    manifest.run(SHARED[1], lambda: score_stage(full_path, run, 0, ing["samples"], log), log)
+    if proxy:
+        manifest.run(PROXY_SHARED[1], lambda: proxy_score_stage(base, run, ing["samples"], log), log)
     return manifest.data
 
 
@@ -136,21 +161,25 @@ def _repoint(obj, shared: str, run_dir: str):
 
 def seed_run(cfg: Config, shared: str, shared_manifest: dict) -> None:
     """A fresh run directory that starts where the shared stages ended; the manifest is written last,
-    so a directory without one is an interrupted seeding and is seeded again."""
+    so a directory without one is an interrupted seeding and is seeded again. A run with a proxy takes
+    the proxy's pass (RUN/iter_0/proxy) and scores its own window; any other takes iteration 0's scores."""
     src, dst = RunDir(shared), RunDir(cfg.output_dir)
-    for a, b in ((src.ingest, dst.ingest), (src.iteration(0), dst.iteration(0))):
+    proxied = bool(cfg.scoring.proxy_model)
+    copies = [(src.ingest, dst.ingest)]
+    copies.append((src.proxy(), dst.proxy()) if proxied else (src.iteration(0), dst.iteration(0)))
+    for a, b in copies:
         fs, root = filesystem(a)
         for f in fs.find(root):
             rel = f[len(root.rstrip("/")) + 1 :]
-            if ".tmp-" not in rel:  # an atomic write that did not finish
-                _copy(join(a, rel), join(b, rel), src.path, dst.path)
+            if ".tmp-" not in rel and not (not proxied and rel.startswith("proxy/")):
+                _copy(join(a, rel), join(b, rel), src.path, dst.path)  # (not an atomic write's leftover)
     save_config(cfg, dst.config)
     # Done here at no cost: the time is the shared directory's, counted once.
     stages = {
         name: done_record(
             _repoint(rec["result"], src.path, dst.path), shared_from=src.path, shared_seconds=rec["seconds"]
         )
-        for name, rec in ((n, shared_manifest["stages"][n]) for n in SHARED)
+        for name, rec in ((n, shared_manifest["stages"][n]) for n in (PROXY_SHARED if proxied else SHARED))
     }
     Manifest.create(dst, seed=cfg.seed, iterations=cfg.iterations, stages=stages)
 
@@ -543,7 +572,7 @@ def compare(
         _check_same(rc.output_dir, rc)
     cluster.connect()
     preflight(base, RunDir(shared), log)
-    sm = shared_stages(base, shared, log)
+    sm = shared_stages(base, shared, log, proxy=any(split_method(m)[1] for m in methods))
     for (seed, method), rc in runs.items():
         rd = RunDir(rc.output_dir)
         if not rd.exists():

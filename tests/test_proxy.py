@@ -201,3 +201,52 @@ def test_a_report_without_a_proxy_has_no_proxy_plot(uninterrupted):
     run_dir, out = uninterrupted
     assert not (run_dir / "report" / "proxy.png").exists()
     assert "proxy" not in Path(out["report"]).read_text().lower()
+
+
+def test_compare_runs_the_proxy_path_beside_the_full_one(
+    uninterrupted, proxy_uninterrupted, ray_local, tiny_run_config, loop_corpus, tiny_proxy_dir, tmp_path
+):
+    """`iterit compare --methods iterit,iterit+proxy`: the proxy's pass is shared like iteration 0's
+    scoring; each path's iteration-0 picks are those of a plain `iterit run` of it."""
+    from conftest import iterit_main
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(line for line in open(loop_corpus).readlines()[:10]))
+    cfg_path = tmp_path / "config.yaml"
+    tree = _proxy_tree(tiny_run_config, loop_corpus, tmp_path / "runs", tiny_proxy_dir, iterations=1)
+    cfg_path.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "cmp"
+    argv = ["compare", str(cfg_path), "--methods", "iterit,iterit+proxy", "--heldout", str(heldout)]
+    assert iterit_main([*argv, "--output", str(out)]) == 0
+    shared = json.loads((out / "shared" / "manifest.json").read_text())["stages"]
+    assert list(shared) == ["ingest", "iter_0/score", "iter_0/proxy_score"]
+    full, proxied = out / "seed_7" / "iterit", out / "seed_7" / "iterit+proxy"
+    assert not (full / "iter_0" / "proxy").exists() and len(_all_ids(full / "iter_0" / "scores")) == 60
+    stages = json.loads((proxied / "manifest.json").read_text())["stages"]
+    assert stages["iter_0/proxy_score"]["shared_from"] == str(out / "shared")
+    assert "shared_from" not in stages["iter_0/proxy_select"] and "shared_from" not in stages["iter_0/score"]
+    assert len(_all_ids(proxied / "iter_0" / "scores")) == 12  # its own window, not the shared full pass
+    for run_dir, ref in ((full, uninterrupted[0]), (proxied, proxy_uninterrupted[0])):
+        picks = [json.loads(line)["id"] for line in open(run_dir / "iter_0" / "selection.jsonl")]
+        assert picks == [json.loads(line)["id"] for line in open(ref / "iter_0" / "selection.jsonl")]
+    assert "| iterit+proxy |" in (out / "compare.md").read_text()
+
+
+def test_proxy_variants_need_a_proxy_and_the_audit_refuses_them(tiny_run_config, loop_corpus, tmp_path):
+    from iterit.audit import parse_audit_methods
+    from iterit.compare import parse_methods, split_method
+    from iterit.config import config_from_dict
+    from iterit.errors import IteritError
+
+    plain = config_from_dict(tiny_run_config(loop_corpus, tmp_path))
+    with_proxy = config_from_dict(_proxy_tree(tiny_run_config, loop_corpus, tmp_path, "p"))
+    assert split_method("ifd+proxy") == ("ifd", True) and split_method("ifd") == ("ifd", False)
+    assert parse_methods("iterit,ifd+proxy", with_proxy) == ["iterit", "ifd+proxy"]
+    with pytest.raises(IteritError, match="needs a proxy model: set scoring.proxy_model"):
+        parse_methods("iterit+proxy", plain)
+    with pytest.raises(IteritError, match="unknown method 'iterit\\+proxy\\+proxy'"):
+        parse_methods("iterit+proxy+proxy", with_proxy)
+    with pytest.raises(IteritError, match="full trains on every sample"):
+        parse_methods("full+proxy", with_proxy)
+    with pytest.raises(IteritError, match="does not run proxy variants yet"):
+        parse_audit_methods("iterit+proxy", with_proxy)
