@@ -179,6 +179,7 @@ ADDED_SINCE = {
     "  cpus_per_actor: 1.0\n": "  resources_per_actor: null\n",
     "offload_optimizer: false\n": "zero3_init: true\ngradient_checkpointing: false\n",
     "  max_samples: null\n": "  name: null\n  split: null\n  revision: null\n",
+    "  attn_implementation: sdpa\n": "  proxy_model: null\n  proxy_chat_template: null\n  proxy_window: null\n",
 }
 
 
