@@ -203,11 +203,12 @@ def test_a_report_without_a_proxy_has_no_proxy_plot(uninterrupted):
     assert "proxy" not in Path(out["report"]).read_text().lower()
 
 
-def test_compare_runs_the_proxy_path_beside_the_full_one(
-    uninterrupted, proxy_uninterrupted, ray_local, tiny_run_config, loop_corpus, tiny_proxy_dir, tmp_path
+def test_compare_runs_the_proxy_path(
+    proxy_uninterrupted, ray_local, tiny_run_config, loop_corpus, tiny_proxy_dir, tmp_path
 ):
-    """`iterit compare --methods iterit,iterit+proxy`: the proxy's pass is shared like iteration 0's
-    scoring; each path's iteration-0 picks are those of a plain `iterit run` of it."""
+    """`iterit compare --methods iterit+proxy`: the proxy's pass is a shared stage, like iteration 0's
+    scoring; the run re-scores its own window and picks what a plain `iterit run` with the proxy picks.
+    (One method only: each one more costs a fit and an evaluation; test_compare covers the plain ones.)"""
     from conftest import iterit_main
 
     heldout = tmp_path / "heldout.jsonl"
@@ -216,20 +217,34 @@ def test_compare_runs_the_proxy_path_beside_the_full_one(
     tree = _proxy_tree(tiny_run_config, loop_corpus, tmp_path / "runs", tiny_proxy_dir, iterations=1)
     cfg_path.write_text(yaml.safe_dump(tree))
     out = tmp_path / "cmp"
-    argv = ["compare", str(cfg_path), "--methods", "iterit,iterit+proxy", "--heldout", str(heldout)]
+    argv = ["compare", str(cfg_path), "--methods", "iterit+proxy", "--heldout", str(heldout)]
     assert iterit_main([*argv, "--output", str(out)]) == 0
     shared = json.loads((out / "shared" / "manifest.json").read_text())["stages"]
     assert list(shared) == ["ingest", "iter_0/score", "iter_0/proxy_score"]
-    full, proxied = out / "seed_7" / "iterit", out / "seed_7" / "iterit+proxy"
-    assert not (full / "iter_0" / "proxy").exists() and len(_all_ids(full / "iter_0" / "scores")) == 60
+    proxied = out / "seed_7" / "iterit+proxy"
+    parts = sorted((out / "shared" / "iter_0" / "proxy" / "scores").glob("*.parquet"))
+    assert parts and [p.read_bytes() for p in parts] == [
+        p.read_bytes() for p in sorted((proxied / "iter_0" / "proxy" / "scores").glob("*.parquet"))
+    ]
     stages = json.loads((proxied / "manifest.json").read_text())["stages"]
     assert stages["iter_0/proxy_score"]["shared_from"] == str(out / "shared")
     assert "shared_from" not in stages["iter_0/proxy_select"] and "shared_from" not in stages["iter_0/score"]
     assert len(_all_ids(proxied / "iter_0" / "scores")) == 12  # its own window, not the shared full pass
-    for run_dir, ref in ((full, uninterrupted[0]), (proxied, proxy_uninterrupted[0])):
-        picks = [json.loads(line)["id"] for line in open(run_dir / "iter_0" / "selection.jsonl")]
-        assert picks == [json.loads(line)["id"] for line in open(ref / "iter_0" / "selection.jsonl")]
+    picks = [json.loads(line)["id"] for line in open(proxied / "iter_0" / "selection.jsonl")]
+    ref = proxy_uninterrupted[0] / "iter_0" / "selection.jsonl"
+    assert picks == [json.loads(line)["id"] for line in open(ref)]
     assert "| iterit+proxy |" in (out / "compare.md").read_text()
+
+
+def test_a_compares_plain_method_is_the_full_path(tiny_run_config, loop_corpus, tmp_path):
+    from iterit.compare import run_config
+    from iterit.config import config_from_dict
+
+    cfg = config_from_dict(_proxy_tree(tiny_run_config, loop_corpus, tmp_path, "p"))
+    plain, proxied = run_config(cfg, str(tmp_path), 7, "ifd"), run_config(cfg, str(tmp_path), 7, "ifd+proxy")
+    assert plain.scoring.proxy_model is None and proxied.scoring.proxy_model == "p"
+    assert plain.selection.method == proxied.selection.method == "ifd"
+    assert proxied.output_dir.endswith("seed_7/ifd+proxy")
 
 
 def test_proxy_variants_need_a_proxy_and_the_audit_refuses_them(tiny_run_config, loop_corpus, tmp_path):
