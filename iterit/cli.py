@@ -526,6 +526,14 @@ def plan(
     params: Annotated[
         float | None, typer.Option("--params", help="Parameters, for a model whose config cannot be read.")
     ] = None,
+    proxy_params: Annotated[
+        float | None,
+        typer.Option(
+            "--proxy-params",
+            help="A proxy scorer's parameters (scoring.proxy_model's are read from its config): also "
+            "price the proxy path.",
+        ),
+    ] = None,
     eval_samples: Annotated[
         int, typer.Option("--eval-samples", help="Held-out conversations evaluated per iteration (compare).")
     ] = 0,
@@ -537,7 +545,7 @@ def plan(
     """Before a run: the tokens and FLOPs each stage will compute, GPU-hours and wall-clock at an MFU, and
     the training memory per GPU (docs/run.md#plan-a-run)."""
     from iterit.config import load_config
-    from iterit.plan import GPU_PEAK_FLOPS, CorpusStats, corpus_stats, format_plan, plan_rows
+    from iterit.plan import GPU_PEAK_FLOPS, CorpusStats, corpus_stats, format_plan, format_saving, plan_rows
     from iterit.training.memory import estimate_for, read_model_shape
 
     cfg = load_config(path, set)
@@ -583,7 +591,34 @@ def plan(
         cfg.gradient_checkpointing, memory, eval_samples,
     )  # fmt: skip
     peak, device = (flops, "device") if flops is not None else (GPU_PEAK_FLOPS[gpu.lower()], gpu.upper())
+    proxy = None
+    if proxy_params is not None:
+        proxy = (proxy_params, 0, 0)
+    elif cfg.scoring.proxy_model:
+        try:
+            ps = read_model_shape(cfg.scoring.proxy_model, cfg.trust_remote_code)
+        except IteritError as e:
+            raise IteritError(
+                f"{e} (the proxy's: give --proxy-params N to price it without its config)"
+            ) from None
+        proxy = (ps.params, ps.layers, ps.hidden)
+    if proxy is None:
+        typer.echo(format_plan(rows, peak, device, gpus, mfu, given))
+        return
+    with_proxy = plan_rows(
+        cfg.iterations, n, sel.num_selected(n), sel.window(n), stats, n_params, layers, hidden,
+        cfg.gradient_checkpointing, memory, eval_samples, proxy=proxy, proxy_window=cfg.proxy_window(n),
+    )  # fmt: skip
+    proxy_given = f"proxy {proxy[0] / 1e9:.3g}B parameters" + (
+        " (given; its attention not counted)" if proxy_params is not None else " (from its config)"
+    )
+    typer.echo("full path: the base model scores all N in iteration 0\n")
     typer.echo(format_plan(rows, peak, device, gpus, mfu, given))
+    typer.echo(
+        f"\nproxy path: the proxy scores all N, the base model the window W0 = {cfg.proxy_window(n):,}\n"
+    )
+    typer.echo(format_plan(with_proxy, peak, device, gpus, mfu, [*given, proxy_given]))
+    typer.echo("\n" + format_saving(rows, with_proxy, peak, mfu, device))
 
 
 def command_names() -> list[str]:

@@ -11,6 +11,10 @@ W = selection.window(N)):
     scoring, iterations 1..   W samples x the same two passes, with the previous iteration's model
                               (rows the template rejects are not counted: they never reach the model)
     training, each iteration  k samples x the conversation's tokens, forward and backward
+    with a proxy (scoring.proxy_model, or --proxy-params): iteration 0's scoring is the proxy's two
+                              passes over N (its FLOPs per token; the base model's token counts stand
+                              in for its tokenizer's) + the base model's two passes over the window
+                              W0 = Config.proxy_window(N); the rest is the same
     evaluation (--eval-samples M, as `iterit compare` evaluates each iteration's model): M held-out
                               conversations, one forward pass (`iterit run` itself evaluates nothing)
 FLOPs per token (Kaplan et al. 2020, eq. 2.1, with causal attention: a token attends to s/2 tokens on
@@ -74,16 +78,19 @@ def plan_rows(
     gradient_checkpointing: bool = False,
     training_memory: str = "",
     eval_samples: int = 0,
+    proxy: tuple[float, int, int] | None = None,
+    proxy_window: int = 0,
 ) -> list[StageRow]:
     """One StageRow per stage of the run (module docstring), in run order; `eval_samples` held-out
-    conversations evaluated after each iteration (as `iterit compare` does: one forward pass each)."""
+    conversations evaluated after each iteration (as `iterit compare` does: one forward pass each).
+    `proxy` (parameters, layers, hidden; layers = hidden = 0 when only the parameters are known): the
+    proxy path, whose iteration 0 scores N with the proxy and `proxy_window` samples with the base model."""
     cond, prior = stats.cond_tokens, stats.prior_tokens
 
-    def scoring(samples: float) -> tuple[float, float]:
+    def scoring(samples: float, shape=(params, layers, hidden)) -> tuple[float, float]:
         tokens = samples * (cond + prior)
         flops = samples * (
-            cond * forward_flops_per_token(params, layers, hidden, cond)
-            + prior * forward_flops_per_token(params, layers, hidden, prior)
+            cond * forward_flops_per_token(*shape, cond) + prior * forward_flops_per_token(*shape, prior)
         )
         return tokens, flops
 
@@ -97,8 +104,15 @@ def plan_rows(
     scored_of = [n * stats.scored_share] + [min(w, k + max(0.0, w - k - rejects))] * (iterations - 1)
     rows = []
     for e, samples in enumerate(scored_of):
-        tokens, flops = scoring(samples)
-        rows.append(StageRow(f"iter {e} scoring ({round(samples):,} samples x 2 passes)", tokens, flops))
+        if e == 0 and proxy:  # the window is the proxy's best candidates: all scored, none rejected
+            tokens, flops = scoring(samples, proxy)
+            rows.append(StageRow(f"iter 0 proxy scoring ({round(samples):,} x 2 passes)", tokens, flops))
+            samples = min(proxy_window, samples)
+            tokens, flops = scoring(samples)
+            rows.append(StageRow(f"iter 0 window scoring ({round(samples):,} x 2 passes)", tokens, flops))
+        else:
+            tokens, flops = scoring(samples)
+            rows.append(StageRow(f"iter {e} scoring ({round(samples):,} samples x 2 passes)", tokens, flops))
         rows.append(
             StageRow(f"iter {e} training ({k:,} samples)", train_tokens, train_flops, training_memory)
         )
@@ -210,6 +224,25 @@ def format_plan(
         + ". Not counted: model loads, checkpoints, exports, selection (docs/GPU.md)."
     )
     return "\n".join(lines)
+
+
+def format_saving(
+    full: list[StageRow], proxy: list[StageRow], peak_flops: float, mfu: float, device: str
+) -> str:
+    """The proxy path's saving against the full path: GPU-hours of the whole run and of its scoring."""
+    rate = peak_flops * mfu * 3600
+
+    def hours(rows, scoring_only=False):
+        return sum(r.flops for r in rows if not scoring_only or "scoring" in r.stage) / rate
+
+    a, b = hours(full), hours(proxy)
+    sa, sb = hours(full, True), hours(proxy, True)
+    return (
+        f"proxy path: {b:,.3g} {device}-hours against the full path's {a:,.3g}, {a - b:,.3g} saved "
+        f"({b / a:.0%} of the full path); scoring alone {sb:,.3g} against {sa:,.3g} ({sb / sa:.0%}).\n"
+        "Every selection is still made on the base model's scores of a window: check the picks with "
+        "`iterit compare --methods iterit,iterit+proxy` (docs/scoring.md#proxy)."
+    )
 
 
 def _clock(hours: float) -> str:

@@ -102,3 +102,53 @@ def test_plan_with_stand_in_corpus_figures_and_parameters(tmp_path, cli):
     assert "7B parameters (given); attention not counted (no model config)" in out
     # iteration 0: 1,000 x 450 tokens x 2 x 7e9 = 6.3e15 FLOPs
     assert "iter 0 scoring (1,000 samples x 2 passes)" in out and "6.30e+15" in out
+
+
+def test_the_proxy_path_scores_n_with_the_proxy_and_the_window_with_the_base_model():
+    from iterit.plan import format_saving
+
+    stats = CorpusStats(100, 10.0, 4.0, "given")
+    full = plan_rows(2, 100, 5, 15, stats, 1000, 2, 8)
+    # the proxy: P = 100, L = 1, d = 4: 2P + 2 L s d = 280 at s = 10, 232 at s = 4
+    rows = plan_rows(2, 100, 5, 15, stats, 1000, 2, 8, proxy=(100, 1, 4), proxy_window=15)
+    assert [r.stage for r in rows[:3]] == [
+        "iter 0 proxy scoring (100 x 2 passes)",
+        "iter 0 window scoring (15 x 2 passes)",
+        "iter 0 training (5 samples)",
+    ]
+    assert (rows[0].tokens, rows[0].flops) == (1400, 100 * (10 * 280 + 4 * 232))
+    assert (rows[1].tokens, rows[1].flops) == (210, 15 * (10 * 2320 + 4 * 2128))
+    assert rows[2:] == full[1:]  # training and the later iterations are the full path's
+    # GPU-hours at 1 FLOP/s: full 2 x 3,171,200/100 x ... ; the saving is the two iteration-0 rows' difference
+    text = format_saving(full, rows, peak_flops=3600.0, mfu=1.0, device="X")
+    a, b = sum(r.flops for r in full) / 3600**2, sum(r.flops for r in rows) / 3600**2
+    assert f"{b:,.3g} X-hours against the full path's {a:,.3g}, {a - b:,.3g} saved ({b / a:.0%}" in text
+
+
+def test_plan_prints_both_paths_with_a_proxy_and_only_the_full_one_without(tmp_path, cli):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump({"base_model": "/nowhere/model", "datasets": [{"path": "s3://b/d.jsonl"}]})
+    )
+    args = ["plan", str(path), "--samples", "1000", "--tokens-per-sample", "300", "--params", "7e9"]
+    code, plain, err = cli(args)
+    assert code == 0 and "proxy" not in plain
+    code, out, err = cli([*args, "--proxy-params", "7e8"])
+    assert code == 0, err
+    assert out.count("iter 0 training (50 samples)") == 2  # two tables
+    assert "iter 0 proxy scoring (1,000 x 2 passes)" in out and "6.30e+14" in out  # a tenth of 6.3e15
+    assert "iter 0 window scoring (150 x 2 passes)" in out
+    assert "proxy 0.7B parameters (given; its attention not counted)" in out
+    assert "proxy path: " in out and "saved" in out
+    # a proxy in the config whose config cannot be read: one line naming the stand-in
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": "/nowhere/model",
+                "datasets": [{"path": "s3://b/d.jsonl"}],
+                "scoring": {"proxy_model": "/no/proxy"},
+            }
+        )
+    )
+    code, _, err = cli(args)
+    assert code == 2 and "give --proxy-params N to price it without its config" in err
