@@ -41,7 +41,7 @@ from iterit import cluster
 from iterit.config import Config, config_from_dict, save_config
 from iterit.errors import IteritError
 from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_parquet
-from iterit.rundir import Manifest, RunDir, iter_scores, iteration_key, stage_name
+from iterit.rundir import Manifest, RunDir, ScoreFiles, iter_scores, iteration_key, stage_name
 from iterit.selection.stage import (
     diversity_inputs,
     pick_progress,
@@ -108,13 +108,18 @@ def proxy_order(run: RunDir) -> pa.Array:
 
 def reuse_scores(run: RunDir, e: int, window: list[str]) -> dict:
     """Iteration e's scores = iteration 0's rows of the window's ids, with no model run."""
+    return copy_window_scores(run.scoring(0).written, run.scoring(e), window, iteration_key(0))
+
+
+def copy_window_scores(source: str, out: ScoreFiles, window: list[str], reused_from: str) -> dict:
+    """The rows of `source` (a scores folder) whose id is in the window, written as `out`'s scores and
+    summary with no model run; `reused_from` says whose scores they are."""
     t0 = time.perf_counter()
-    out = run.scoring(e)
     fs, folder = filesystem(out.scores)
     if fs.exists(folder):  # an interrupted earlier attempt: this is cheap to redo
         fs.rm(folder, recursive=True)
     wanted, kept = pa.array(window, pa.string()), 0
-    for i, table in enumerate(iter_scores(run.scoring(0).written)):  # one part in memory at a time
+    for i, table in enumerate(iter_scores(source)):  # one part in memory at a time
         table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
         if table.num_rows:
             with atomic_open(join(out.scores, f"reused-{i:05d}.parquet")) as f:
@@ -133,7 +138,7 @@ def reuse_scores(run: RunDir, e: int, window: list[str]) -> dict:
         "tokens_per_s": 0.0,
         "resumed_rows": 0,
         "scored_rows": 0,
-        "reused_from": iteration_key(0),
+        "reused_from": reused_from,
         "scores": out.scores,
         "rejects": out.rejects,
     }

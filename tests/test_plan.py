@@ -152,3 +152,48 @@ def test_plan_prints_both_paths_with_a_proxy_and_only_the_full_one_without(tmp_p
     )
     code, _, err = cli(args)
     assert code == 2 and "give --proxy-params N to price it without its config" in err
+
+
+def test_the_proxy_saving_against_hand_computed_totals():
+    from iterit.plan import format_saving
+
+    # base P = 1,000, L = 2, d = 8 (2,320 FLOPs a token at s = 10, 2,128 at s = 4); proxy P = 100,
+    # L = 1, d = 4 (280 and 232). Full path: 3,171,200 (N = 100 by the base model) + 348,000 (training)
+    # + 475,680 (W = 15) + 348,000 = 4,342,880 FLOPs. Proxy path: 372,800 (N by the proxy) + 475,680
+    # (W0 = 15 by the base model) + 348,000 + 475,680 + 348,000 = 2,020,160; saved 2,322,720.
+    stats = CorpusStats(100, 10.0, 4.0, "given")
+    full = plan_rows(2, 100, 5, 15, stats, 1000, 2, 8)
+    rows = plan_rows(2, 100, 5, 15, stats, 1000, 2, 8, proxy=(100, 1, 4), proxy_window=15)
+    assert sum(r.flops for r in full) == 4_342_880 and sum(r.flops for r in rows) == 2_020_160
+    assert rows[0].flops + rows[1].flops == 372_800 + 475_680  # proxy over N + base over W0
+    # at 3,600 FLOP/s: hours = FLOPs / 3,600^2; scoring 3,646,880 against 1,324,160 FLOPs
+    text = format_saving(full, rows, peak_flops=3600.0, mfu=1.0, device="X")
+    assert (
+        "proxy path: 0.156 X-hours against the full path's 0.335, 0.179 saved (47% of the full path)" in text
+    )
+    assert "scoring alone 0.102 against 0.281 (36%)" in text
+    # params only (layers = hidden = 0): 2P a token, 100 x 14 tokens x 200 = 280,000
+    assert plan_rows(1, 100, 5, 15, stats, 1000, 2, 8, proxy=(100, 0, 0), proxy_window=15)[0].flops == 280_000
+    # a window larger than the scorable rows: the base model scores what there is (half of 100 here)
+    half = CorpusStats(100, 10.0, 4.0, "given", 0.5)
+    big = plan_rows(1, 100, 5, 80, half, 1000, 2, 8, proxy=(100, 1, 4), proxy_window=80)
+    assert big[0].stage == "iter 0 proxy scoring (50 x 2 passes)" and big[1].tokens == 50 * 14
+
+
+def test_without_a_proxy_the_table_is_the_one_plan_printed_before_proxies():
+    """Byte for byte the pre-proxy table (iterit/plan.py before issue 27) for the same rows."""
+    stats = CorpusStats(100, 10.0, 4.0, "given")
+    rows = plan_rows(2, 100, 5, 15, stats, 1000, 2, 8, training_memory="1.0 GiB/GPU")
+    assert format_plan(rows, 1e3, "X", 2, 0.5, ["given: N 100"]) == "\n".join(
+        [
+            "stage                                              tokens     FLOPs      X-hours  wall-clock  memory",
+            "-" * 100,
+            "iter 0 scoring (100 samples x 2 passes)           1.4e+03  3.17e+06         1.76      53 min  ",
+            "iter 0 training (5 samples)                            50  3.48e+05        0.193       6 min  1.0 GiB/GPU",
+            "iter 1 scoring (15 samples x 2 passes)                210  4.76e+05        0.264       8 min  ",
+            "iter 1 training (5 samples)                            50  3.48e+05        0.193       6 min  1.0 GiB/GPU",
+            "total                                            1.71e+03  4.34e+06         2.41      72 min",
+            "at 50% of 1e-09 TFLOP/s (X) on 2 device(s); given: N 100. Not counted: model loads, "
+            "checkpoints, exports, selection (docs/GPU.md).",
+        ]
+    )
