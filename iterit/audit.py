@@ -1,7 +1,8 @@
 """How each selection method treats noise, on your corpus and your model: `iterit audit`.
 
     iterit audit configs/demo.yaml [--noise mismatch=0.05,duplicate=0.05,...] [--seeds 42,43,44] \\
-        [--methods iterit,ifd,random,longest,embedding] [--iterations N] [--run RUN] [--output DIR]
+        [--methods iterit,ifd,random,longest,embedding,iterit+proxy] [--iterations N] [--run RUN] \\
+        [--output DIR]
 
     OUT/clean/                 ingest and iteration 0's scores of the config's corpus, run once (loop's
                                stages and manifest); --run RUN reads RUN's instead
@@ -9,7 +10,13 @@
                                (id, kind, source_id, partner_id); scores/ of these rows only (the model)
     OUT/seed_<s>/pool/         the corpus the methods select from, as a run directory: ingest/ (clean +
                                injected samples), iter_0/scores/{clean,noise}/ and a manifest of both done
-    OUT/seed_<s>/select/<m>/   selection.jsonl, order.parquet of method m (iteration 0, `iterit select`'s)
+    OUT/seed_<s>/select/<m>/   selection.jsonl, order.parquet of method m (iteration 0, `iterit select`'s);
+                               of a `<m>+proxy` method a run directory: the pool's ingest and proxy
+                               scores, iter_0/proxy (the proxy's order), iter_0/scores (the pool's base
+                               model scores of the window) and iter_0's selection
+    OUT/clean_proxy/, OUT/seed_<s>/noise_proxy/
+                               with a `+proxy` method: the proxy's scores of the clean and injected rows,
+                               side by side in the pool's iter_0/proxy/scores/{clean,noise}/
     OUT/seed_<s>/<m>/          with --iterations N > 1: an ordinary run of N iterations from the pool
     OUT/audit.json, audit.md, audit_shares.png, audit_ifd.png
 
@@ -53,6 +60,7 @@ DEFAULT_NOISE = "mismatch=0.05,duplicate=0.05,near_duplicate=0.05,truncated=0.05
 COPIES = ("duplicate", "near_duplicate")  # kinds whose source stays in the pool: picked together?
 CLEAN = "clean"
 SHARED = ("ingest", stage_name(0, "score"))
+PROXY_SCORE = stage_name(0, "proxy_score")  # the pool's proxy scores, with a `+proxy` method
 
 
 def parse_noise(text: str | None) -> dict[str, float]:
@@ -86,12 +94,6 @@ def parse_audit_methods(text: str | None, cfg: Config) -> list[str]:
     methods = parse_methods(text or default, cfg)
     if "full" in methods:
         raise IteritError("--methods full picks every scored sample: its noise share is the pool's; drop it")
-    proxied = [m for m in methods if m.endswith("+proxy")]
-    if proxied:
-        raise IteritError(
-            f"--methods {proxied[0]}: the audit does not run proxy variants yet; compare the two paths "
-            f"with `iterit compare CONFIG --methods {proxied[0].removesuffix('+proxy')},{proxied[0]}`"
-        )
     return methods
 
 
@@ -322,36 +324,49 @@ def across_seeds(per_seed: list[dict]) -> dict:
 
 
 def clean_stages(cfg: Config, out: str, run_dir: str | None, log) -> tuple[RunDir, dict]:
-    """The clean corpus's ingest and iteration 0 scores: RUN's (--run) or OUT/clean's, run once."""
-    from iterit.loop import read_run_config, score_stage
+    """The clean corpus's ingest and iteration 0 scores by the base model, of every row: RUN's (--run)
+    or OUT/clean's, run once (compare's shared stages: the full path, even with a proxy model)."""
+    from iterit.compare import shared_stages
+    from iterit.loop import read_run_config
 
-    if run_dir:
-        run = RunDir(run_dir)
-        saved = read_run_config(run)
-        for key in ("base_model", "sequence_len", "chat_template", "system_prompt"):
-            if getattr(saved, key) != getattr(cfg, key):
-                raise IteritError(
-                    f"--run {run_dir} was scored with {key} {getattr(saved, key)!r}, the config says "
-                    f"{getattr(cfg, key)!r}: the injected rows would be scored differently; audit "
-                    "without --run, or with that run's config"
-                )
-        manifest = Manifest.load(run)
-        for name in SHARED:
-            if manifest.done(name) is None:
-                raise IteritError(
-                    f"--run {run_dir}: stage {name} is not done; finish it with iterit run --resume"
-                )
-        return run, manifest.data
-    from iterit.config import save_config
-    from iterit.data import ingest
-
-    run = RunDir(join(out, "clean"))
-    clean = cfg.model_copy(update={"output_dir": run.path})
-    save_config(clean, run.config)
-    manifest = Manifest.open(run)
-    ing = manifest.run(SHARED[0], lambda: ingest(cfg.datasets, run.ingest, cfg.system_prompt), log)
-    manifest.run(SHARED[1], lambda: score_stage(clean, run, 0, ing["samples"], log), log)
+    if not run_dir:
+        path = join(out, "clean")
+        return RunDir(path), shared_stages(cfg.model_copy(update={"output_dir": path}), path, log)
+    run = RunDir(run_dir)
+    saved = read_run_config(run)
+    for key in ("base_model", "sequence_len", "chat_template", "system_prompt"):
+        if getattr(saved, key) != getattr(cfg, key):
+            raise IteritError(
+                f"--run {run_dir} was scored with {key} {getattr(saved, key)!r}, the config says "
+                f"{getattr(cfg, key)!r}: the injected rows would be scored differently; audit "
+                "without --run, or with that run's config"
+            )
+    if saved.scoring.proxy_model:
+        raise IteritError(
+            f"--run {run_dir} ran with the proxy {saved.scoring.proxy_model}: its iteration 0 scores are "
+            "the proxy's window only, the audit needs every row scored by the base model; audit "
+            "without --run"
+        )
+    manifest = Manifest.load(run)
+    for name in SHARED:
+        if manifest.done(name) is None:
+            raise IteritError(
+                f"--run {run_dir}: stage {name} is not done; finish it with iterit run --resume"
+            )
     return run, manifest.data
+
+
+def scored_once(cfg: Config, samples: str, out_dir: str, what: str, log, fit_under: Config | None = None):
+    """The score summary of OUT_DIR (rundir.ScoreFiles), scoring SAMPLES with cfg's model only where
+    it has none: a finished folder is kept, one stopped halfway resumes (run_scoring)."""
+    from iterit.scoring.pipeline import run_scoring
+
+    fs, p = filesystem(ScoreFiles(out_dir).summary)
+    if not fs.exists(p):
+        log(f"[audit] {what}")
+        run_scoring(cfg, samples, out_dir, fit_under=fit_under, log=log)
+    with fs.open(p, "r") as f:
+        return json.load(f)
 
 
 def _copy_tree(src: str, dst: str) -> None:
@@ -370,6 +385,26 @@ def _copy_tree(src: str, dst: str) -> None:
                 fout.write(chunk)
 
 
+def merge_scores(out: ScoreFiles, parts: list[tuple[str, ScoreFiles, dict]]) -> dict:
+    """Score folders side by side as one: each part's scores under OUT/scores/<name>/ (copied file by
+    file), their rejects in one file, their summaries summed; returns (and writes) the summary."""
+    for name, files, _ in parts:
+        _copy_tree(files.written, join(out.scores, name))
+    summaries = [s for _, _, s in parts]
+    reasons = sum((Counter(s.get("rejected_by_reason", {})) for s in summaries), Counter())
+    result = {
+        **summaries[0],
+        **{k: sum(s.get(k, 0) for s in summaries) for k in ("rows", "scored", "rejected", "tokens")},
+        "rejected_by_reason": dict(reasons),
+        "scores": out.scores,
+        "rejects": out.rejects,
+    }
+    rejects = [r for _, files, _ in parts for r in read_jsonl(files.rejects)]
+    atomic_write_text(out.rejects, "".join(json.dumps(r) + "\n" for r in rejects))
+    atomic_write_text(out.summary, json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def build_pool(
     clean: RunDir, clean_manifest: dict, noise_dir: str, pool: RunDir, noise_summary: dict
 ) -> dict:
@@ -379,7 +414,6 @@ def build_pool(
     if done is not None:
         return done
     ing = clean_manifest["stages"]["ingest"]["result"]
-    noise = ScoreFiles(noise_dir)
     samples = join(pool.ingest, "samples.parquet")
     with atomic_open(samples) as fout, pq.ParquetWriter(fout, SAMPLE_SCHEMA, compression="zstd") as w:
         for path in (ing["samples"], join(noise_dir, "samples.parquet")):
@@ -396,21 +430,9 @@ def build_pool(
     }
     atomic_write_text(join(pool.ingest, "summary.json"), json.dumps(ing_result, indent=2) + "\n")
     atomic_write_text(join(pool.ingest, "rejects.jsonl"), "")
-    sc = clean.scoring(0)
-    _copy_tree(sc.written, join(pool.scoring(0).scores, "clean"))
-    _copy_tree(noise.scores, join(pool.scoring(0).scores, "noise"))
     s0 = clean_manifest["stages"][SHARED[1]]["result"]
-    reasons = Counter(s0.get("rejected_by_reason", {})) + Counter(noise_summary.get("rejected_by_reason", {}))
-    score_result = {
-        **s0,
-        **{k: s0.get(k, 0) + noise_summary.get(k, 0) for k in ("rows", "scored", "rejected", "tokens")},
-        "rejected_by_reason": dict(reasons),
-        "scores": pool.scoring(0).scores,
-        "rejects": pool.scoring(0).rejects,
-    }
-    rejects = read_jsonl(sc.rejects) + read_jsonl(noise.rejects)
-    atomic_write_text(pool.scoring(0).rejects, "".join(json.dumps(r) + "\n" for r in rejects))
-    atomic_write_text(pool.scoring(0).summary, json.dumps(score_result, indent=2) + "\n")
+    parts = [("clean", clean.scoring(0), s0), ("noise", ScoreFiles(noise_dir), noise_summary)]
+    score_result = merge_scores(pool.scoring(0), parts)
     stages = {SHARED[0]: done_record(ing_result), SHARED[1]: done_record(score_result)}
     return Manifest.create(pool, seed=0, iterations=1, stages=stages).data
 
@@ -420,7 +442,7 @@ def seed_picks(
 ):
     """picks[method][e]: the ids each method picked in each iteration, from the pool: `iterit select`'s
     selection (one iteration), or an ordinary run of `iterations` from the pool (loop.run)."""
-    from iterit.compare import run_config, seed_run
+    from iterit.compare import run_config, seed_run, split_method
     from iterit.loop import run
     from iterit.selection.stage import run_selection
 
@@ -428,6 +450,9 @@ def seed_picks(
     seed_dir = join(out, f"seed_{seed}")
     samples = pool_manifest["stages"]["ingest"]["result"]["samples"]
     for m in methods:
+        if iterations <= 1 and split_method(m)[1]:
+            picks[m] = [proxy_picks(cfg, seed_dir, seed, m, pool, pool_manifest, eos, log)]
+            continue
         if iterations <= 1:
             files = SelectionFiles(join(seed_dir, "select", m))
             fs, p = filesystem(files.order)
@@ -456,6 +481,59 @@ def seed_picks(
             run(rc, resume=rc.output_dir, log=log)
         picks[m] = [pa.array(rd.selection(e).read_picks(), pa.string()) for e in range(iterations)]
     return picks
+
+
+def pool_proxy_scores(cfg: Config, seed: int, seed_dir: str, pool: RunDir, clean_proxy, log) -> dict:
+    """The pool's iter_0/proxy_score stage (the `+proxy` methods' iteration 0): the proxy's scores of
+    the clean rows (`clean_proxy`: their folder and summary, scored once for every seed) and of this
+    seed's injected rows (OUT/seed_<s>/noise_proxy/). Returns the pool's manifest data."""
+    noise_proxy = join(seed_dir, "noise_proxy")
+    summary = scored_once(
+        cfg.proxy(), join(seed_dir, "noise", "samples.parquet"), noise_proxy,
+        f"seed {seed}: the proxy scores the injected rows", log, fit_under=cfg,
+    )  # fmt: skip
+    parts = [
+        ("clean", ScoreFiles(clean_proxy[0]), clean_proxy[1]),
+        ("noise", ScoreFiles(noise_proxy), summary),
+    ]
+    manifest = Manifest.load(pool)
+    manifest.run(PROXY_SCORE, lambda: merge_scores(pool.proxy_scoring(), parts), log)
+    return manifest.data
+
+
+def proxy_picks(
+    cfg: Config, seed_dir: str, seed: int, method: str, pool: RunDir, pool_manifest: dict, eos, log
+) -> pa.Array:
+    """Iteration 0 of a `+proxy` method on the pool, in OUT/seed_<s>/select/<m>/ (a run directory),
+    the loop's stages but one: the proxy orders all N, the method orders the first W of that order by
+    the base model's scores, which are the pool's (the audit scored every row with the base model:
+    a second pass over the window would give the same numbers)."""
+    from iterit.compare import run_config, seed_run
+    from iterit.loop import copy_window_scores, proxy_order, select_stage
+
+    rc = run_config(cfg.model_copy(update={"iterations": 1}), seed_dir, seed, method)
+    rc = rc.model_copy(update={"output_dir": join(seed_dir, "select", method)})
+    rd = RunDir(rc.output_dir)
+    if not rd.exists():
+        seed_run(rc, pool.path, pool_manifest)
+    manifest = Manifest.load(rd)
+    samples = pool_manifest["stages"]["ingest"]["result"]["samples"]
+    if manifest.done(stage_name(0, "select")) is None:
+        log(f"[audit] seed {seed}: {method} selects")
+
+    def window_scores() -> dict:
+        n = pool_manifest["stages"]["ingest"]["result"]["accepted"]
+        window = proxy_order(rd).slice(0, rc.proxy_window(n)).to_pylist()
+        return copy_window_scores(
+            pool.scoring(0).written, rd.scoring(0), window, "the pool's base-model scores"
+        )
+
+    manifest.run(
+        stage_name(0, "proxy_select"), lambda: select_stage(rc, rd, 0, samples, eos, log, proxy=True), log
+    )
+    manifest.run(stage_name(0, "score"), window_scores, log)
+    manifest.run(stage_name(0, "select"), lambda: select_stage(rc, rd, 0, samples, eos, log), log)
+    return pa.array(rd.selection(0).read_picks(), pa.string())
 
 
 def pool_figures(
@@ -509,6 +587,17 @@ def to_markdown(data: dict) -> str:
         f"{data['injected']:,} injected per seed; k = {data['k']:,} picks per iteration "
         f"(ratio {data['ratio']} of the pool); seeds {', '.join(map(str, data['seeds']))}. "
         "Mean over seeds with a 95% t-interval [low, high].",
+        *(
+            [
+                "",
+                f"`+proxy` methods: the proxy `{data['proxy_model']}` scores every row and orders them; "
+                f"the method orders its first W = {data['proxy_window']:,} candidates by the base model's "
+                "scores. A row the proxy finds at IFD >= 1 is left out of that window, whatever the base "
+                "model finds.",
+            ]
+            if data.get("proxy_model")
+            else []
+        ),
         "",
         "## The noise, and what the IFD >= 1 rule removes",
         "",
@@ -672,8 +761,8 @@ def audit(
 ) -> dict:
     """Inject, score the injected rows, select with every method, count; OUT/audit.{md,json} and plots."""
     from iterit import cluster
+    from iterit.compare import split_method
     from iterit.loop import preflight
-    from iterit.scoring.pipeline import run_scoring
     from iterit.templates import load_tokenizer
 
     if iterations < 1:
@@ -691,6 +780,12 @@ def audit(
         f"{len(seeds)} seed(s), methods {', '.join(methods)}"
     )
     eos = load_tokenizer(cfg.base_model, cfg.chat_template, cfg.trust_remote_code).eos_token
+    proxied = any(split_method(m)[1] for m in methods)
+    if proxied:
+        clean_proxy = join(out, "clean_proxy")
+        clean_proxy_summary = scored_once(
+            cfg.proxy(), ing["samples"], clean_proxy, "the proxy scores the clean corpus", log, fit_under=cfg
+        )
     per_seed, ifd_by_kind, injected = [], {}, 0
     for seed in seeds:
         seed_dir = join(out, f"seed_{seed}")
@@ -699,15 +794,15 @@ def audit(
         if not fs.exists(p):
             counts = write_noise(ing["samples"], ing["accepted"], noise, seed, noise_dir)
             log(f"[audit] seed {seed}: injected " + ", ".join(f"{n:,} {k}" for k, n in counts.items()))
-        summary_path = ScoreFiles(noise_dir).summary
-        fs, p = filesystem(summary_path)
-        if not fs.exists(p):
-            log(f"[audit] seed {seed}: scoring the injected rows")
-            run_scoring(cfg, join(noise_dir, "samples.parquet"), noise_dir, log=log)
-        with fs.open(p, "r") as f:
-            noise_summary = json.load(f)
+        noise_summary = scored_once(
+            cfg, join(noise_dir, "samples.parquet"), noise_dir, f"seed {seed}: scoring the injected rows", log
+        )
         pool = RunDir(join(seed_dir, "pool"))
         pool_manifest = build_pool(clean, clean_manifest, noise_dir, pool, noise_summary)
+        if proxied:
+            pool_manifest = pool_proxy_scores(
+                cfg, seed, seed_dir, pool, (clean_proxy, clean_proxy_summary), log
+            )
         picks = seed_picks(cfg, out, seed, pool, pool_manifest, methods, iterations, eos, log)
         labels = read_parquet(join(noise_dir, "labels.parquet"))
         figures, ifd = pool_figures(pool, labels, picks, ing["accepted"])
@@ -720,6 +815,8 @@ def audit(
     data = {
         "output": out,
         "base_model": cfg.base_model,
+        "proxy_model": cfg.scoring.proxy_model if proxied else None,
+        "proxy_window": cfg.proxy_window(n_pool) if proxied else None,
         "clean_run": clean.path,
         "clean_samples": ing["accepted"],
         "noise": noise,

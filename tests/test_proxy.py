@@ -247,7 +247,7 @@ def test_a_compares_plain_method_is_the_full_path(tiny_run_config, loop_corpus, 
     assert proxied.output_dir.endswith("seed_7/ifd+proxy")
 
 
-def test_proxy_variants_need_a_proxy_and_the_audit_refuses_them(tiny_run_config, loop_corpus, tmp_path):
+def test_proxy_variants_need_a_proxy_and_the_audit_takes_them(tiny_run_config, loop_corpus, tmp_path):
     from iterit.audit import parse_audit_methods
     from iterit.compare import parse_methods, split_method
     from iterit.config import config_from_dict
@@ -263,5 +263,89 @@ def test_proxy_variants_need_a_proxy_and_the_audit_refuses_them(tiny_run_config,
         parse_methods("iterit+proxy+proxy", with_proxy)
     with pytest.raises(IteritError, match="full trains on every sample"):
         parse_methods("full+proxy", with_proxy)
-    with pytest.raises(IteritError, match="does not run proxy variants yet"):
-        parse_audit_methods("iterit+proxy", with_proxy)
+    assert parse_audit_methods("iterit,iterit+proxy", with_proxy) == ["iterit", "iterit+proxy"]
+    with pytest.raises(IteritError, match="needs a proxy model"):
+        parse_audit_methods("iterit+proxy", plain)
+
+
+AUDIT_NOISE = ["--noise", "mismatch=0.1,duplicate=0.1,truncated=0.1"]
+
+
+@pytest.fixture(scope="module")
+def proxy_audited(ray_local, tiny_run_config, loop_corpus, tiny_proxy_dir, tmp_path_factory):
+    """`iterit audit --methods iterit,iterit+proxy` on the 60-row corpus, one seed."""
+    from conftest import iterit_main
+
+    tmp = tmp_path_factory.mktemp("proxy_audit")
+    config = tmp / "audit.yaml"
+    config.write_text(yaml.safe_dump(_proxy_tree(tiny_run_config, loop_corpus, tmp / "run", tiny_proxy_dir)))
+    argv = ["audit", str(config), "--seeds", "3", "--methods", "iterit,iterit+proxy", *AUDIT_NOISE]
+    argv += ["--output", str(tmp / "out")]
+    assert iterit_main(argv) == 0
+    return tmp / "out", config, argv
+
+
+def test_the_audits_proxy_variant_picks_what_the_loop_picks_on_the_pool(proxy_audited, tmp_path):
+    """The audit's `iterit+proxy` takes the window's base-model scores from the pool (scored once);
+    the loop's stages, the window re-scored by the base model for real, pick the same."""
+    from iterit.compare import run_config, seed_run
+    from iterit.config import config_from_dict
+    from iterit.loop import proxy_order, score_stage, select_stage
+    from iterit.rundir import Manifest, RunDir
+    from iterit.templates import load_tokenizer
+
+    out, config, _ = proxy_audited
+    cfg = config_from_dict(yaml.safe_load(config.read_text()))
+    pool = RunDir(str(out / "seed_3" / "pool"))
+    pool_manifest = Manifest.load(pool).data
+    assert list(pool_manifest["stages"]) == ["ingest", "iter_0/score", "iter_0/proxy_score"]
+    pool_ids = sorted(_all_ids(Path(pool.scoring(0).scores)))
+    assert sorted(_all_ids(Path(pool.proxy_scoring().scores))) == pool_ids  # each row once by each model
+    assert len(pool_ids) == 60 + 18
+    # the clean corpus is scored by the base model in full (the full path), the proxy's pass beside it
+    assert len(_all_ids(out / "clean" / "iter_0" / "scores")) == 60
+    assert len(_all_ids(out / "clean_proxy" / "scores")) == 60
+
+    audit_run = RunDir(str(out / "seed_3" / "select" / "iterit+proxy"))
+    window = set(_all_ids(Path(audit_run.scoring(0).scores)))
+    picks = audit_run.selection(0).read_picks()
+    w = cfg.proxy_window(78)
+    assert window == set(proxy_order(audit_run).slice(0, w).to_pylist()) and set(picks) <= window
+
+    rc = run_config(cfg.model_copy(update={"iterations": 1}), str(tmp_path), 3, "iterit+proxy")
+    ref = RunDir(rc.output_dir)
+    seed_run(rc, pool.path, pool_manifest)
+    samples = pool_manifest["stages"]["ingest"]["result"]["samples"]
+    eos = load_tokenizer(cfg.base_model, cfg.chat_template).eos_token
+    select_stage(rc, ref, 0, samples, eos, proxy=True)
+    score_stage(rc, ref, 0, samples, log=lambda *_: None)  # the base model's own pass over the window
+    select_stage(rc, ref, 0, samples, eos)
+    assert ref.selection(0).read_picks() == picks
+
+    data = json.loads((out / "audit.json").read_text())
+    assert data["proxy_model"] == cfg.scoring.proxy_model and data["proxy_window"] == w
+    assert data["per_seed"][0]["methods"]["iterit+proxy"][0]["picks"] == len(picks)
+    md = (out / "audit.md").read_text()
+    assert "| iterit+proxy |" in md and f"first W = {w:,} candidates" in md
+
+
+def test_the_proxy_audit_again_redoes_nothing(proxy_audited):
+    import contextlib
+    import io
+
+    from conftest import iterit_main
+
+    out, _, argv = proxy_audited
+    order = out / "seed_3" / "select" / "iterit+proxy" / "iter_0" / "order.parquet"
+    before = order.stat().st_mtime_ns
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert iterit_main(argv) == 0
+    assert order.stat().st_mtime_ns == before
+    assert "the proxy scores" not in buf.getvalue() and "selects" not in buf.getvalue()
+
+
+def test_an_audit_refuses_a_run_scored_through_a_proxy(proxy_uninterrupted, proxy_audited, cli):
+    out, config, _ = proxy_audited
+    code, _, err = cli(["audit", config, "--run", proxy_uninterrupted[0], *AUDIT_NOISE])
+    assert code == 2 and "its iteration 0 scores are the proxy's window only" in err
