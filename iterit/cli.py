@@ -389,7 +389,9 @@ def audit(
     methods: Annotated[
         str | None,
         typer.Option(
-            "--methods", help="Comma-separated: iterit,ifd,random,longest,embedding (default: all of them)."
+            "--methods",
+            help="Comma-separated: iterit,ifd,random,longest,embedding (default: all of them); any "
+            "may end in +proxy (iteration 0 ordered by scoring.proxy_model).",
         ),
     ] = None,
     iterations: Annotated[
