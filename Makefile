@@ -45,7 +45,7 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # The CPU-scale comparison of docs/RESULTS.md (about an hour on 2 cores): 5 methods x 3 seeds.
 ITERIT_HOME ?= $(HOME)/.cache/iterit
