@@ -174,6 +174,15 @@ def select(
     tfidf: Annotated[
         str, typer.Option("--tfidf", help="exact, hashed, or auto (hashed above 200,000 responses).")
     ] = "auto",
+    export_to: Annotated[
+        str | None,
+        typer.Option(
+            "--export", help="Also write the picks here, as `iterit export --output` (docs/export.md)."
+        ),
+    ] = None,
+    export_format: Annotated[
+        str, typer.Option("--format", help="With --export: messages, sharegpt, alpaca, parquet or hf.")
+    ] = "messages",
 ) -> None:
     """Order the corpus by a selection method and pick k samples: selection.jsonl and order.parquet."""
     from pydantic import ValidationError
@@ -190,6 +199,10 @@ def select(
         raise IteritError(
             f"--ratio {ratio} / --decay {decay} / --method {method} / --tfidf {tfidf}: {first}"
         ) from None
+    if export_to is not None:  # a name that cannot hold the format fails now, not after the selection
+        from iterit.export import check_output
+
+        check_output(export_format, export_to)
     eos = None
     if model:
         from iterit.templates import load_tokenizer
@@ -213,6 +226,10 @@ def select(
         f"{s['samples'] - s['scored']:,} without a score) in {s['seconds']:.1f} s\n"
         f"-> {s['selection']}  {s['order']}"
     )
+    if export_to is not None:
+        from iterit.export import export, find_source
+
+        export(find_source(None, output), export_format, export_to, log=typer.echo)
 
 
 @app.command()
@@ -253,6 +270,46 @@ def report(run_dir: Annotated[str, typer.Argument(help="A run directory (output_
 
     out = write_report(run_dir)
     typer.echo(f"report: {out['report']}\nhtml: {out['html']}\nplots: {len(out['plots'])} beside them")
+
+
+@app.command("export")
+def export_picks(
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            help="A folder (parts in pick order), or one file: a name ending in .jsonl (messages, sharegpt, "
+            "alpaca) or .parquet.",
+        ),
+    ],
+    run_dir: Annotated[
+        str | None, typer.Argument(help="A run directory (output_dir of a run); or give --selection.")
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="messages (TRL, axolotl), sharegpt or alpaca (LLaMA-Factory), parquet, hf."
+        ),
+    ] = "messages",
+    selection: Annotated[
+        str | None, typer.Option("--selection", help="The --output of `iterit select` instead of a run.")
+    ] = None,
+    iteration: Annotated[
+        str,
+        typer.Option(
+            "--iteration",
+            help="A number, last, all (a folder per iteration) or union (each id once, first pick).",
+        ),
+    ] = "last",
+    plain: Annotated[
+        bool, typer.Option("--plain", help="Only the format's own fields: no id, rank, ifd, gain, iteration.")
+    ] = False,
+) -> None:
+    """Write the picked samples in pick order, in the layout another trainer reads (docs/export.md)."""
+    from iterit.export import export, find_source, summary_path
+
+    export(find_source(run_dir, selection), fmt, output, iteration=iteration, plain=plain, log=typer.echo)
+    typer.echo(f"summary: {summary_path(output)}")
 
 
 @app.command("eval")

@@ -71,6 +71,9 @@ class DatasetConfig(_Section):
     """ShareGPT: the list of {from, value} turns."""
     field_messages: str = "messages"
     """OpenAI-style: the list of {role, content} messages."""
+    field_system: str = "system"
+    """A row's own system prompt (LLaMA-Factory's `system` column of alpaca and sharegpt rows): used, when
+    a non-empty string, for a conversation without a system turn, in place of `system_prompt`."""
     max_samples: int | None = Field(None, ge=1)
     """Read only the first N rows of this dataset (as LLaMA-Factory's max_samples): demos, dry runs."""
     name: str | None = None

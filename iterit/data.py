@@ -582,8 +582,12 @@ def normalise(rec: Any, ds: DatasetConfig, system_prompt: str | None = DEFAULT_S
         raise RowError(
             "empty_response", "the response is empty" if not messages[-1]["content"] else "only whitespace"
         )
-    if system_prompt is not None and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
+    if messages[0]["role"] != "system":
+        own = rec.get(ds.field_system)
+        if own is not None and not isinstance(own, str):
+            raise RowError("wrong_type", f"'{ds.field_system}' is {_kind(own)}, expected a string")
+        if own or system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": own or system_prompt})
     for i, m in enumerate(messages):
         try:
             m["content"].encode("utf-8")

@@ -180,6 +180,7 @@ ADDED_SINCE = {
     "offload_optimizer: false\n": "zero3_init: true\ngradient_checkpointing: false\n",
     "  max_samples: null\n": "  name: null\n  split: null\n  revision: null\n",
     "  attn_implementation: sdpa\n": "  proxy_model: null\n  proxy_chat_template: null\n  proxy_window: null\n",
+    "  field_messages: messages\n": "  field_system: system\n",
 }
 
 

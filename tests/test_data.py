@@ -72,6 +72,25 @@ def test_messages_keep_their_system_prompt_and_join_text_parts():
     assert normalise({"instruction": "x", "output": "y"}, AUTO, system_prompt=None)[0]["role"] == "user"
 
 
+def test_a_rows_own_system_field_replaces_the_default_prompt_but_not_a_system_turn():
+    alpaca = {"instruction": "x", "output": "y", "system": "Row prompt."}
+    assert normalise(alpaca, AUTO)[0] == {"role": "system", "content": "Row prompt."}
+    assert normalise(alpaca, AUTO, system_prompt=None)[0] == {"role": "system", "content": "Row prompt."}
+    sharegpt = {
+        "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+        "system": "",
+    }
+    assert normalise(sharegpt, AUTO)[0]["content"] == "You are a helpful assistant."  # empty: the default
+    turn = {"messages": [{"role": "system", "content": "Turn."}, {"role": "user", "content": "q"}]}
+    turn["messages"].append({"role": "assistant", "content": "a"})
+    assert normalise({**turn, "system": "Field."}, AUTO)[0]["content"] == "Turn."
+    mapped = DatasetConfig(path="x", field_system="system_prompt")
+    assert normalise({"instruction": "x", "output": "y", "system_prompt": "P."}, mapped)[0]["content"] == "P."
+    with pytest.raises(RowError) as e:
+        normalise({"instruction": "x", "output": "y", "system": 3}, AUTO)
+    assert e.value.reason == "wrong_type" and "'system' is" in e.value.detail
+
+
 def test_field_mapping_and_forced_type():
     ds = DatasetConfig(path="x", type="alpaca", field_instruction="prompt", field_output="completion")
     assert normalise({"prompt": "p", "completion": "c"}, ds)[-1] == {"role": "assistant", "content": "c"}
