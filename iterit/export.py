@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from iterit.errors import IteritError
 from iterit.io import atomic_write_text, filesystem, join, read_jsonl
-from iterit.rundir import RunDir, SelectionFiles
+from iterit.rundir import RunDir, SelectionFiles, iteration_key
 
 FORMATS = ("messages", "sharegpt", "alpaca", "parquet", "hf")
 PICK_COLUMNS = ("rank", "ifd", "gain")  # left out with plain=True
@@ -160,9 +160,9 @@ def pick_table(source: Source, iteration: str) -> dict[str, pa.Table]:
             }
         )
     if iteration == "all":
-        return {f"iter_{e}": t for e, t in tables.items()}
+        return {iteration_key(e): t for e, t in tables.items()}
     if iteration != "union":
-        return {f"iter_{chosen[0]}": tables[chosen[0]]}
+        return {iteration_key(chosen[0]): tables[chosen[0]]}
     seen: set[str] = set()
     keep = []
     for e in chosen:  # the first iteration that picked an id keeps it
