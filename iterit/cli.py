@@ -200,7 +200,7 @@ def select(
             f"--ratio {ratio} / --decay {decay} / --method {method} / --tfidf {tfidf}: {first}"
         ) from None
     if export_to is not None:  # a name that cannot hold the format fails now, not after the selection
-        from iterit.export import check_output
+        from iterit.export_data import check_output
 
         check_output(export_format, export_to)
     eos = None
@@ -227,7 +227,7 @@ def select(
         f"-> {s['selection']}  {s['order']}"
     )
     if export_to is not None:
-        from iterit.export import export, find_source
+        from iterit.export_data import export, find_source
 
         export(find_source(None, output), export_format, export_to, log=typer.echo)
 
@@ -304,11 +304,22 @@ def export_picks(
     plain: Annotated[
         bool, typer.Option("--plain", help="Only the format's own fields: no id, rank, ifd, gain, iteration.")
     ] = False,
+    samples: Annotated[
+        str | None,
+        typer.Option("--samples", help="With --selection: the samples' Parquet file, when DIR holds none."),
+    ] = None,
 ) -> None:
     """Write the picked samples in pick order, in the layout another trainer reads (docs/export.md)."""
-    from iterit.export import export, find_source, summary_path
+    from iterit.export_data import export, find_source, summary_path
 
-    export(find_source(run_dir, selection), fmt, output, iteration=iteration, plain=plain, log=typer.echo)
+    export(
+        find_source(run_dir, selection, samples),
+        fmt,
+        output,
+        iteration=iteration,
+        plain=plain,
+        log=typer.echo,
+    )
     typer.echo(f"summary: {summary_path(output)}")
 
 

@@ -443,3 +443,25 @@ def uninterrupted(ray_local, tiny_run_config, loop_corpus, tmp_path_factory):
     tree = tiny_run_config(loop_corpus, run_dir, report_to="tensorboard")
     out = run(config_from_dict(tree), log=lambda *_: None)
     return run_dir, out
+
+
+def proxy_tree(tiny_run_config, corpus, run_dir, proxy_dir, **changes) -> dict:
+    """tiny_run_config's tree with scoring.proxy_model: a run whose iteration 0 is scored by the proxy."""
+    tree = tiny_run_config(corpus, run_dir, **changes)
+    tree["scoring"] = {**tree["scoring"], "proxy_model": proxy_dir}
+    return tree
+
+
+@pytest.fixture(scope="session")
+def proxy_uninterrupted(ray_local, tiny_run_config, loop_corpus, tiny_proxy_dir, tmp_path_factory):
+    """The whole tiny run of loop_corpus with the tiny proxy, uninterrupted: the reference of test_proxy's
+    resumed runs and of the proxy run on S3."""
+    from iterit.config import config_from_dict
+    from iterit.loop import run
+
+    run_dir = tmp_path_factory.mktemp("proxy_uninterrupted") / "run"
+    out = run(
+        config_from_dict(proxy_tree(tiny_run_config, loop_corpus, run_dir, tiny_proxy_dir)),
+        log=lambda *_: None,
+    )
+    return run_dir, out

@@ -11,7 +11,7 @@ import pytest
 from iterit.config import DatasetConfig
 from iterit.data import ingest
 from iterit.errors import IteritError
-from iterit.export import as_record, export, find_source, pick_table
+from iterit.export_data import as_record, export, find_source, pick_table
 from iterit.rundir import SelectionFiles
 
 ROWS = [

@@ -12,15 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import proxy_tree
 from test_loop import _driver, _kill_when_running, _selections
 
 from iterit.rundir import iter_scores, read_scores
-
-
-def _proxy_tree(tiny_run_config, corpus, run_dir, proxy_dir, **changes) -> dict:
-    tree = tiny_run_config(corpus, run_dir, **changes)
-    tree["scoring"] = {**tree["scoring"], "proxy_model": proxy_dir}
-    return tree
 
 
 def _all_ids(scores: Path) -> list[str]:
@@ -30,24 +25,11 @@ def _all_ids(scores: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="session")
-def proxy_uninterrupted(ray_local, tiny_run_config, loop_corpus, tiny_proxy_dir, tmp_path_factory):
-    from iterit.config import config_from_dict
-    from iterit.loop import run
-
-    run_dir = tmp_path_factory.mktemp("proxy_uninterrupted") / "run"
-    out = run(
-        config_from_dict(_proxy_tree(tiny_run_config, loop_corpus, run_dir, tiny_proxy_dir)),
-        log=lambda *_: None,
-    )
-    return run_dir, out
-
-
 def test_config_of_the_proxy(tiny_run_config, loop_corpus, tmp_path):
     from iterit.config import config_from_dict
     from iterit.errors import IteritError
 
-    tree = _proxy_tree(tiny_run_config, loop_corpus, tmp_path, "some/proxy")
+    tree = proxy_tree(tiny_run_config, loop_corpus, tmp_path, "some/proxy")
     tree["scoring"]["proxy_chat_template"] = "chatml"
     cfg = config_from_dict(tree)
     proxy = cfg.proxy()
@@ -154,7 +136,7 @@ def test_a_driver_killed_in_the_proxy_pass_and_in_the_window_resumes_exactly(
     address = ray_local.get_runtime_context().gcs_address
     run_dir = tmp_path / "run"
     cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(_proxy_tree(tiny_run_config, loop_corpus, run_dir, tiny_proxy_dir)))
+    cfg_path.write_text(yaml.safe_dump(proxy_tree(tiny_run_config, loop_corpus, run_dir, tiny_proxy_dir)))
     manifest = run_dir / "manifest.json"
 
     _kill_when_running(_driver(["run", str(cfg_path)], address), manifest, "iter_0/proxy_score", delay=1.5)
@@ -214,7 +196,7 @@ def test_compare_runs_the_proxy_path(
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(line for line in open(loop_corpus).readlines()[:10]))
     cfg_path = tmp_path / "config.yaml"
-    tree = _proxy_tree(tiny_run_config, loop_corpus, tmp_path / "runs", tiny_proxy_dir, iterations=1)
+    tree = proxy_tree(tiny_run_config, loop_corpus, tmp_path / "runs", tiny_proxy_dir, iterations=1)
     cfg_path.write_text(yaml.safe_dump(tree))
     out = tmp_path / "cmp"
     argv = ["compare", str(cfg_path), "--methods", "iterit+proxy", "--heldout", str(heldout)]
@@ -240,7 +222,7 @@ def test_a_compares_plain_method_is_the_full_path(tiny_run_config, loop_corpus, 
     from iterit.compare import run_config
     from iterit.config import config_from_dict
 
-    cfg = config_from_dict(_proxy_tree(tiny_run_config, loop_corpus, tmp_path, "p"))
+    cfg = config_from_dict(proxy_tree(tiny_run_config, loop_corpus, tmp_path, "p"))
     plain, proxied = run_config(cfg, str(tmp_path), 7, "ifd"), run_config(cfg, str(tmp_path), 7, "ifd+proxy")
     assert plain.scoring.proxy_model is None and proxied.scoring.proxy_model == "p"
     assert plain.selection.method == proxied.selection.method == "ifd"
@@ -254,7 +236,7 @@ def test_proxy_variants_need_a_proxy_and_the_audit_takes_them(tiny_run_config, l
     from iterit.errors import IteritError
 
     plain = config_from_dict(tiny_run_config(loop_corpus, tmp_path))
-    with_proxy = config_from_dict(_proxy_tree(tiny_run_config, loop_corpus, tmp_path, "p"))
+    with_proxy = config_from_dict(proxy_tree(tiny_run_config, loop_corpus, tmp_path, "p"))
     assert split_method("ifd+proxy") == ("ifd", True) and split_method("ifd") == ("ifd", False)
     assert parse_methods("iterit,ifd+proxy", with_proxy) == ["iterit", "ifd+proxy"]
     with pytest.raises(IteritError, match="needs a proxy model: set scoring.proxy_model"):
@@ -278,7 +260,7 @@ def proxy_audited(ray_local, tiny_run_config, loop_corpus, tiny_proxy_dir, tmp_p
 
     tmp = tmp_path_factory.mktemp("proxy_audit")
     config = tmp / "audit.yaml"
-    config.write_text(yaml.safe_dump(_proxy_tree(tiny_run_config, loop_corpus, tmp / "run", tiny_proxy_dir)))
+    config.write_text(yaml.safe_dump(proxy_tree(tiny_run_config, loop_corpus, tmp / "run", tiny_proxy_dir)))
     argv = ["audit", str(config), "--seeds", "3", "--methods", "iterit,iterit+proxy", *AUDIT_NOISE]
     argv += ["--output", str(tmp / "out")]
     assert iterit_main(argv) == 0

@@ -170,3 +170,31 @@ def test_a_run_on_s3_killed_and_resumed_selects_as_a_local_run(
     finished(driver(s3_cluster, ["report", run], log), log)
     fs.invalidate_cache()
     assert fs.exists(f"{BUCKET}/runs/tiny/report/report.md")
+
+
+def test_a_run_with_a_proxy_on_s3_picks_as_a_local_one(
+    s3, s3_cluster, tiny_run_config, loop_corpus, tiny_proxy_dir, proxy_uninterrupted, tmp_path
+):
+    """The proxy's folders (iter_0/proxy/) on object storage, written by the cluster: iteration 0 picks
+    what the same config picks on local disk."""
+    from conftest import proxy_tree
+
+    _, fs = s3
+    run = f"s3://{BUCKET}/runs/proxy"
+    tree = proxy_tree(tiny_run_config, loop_corpus, run, tiny_proxy_dir, iterations=1)
+    (tmp_path / "proxy.yaml").write_text(yaml.safe_dump(tree))
+    finished(
+        driver(s3_cluster, ["run", tmp_path / "proxy.yaml"], tmp_path / "proxy.log"), tmp_path / "proxy.log"
+    )
+    fs.invalidate_cache()
+    got = [
+        json.loads(line)["id"]
+        for line in fs.cat_file(f"{BUCKET}/runs/proxy/iter_0/selection.jsonl").splitlines()
+    ]
+    local = proxy_uninterrupted[0] / "iter_0" / "selection.jsonl"
+    assert got == [json.loads(line)["id"] for line in open(local)]
+    import pyarrow.parquet as pq
+
+    parts = [p for p in fs.find(f"{BUCKET}/runs/proxy/iter_0/proxy/scores") if p.endswith(".parquet")]
+    ids = [i for p in parts for i in pq.read_table(fs.open(p, "rb"), columns=["id"]).column("id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 60  # the proxy scored all N, each id once

@@ -43,17 +43,19 @@ def scoring_dataset(
     prior: bool = True,
     resuming: bool = False,
     fit_under: Config | None = None,
+    source=None,
 ):
     """The lazy Ray Dataset of scored rows (nothing runs until it is consumed). `prior=False`: the
     conditional pass only (held-out loss), no IFD and no embeddings. `resuming`: Ray Data will add its
     checkpoint filter, an actor that holds a CPU of its own. `fit_under` (a proxy's pass): rows must
-    also fit under that config's model and template (actor.template_rows)."""
+    also fit under that config's model and template (actor.template_rows). `source`: a Ray Dataset of
+    samples (id, messages) to score instead of reading `samples_path` (iterit.score)."""
     import ray
 
     sc = cfg.scoring
     # Reading and templating are the CPU stages: both take template_cpus, so with 0 they run beside
     # actors that hold every CPU of a one-machine Ray instead of waiting for them forever.
-    ds = ray.data.read_parquet(samples_path, num_cpus=sc.template_cpus)
+    ds = source if source is not None else ray.data.read_parquet(samples_path, num_cpus=sc.template_cpus)
     if only_ids is not None:  # later iterations re-score a window of the corpus
         wanted = pa.array(only_ids, pa.string())
         ds = ds.map_batches(

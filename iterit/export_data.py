@@ -105,8 +105,9 @@ class Source:
     selections: dict[int, SelectionFiles]  # iteration -> its selection (one entry for `iterit select`)
 
 
-def find_source(run: str | None, selection: str | None) -> Source:
-    """A run directory (its iterations' selections) or an `iterit select --output` folder."""
+def find_source(run: str | None, selection: str | None, samples: str | None = None) -> Source:
+    """A run directory (its iterations' selections) or an `iterit select --output` folder; `samples`: the
+    samples' Parquet file of a selection folder that holds none (iterit.select writes only the picks)."""
     if (run is None) == (selection is None):
         raise IteritError(
             "give a run directory or --selection DIR (the --output of `iterit select`), not both"
@@ -115,7 +116,13 @@ def find_source(run: str | None, selection: str | None) -> Source:
         files = SelectionFiles(selection)
         if not filesystem(files.selection)[0].exists(filesystem(files.selection)[1]):
             raise IteritError(f"{files.selection}: no selection here; give the --output of `iterit select`")
-        return Source(join(selection, "ingest", "samples.parquet"), {0: files})
+        samples = samples or join(selection, "ingest", "samples.parquet")
+        if not filesystem(samples)[0].exists(filesystem(samples)[1]):
+            raise IteritError(
+                f"{samples}: no samples beside this selection; give the samples' Parquet file (--samples, "
+                "or iterit.export(..., samples=...))"
+            )
+        return Source(samples, {0: files})
     rd = RunDir(run)
     if not rd.exists():
         raise IteritError(f"{run}: not a run directory (no manifest.json); give `iterit run`'s output_dir")
@@ -305,7 +312,7 @@ def export(
     for name, picks in tables.items():
         target = output if len(tables) == 1 else join(output, name)
         fs, target_path = filesystem(target)
-        ds = ray.data.read_parquet(source.samples).select_columns(["id", "messages"])
+        ds = ray.data.read_parquet(cluster.absolute(source.samples)).select_columns(["id", "messages"])
         ds = ds.map_batches(
             _KeepPicks, fn_constructor_args=(picks, fmt, plain), batch_format="pyarrow", concurrency=(1, cpus)
         ).materialize()  # k rows, on the cluster: counted, then sorted and written
@@ -320,7 +327,8 @@ def export(
                 "among the samples; was this selection made on another corpus?"
             )
         ds = ds.filter(expr=col("refused") == "").sort("sort_key").drop_columns(["sort_key", "refused"])
-        parts = target if single is None else f"{target}.parts-{uuid.uuid4().hex[:8]}"
+        # The workers write the parts: a relative path would land in their own working directories.
+        parts = cluster.absolute(target if single is None else f"{target}.parts-{uuid.uuid4().hex[:8]}")
         if single is not None:
             ds = ds.repartition(1)  # without a shuffle: the sorted blocks, concatenated in order
         if fmt == "hf":
