@@ -236,6 +236,35 @@ def test_scoring_with_one_actor_per_node(ray_local, two_nodes, tiny_model_dir, c
             assert r[k] == pytest.approx(one[r["id"]][k], rel=1e-6, abs=1e-9)
 
 
+def test_a_run_with_a_proxy_on_two_nodes_picks_as_one_node(
+    ray_local, two_nodes, tiny_run_config, loop_corpus, tiny_proxy_dir, proxy_uninterrupted, tmp_path, python
+):
+    """Iteration 0 with scoring.proxy_model, a scoring actor on each node for both passes (the proxy's over
+    all N, the base model's over the window): every id once in each, the picks of the one-node run."""
+    from conftest import proxy_tree
+
+    tree = proxy_tree(tiny_run_config, loop_corpus, tmp_path / "run", tiny_proxy_dir, iterations=1)
+    tree["scoring"] = {
+        **tree["scoring"],
+        "min_actors": 2,
+        "max_actors": 2,
+        "resources_per_actor": {"slot": 1},
+    }
+    before = set(placement(two_nodes, SCORER))
+    log = tmp_path / "run.log"
+    finished(
+        python(two_nodes, ["-m", "iterit", "run", write_config(tmp_path / "proxy.yaml", tree)], log), log
+    )
+    assert set(placement(two_nodes, SCORER, before).values()) == set(two_nodes.alive())
+    proxy_ids = scored_ids(tmp_path / "run" / "iter_0" / "proxy")
+    assert len(proxy_ids) == len(set(proxy_ids)) == 60
+    window = scored_ids(tmp_path / "run" / "iter_0")
+    assert len(window) == len(set(window)) == 12  # W = k x update_ratio = 6 x 2
+    local = proxy_uninterrupted[0] / "iter_0" / "selection.jsonl"
+    picks = [json.loads(line)["id"] for line in open(tmp_path / "run" / "iter_0" / "selection.jsonl")]
+    assert picks == [json.loads(line)["id"] for line in open(local)]
+
+
 # --------------------------------------------------------------------------------------------
 # Storage a node cannot see
 
