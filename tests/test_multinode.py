@@ -255,7 +255,11 @@ def test_a_run_with_a_proxy_on_two_nodes_picks_as_one_node(
     finished(
         python(two_nodes, ["-m", "iterit", "run", write_config(tmp_path / "proxy.yaml", tree)], log), log
     )
-    assert set(placement(two_nodes, SCORER, before).values()) == set(two_nodes.alive())
+    # The proxy pass's 60 rows are 4 blocks (batch_size 16), one actor's work on each node; the window's
+    # 12 rows are one block, so its second actor may end unplaced (node None) when the pass is done.
+    actors = placement(two_nodes, SCORER, before)
+    placed = {node for node in actors.values() if node is not None}
+    assert placed == set(two_nodes.alive()), actors
     proxy_ids = scored_ids(tmp_path / "run" / "iter_0" / "proxy")
     assert len(proxy_ids) == len(set(proxy_ids)) == 60
     window = scored_ids(tmp_path / "run" / "iter_0")
