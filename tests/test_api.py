@@ -20,13 +20,20 @@ def examples() -> list[str]:
 
 
 def test_import_iterit_loads_neither_torch_nor_ray():
+    """Nor pydantic: the GPU check imports iterit.scoring.losses where only torch and transformers are.
+    The API's functions load on first use, and are the API's own."""
     import subprocess
 
-    code = (
-        "import iterit, sys; print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))"
-    )
+    heavy = "('torch', 'ray', 'transformers', 'pydantic')"
+    code = f"import iterit, sys; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+    import iterit
+    import iterit.api
+
+    assert [getattr(iterit, n) for n in iterit.API] == [getattr(iterit.api, n) for n in iterit.API]
+    with pytest.raises(AttributeError):
+        iterit.frobnicate  # noqa: B018
 
 
 @pytest.fixture()
