@@ -239,6 +239,15 @@ def run(
         str | None, typer.Option("--resume", help="Continue the run in this directory.")
     ] = None,
     set: SetOpt = None,
+    take_over: Annotated[
+        bool,
+        typer.Option(
+            "--take-over",
+            help="With --resume: take the run's lock from a driver that looks alive (one on a host that "
+            "died); a holder that is gone on this host, or silent for ITERIT_LOCK_STALE_S, is taken over "
+            "without it.",
+        ),
+    ] = False,
 ) -> None:
     """The whole loop: ingest, then per iteration score -> select -> train -> export; then the report."""
     from iterit.config import load_config
@@ -248,7 +257,11 @@ def run(
         raise IteritError("give a CONFIG for a fresh run or --resume RUN for a stopped one (not both)")
     if resume and set:
         raise IteritError("--set cannot change a run being resumed: its saved config.yaml decides")
-    out = run_loop(load_config(config, set) if config else None, resume=resume, log=typer.echo)
+    if take_over and not resume:
+        raise IteritError("--take-over goes with --resume RUN: a fresh run has no lock to take")
+    out = run_loop(
+        load_config(config, set) if config else None, resume=resume, log=typer.echo, take_over=take_over
+    )
     typer.echo(format_iterations(out["iterations"]) + f"\nrun: {out['run_dir']}\nreport: {out['report']}")
 
 

@@ -42,6 +42,7 @@ from iterit.config import Config, config_from_dict, save_config
 from iterit.errors import IteritError
 from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_parquet
 from iterit.rundir import Manifest, RunDir, ScoreFiles, iter_scores, iteration_key, stage_name
+from iterit.runlock import RunLock
 from iterit.selection.stage import (
     diversity_inputs,
     pick_progress,
@@ -297,13 +298,23 @@ def _open(cfg: Config | None, resume: str | None) -> tuple[Config, RunDir, Manif
     return cfg, run, Manifest.create(run, seed=cfg.seed, iterations=cfg.iterations)
 
 
-def run(cfg: Config | None = None, resume: str | None = None, log=print) -> dict:
-    """The whole loop. `cfg` starts a fresh run in cfg.output_dir; `resume` continues RUN."""
+def run(cfg: Config | None = None, resume: str | None = None, log=print, take_over: bool = False) -> dict:
+    """The whole loop. `cfg` starts a fresh run in cfg.output_dir; `resume` continues RUN. The driver holds
+    the run's lock throughout (iterit.runlock): a second driver on the same run refuses; `take_over`
+    takes the lock from a holder that looks alive."""
+    if resume:
+        Manifest.load(RunDir(resume))  # not a run: its one-line error, before the lock makes a folder
+    with RunLock(resume or cfg.output_dir).held(take_over, log) as lock:
+        return _run_locked(cfg, resume, log, lock)
+
+
+def _run_locked(cfg: Config | None, resume: str | None, log, lock: RunLock) -> dict:
     from iterit.data import ingest
     from iterit.report import write_report
     from iterit.templates import load_tokenizer
 
     cfg, run, manifest = _open(cfg, resume)
+    manifest.guard = lock.check
     cluster.connect()
     log(cluster.logs_line(run.path))
     preflight(cfg, run, log)

@@ -227,6 +227,11 @@ class RunDir:
         return join(self.path, "manifest.json")
 
     @property
+    def lock(self) -> str:
+        """The driver that holds the run (iterit.runlock)."""
+        return join(self.path, "lock.json")
+
+    @property
     def ingest(self) -> str:
         return join(self.path, "ingest")
 
@@ -335,6 +340,7 @@ class Manifest:
 
     def __init__(self, run: RunDir, data: dict):
         self.run_dir, self.data = run, data
+        self.guard = None  # called before each save: the run lock's check, so a driver taken over stops
 
     @classmethod
     def create(
@@ -368,6 +374,8 @@ class Manifest:
         return cls.load(run) if run.exists() else cls.create(run, **create)
 
     def save(self) -> None:
+        if self.guard is not None:
+            self.guard()
         atomic_write_text(self.run_dir.manifest, json.dumps(self.data, indent=2) + "\n")
 
     @property

@@ -153,9 +153,13 @@ def test_killed_driver_resumes_to_the_same_selections(
     assert stages["iter_1/score"]["status"] == "done" and stages["iter_1/train"]["status"] == "running"
     first_finished = {k: v["finished"] for k, v in stages.items() if v["status"] == "done"}
 
-    run(resume=str(run_dir), log=lambda *_: None)
+    said = []
+    run(resume=str(run_dir), log=said.append)
     stages = json.loads(manifest.read_text())["stages"]
     assert all(s["status"] == "done" for s in stages.values())
+    # the killed driver's lock was taken over (its process is gone), and released at the end
+    assert [line for line in said if line.startswith("[lock] took over")], said[:5]
+    assert not (run_dir / "lock.json").exists()
     # finished stages were not redone
     assert all(stages[k]["finished"] == t for k, t in first_finished.items())
     assert _selections(run_dir) == _selections(uninterrupted[0])

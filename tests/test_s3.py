@@ -198,3 +198,35 @@ def test_a_run_with_a_proxy_on_s3_picks_as_a_local_one(
     parts = [p for p in fs.find(f"{BUCKET}/runs/proxy/iter_0/proxy/scores") if p.endswith(".parquet")]
     ids = [i for p in parts for i in pq.read_table(fs.open(p, "rb"), columns=["id"]).column("id").to_pylist()]
     assert len(ids) == len(set(ids)) == 60  # the proxy scored all N, each id once
+
+
+def test_the_run_lock_on_s3_refuses_a_second_driver_and_takes_over_a_killed_one(s3, monkeypatch):
+    """RUN/lock.json on object storage: written, read back after the settle time (no create-if-absent
+    there); a live holder (a second process) refuses this driver, its SIGKILL lets this one take over."""
+    from test_runlock import HOLDER
+
+    from iterit.errors import IteritError
+    from iterit.runlock import RunLock
+
+    env, fs = s3
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    run = f"s3://{BUCKET}/locked-run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, run], stdout=subprocess.PIPE, text=True, env={**os.environ, **env}
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(IteritError, match=f"pid {holder.pid} on host "):
+            RunLock(run).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    said = []
+    lock = RunLock(run)
+    with lock.held(log=said.append):
+        assert len(said) == 1 and "its process is gone" in said[0]
+        fs.invalidate_cache()
+        assert json.loads(fs.cat_file(f"{BUCKET}/locked-run/lock.json"))["token"] == lock.token
+    fs.invalidate_cache()
+    assert not fs.exists(f"{BUCKET}/locked-run/lock.json")
