@@ -723,10 +723,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.ClickException as e:
-        e.show()
+    except (click.ClickException, typer.exceptions.TyperException) as e:
+        # A usage error (an unknown option or command): the usage line, click's suggestion, code 2.
+        # Typer >= 0.19 raises its own copy of click's exceptions, whose base is TyperException.
+        e.show() if hasattr(e, "show") else print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except (click.Abort, KeyboardInterrupt):
+    except (click.Abort, typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # a bug: one line by default, the traceback with --debug

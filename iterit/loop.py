@@ -273,6 +273,11 @@ def preflight(cfg: Config, run: RunDir, log=print) -> None:
     check_available(cfg.report_to)
 
 
+def selection_check(files) -> callable:
+    """A done selection stage's check (Manifest.run): its picks and order still read, with its counts."""
+    return lambda r: files.damage(r["k"], r["samples"]) if {"k", "samples"} <= r.keys() else None
+
+
 def read_run_config(run: RunDir) -> Config:
     """The run's config.yaml (local or an fsspec URI): the config a resumed run goes on with."""
     fs, p = filesystem(run.config)
@@ -338,7 +343,10 @@ def _run_locked(cfg: Config | None, resume: str | None, log, lock: RunLock) -> d
         name = functools.partial(stage_name, e)
         if e == 0 and cfg.scoring.proxy_model:
             p = manifest.run(
-                name("proxy_score"), functools.partial(proxy_score_stage, cfg, run, samples, log), log
+                name("proxy_score"),
+                functools.partial(proxy_score_stage, cfg, run, samples, log),
+                log,
+                check=lambda _: run.proxy_scoring().damage(),
             )
             log(
                 f"[{name('proxy_score')}] {p['scored']:,} scored by the proxy {cfg.scoring.proxy_model}, "
@@ -348,12 +356,18 @@ def _run_locked(cfg: Config | None, resume: str | None, log, lock: RunLock) -> d
                 name("proxy_select"),
                 functools.partial(select_stage, cfg, run, 0, samples, eos, log, proxy=True),
                 log,
+                check=selection_check(run.proxy_selection()),
             )
             log(
                 f"[{name('proxy_select')}] the proxy's order of {p['candidates']:,} candidates; "
                 f"the base model re-scores its first {cfg.proxy_window(ing['accepted']):,}"
             )
-        s = manifest.run(name("score"), functools.partial(score_stage, cfg, run, e, samples, log), log)
+        s = manifest.run(
+            name("score"),
+            functools.partial(score_stage, cfg, run, e, samples, log),
+            log,
+            check=lambda _, e=e: run.scoring(e).damage(),
+        )
         if s.get("reused_from"):
             log(
                 f"[{name('score')}] {s['scored']:,} of the window keep {s['reused_from']}'s scores "
@@ -365,7 +379,10 @@ def _run_locked(cfg: Config | None, resume: str | None, log, lock: RunLock) -> d
                 f"{s['tokens_per_s']:,.0f} tokens/s"
             )
         sel = manifest.run(
-            name("select"), functools.partial(select_stage, cfg, run, e, samples, eos, log), log
+            name("select"),
+            functools.partial(select_stage, cfg, run, e, samples, eos, log),
+            log,
+            check=selection_check(run.selection(e)),
         )
         log(
             f"[{name('select')}] {sel['k']:,} of {sel['window']:,} picked ({sel['candidates']:,} candidates) "

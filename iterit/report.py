@@ -646,7 +646,10 @@ def _blocks(run: Run, plots: list[tuple[str, str]], skipped: list[str]) -> list[
     stages = [
         [
             name,
-            st.get("status", "-"),
+            # the report stage is this page being written: "running" in the manifest until it is saved
+            "done (this page)"
+            if name == "report" and st.get("status") == "running"
+            else st.get("status", "-"),
             st.get("started", "-"),
             _fmt(_seconds(st), ",.1f"),
             _throughput(name, st),

@@ -108,6 +108,10 @@ class ScoreFiles:
         """The scored rows (rejects left out), only `columns` (all when None)."""
         return read_scores(self.written, columns)
 
+    def damage(self) -> str | None:
+        """The first scores part that cannot be trusted (one line naming it), or None."""
+        return next(filter(None, map(part_damage, score_parts(self.scores))), None)
+
 
 def score_parts(path: str) -> list[str]:
     """The Parquet parts of a scores folder (URIs as given), sorted; [] when there is none."""
@@ -116,6 +120,22 @@ def score_parts(path: str) -> list[str]:
         return []
     found = sorted(f for f in fs.find(p) if f.endswith(".parquet"))
     return [fs.unstrip_protocol(f) for f in found] if "://" in path else found
+
+
+def part_damage(part: str) -> str | None:
+    """Why a Parquet file (a scores part, an order) cannot be trusted (one line naming it), or None:
+    its footer must read and hold the row count of its row groups. A part cut short by a node lost
+    mid-write, or damaged on disk later, fails here; one that reads is whole (the footer is written
+    last)."""
+    fs, p = filesystem(part)
+    try:
+        with fs.open(p, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        if meta.num_rows != sum(meta.row_group(i).num_rows for i in range(meta.num_row_groups)):
+            return f"{part}: damaged (its row groups do not add up to its row count)"
+    except Exception as e:  # pyarrow's ArrowInvalid, an OSError of the filesystem, ...
+        return f"{part}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
 
 
 def iter_scores(path: str, columns: list[str] | None = None, scored_only: bool = True):
@@ -189,6 +209,23 @@ class SelectionFiles:
         )
         with atomic_open(self.order) as f:
             pq.write_table(table, f)
+
+    def damage(self, k: int, n: int) -> str | None:
+        """Why these files cannot be trusted as a selection of k picks in an order of n ids (one line
+        naming the file), or None: selection.jsonl parses into ranks 0..k-1, order.parquet reads with n
+        rows. Both are written atomically, so damage means a disk or a hand went wrong afterwards."""
+        try:
+            ranks = [r["rank"] for r in read_jsonl(self.selection, missing_ok=False)]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{self.selection} does not read ({type(e).__name__}: {str(e)[:120]})"
+        if ranks != list(range(k)):
+            return f"{self.selection} holds {len(ranks):,} picks in ranks other than 0..{k - 1}"
+        if problem := part_damage(self.order):
+            return problem
+        fs, p = filesystem(self.order)
+        with fs.open(p, "rb") as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        return None if rows == n else f"{self.order} holds {rows:,} ids, not the {n:,} of the order"
 
     def read_selection(self, missing_ok: bool = True) -> list[dict]:
         return read_jsonl(self.selection, missing_ok=missing_ok)
@@ -386,11 +423,15 @@ class Manifest:
         rec = self.stages.get(name)
         return rec["result"] if rec and rec["status"] == "done" else None
 
-    def run(self, name: str, fn, log=print) -> dict:
-        """Run stage `name` unless it is done; record status, timing and result (or the error)."""
+    def run(self, name: str, fn, log=print, check=None) -> dict:
+        """Run stage `name` unless it is done; record status, timing and result (or the error).
+        `check(result)`: why a done stage's files cannot be trusted (None when they can); such a stage
+        is named in one line and run again."""
         if (result := self.done(name)) is not None:
-            log(f"[{name}] done earlier, skipped")
-            return result
+            if check is None or (problem := check(result)) is None:
+                log(f"[{name}] done earlier, skipped")
+                return result
+            log(f"[{name}] done earlier, but {problem}: running it again")
         rec = {"status": "running", "started": _now()}
         self.stages[name] = rec
         self.save()

@@ -90,6 +90,24 @@ def test_errors_are_one_line_without_traceback(argv, message, capsys):
     assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "usage", "error"),
+    [
+        (["select", "--bogus"], "Usage: iterit select [OPTIONS]", "Error: No such option: --bogus"),
+        (
+            ["selec"],
+            "Usage: iterit [OPTIONS] COMMAND",
+            "Error: No such command 'selec'. Did you mean 'select'?",
+        ),
+        (["frobnicate"], "Usage: iterit [OPTIONS] COMMAND", "Error: No such command 'frobnicate'."),
+    ],
+)
+def test_a_usage_error_prints_the_usage_and_clicks_suggestion(argv, usage, error, capsys):
+    """Not "internal error: NoSuchOption": the usage line, the help hint, the error, and code 2."""
+    code, _, err = run(argv, capsys)
+    assert code == 2 and err.startswith(usage) and error in err and "internal error" not in err, err
+
+
 def test_debug_shows_the_traceback():
     res = subprocess.run(
         [

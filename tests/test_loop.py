@@ -268,3 +268,37 @@ def test_prune_checkpoint_removes_only_a_superseded_directory(tmp_path):
     assert not old.exists() and new.exists() and len(said) == 1 and "keep_checkpoints: all" in said[0]
     prune_checkpoint(str(old), keep=str(new), log=said.append)  # already gone: nothing to do
     assert len(said) == 1
+
+
+def test_damaged_files_of_done_stages_are_named_and_redone_on_resume(uninterrupted, ray_local, tmp_path):
+    """A finished run whose files were damaged afterwards (a cut selection.jsonl, a scores part without
+    its footer): `--resume` names each in one line, runs those stages again, and ends with the
+    uninterrupted run's selections and every id once in the scores."""
+    import shutil
+
+    from iterit.loop import run
+    from iterit.rundir import iter_scores, score_parts
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+    picks = run_dir / "iter_0" / "selection.jsonl"
+    picks.write_bytes(picks.read_bytes()[: picks.stat().st_size // 2])
+    part = Path(score_parts(str(run_dir / "iter_1" / "scores"))[0])
+    part.write_bytes(part.read_bytes()[:-20])
+    said = []
+    run(resume=str(run_dir), log=said.append)
+    redone = [line for line in said if "done earlier, but" in line]
+    assert len(redone) == 2, said
+    assert redone[0].startswith(f"[iter_0/select] done earlier, but {picks} ")
+    assert redone[1].startswith(f"[iter_1/score] done earlier, but {part}: damaged (")
+    assert "[iter_1/select] done earlier, skipped" in said and "[iter_0/score] done earlier, skipped" in said
+    assert _selections(run_dir) == _selections(uninterrupted[0])
+    ids = [
+        i for t in iter_scores(str(run_dir / "iter_1" / "scores"), ["id"], False) for i in t["id"].to_pylist()
+    ]
+    original = [
+        i
+        for t in iter_scores(str(uninterrupted[0] / "iter_1" / "scores"), ["id"], False)
+        for i in t["id"].to_pylist()
+    ]
+    assert sorted(ids) == sorted(original) and len(ids) == len(set(ids))

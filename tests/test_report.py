@@ -245,6 +245,17 @@ def test_full_run_plots(tmp_path):
         assert f"]({name})" in md and f'src="{name}"' in page
 
 
+def test_the_report_stage_being_written_is_not_listed_as_running(tmp_path):
+    """write_report runs inside the manifest's "report" stage, recorded as running until it returns: the
+    page says so in its own words, and a finished run's page stays "complete"."""
+    run, manifest = make_run(tmp_path)
+    manifest["stages"]["report"] = {"status": "running", "started": "2026-11-25T13:05:00Z"}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    md = open(write_report(str(run))["report"]).read()
+    assert _table_row(md, "report").split("|")[2].strip() == "done (this page)"
+    assert "complete." in md and "running" not in _table_row(md, "report")
+
+
 def test_partial_run_reports_what_is_missing(tmp_path):
     run, manifest = make_run(tmp_path, iterations=3)
     # Only ingest and iteration 0's scoring finished; training "runs" without any step logged yet.

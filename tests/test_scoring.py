@@ -2,16 +2,18 @@
 (every id exactly once, a crashed actor restarted); the command line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from iterit.config import DatasetConfig, config_from_dict
 from iterit.data import ingest, read_samples
 from iterit.errors import RowError
-from iterit.rundir import read_scores
+from iterit.rundir import read_scores, score_parts
 from iterit.scoring import losses
 from iterit.scoring.actor import load_model
 from iterit.scoring.losses import plan_micro_batches, reference_scores, score_templated
@@ -283,3 +285,57 @@ def test_custom_resources_per_actor_are_checked_and_validated(ray_local, monkeyp
     for bad, says in [({"CPU": 1}, "cpus_per_actor"), ({"scorer": -1}, ">= 0")]:
         with pytest.raises(IteritError, match=says):
             scoring_config("m", "o", resources_per_actor=bad)
+
+
+@pytest.fixture(scope="module")
+def scored_once(ray_local, tiny_model_dir, templated, tmp_path_factory):
+    """A finished scoring folder of `templated` (no embeddings): the one the damage tests copy and cut."""
+    from iterit.scoring.pipeline import run_scoring
+
+    out = tmp_path_factory.mktemp("scored_once")
+    cfg = scoring_config(tiny_model_dir, out, embeddings=False)
+    return out, run_scoring(cfg, templated[0], str(out), log=lambda *_: None)
+
+
+@pytest.mark.parametrize("stopped", ["finished", "mid-stage"])
+def test_a_damaged_part_is_named_removed_and_its_ids_scored_again(
+    ray_local, tiny_model_dir, templated, scored_once, tmp_path, stopped
+):
+    """A part cut short (its footer gone, as a node lost mid-write leaves it) is never trusted on the next
+    run: one line names it, it is removed, and the ids no readable part holds are scored again, once,
+    to the numbers of the whole run; in a finished folder and in one whose id checkpoint remains."""
+    import shutil
+
+    from iterit.scoring.pipeline import run_scoring
+
+    done, first = scored_once
+    shutil.copytree(done, tmp_path, dirs_exist_ok=True)
+    cols = ["id", "loss_cond", "loss_prior", "reject"]
+    whole = {r["id"]: r for r in iter_all(first["scores"], cols)}
+    parts = score_parts(str(tmp_path / "scores"))
+    assert len(parts) > 1
+    cut = Path(parts[1])
+    lost = pq.read_table(cut, columns=["id"]).column("id").to_pylist()
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    if stopped == "mid-stage":  # Ray Data's checkpoint folder of a stage stopped halfway
+        (tmp_path / "scores.checkpoint").mkdir()
+    said = []
+    cfg = scoring_config(tiny_model_dir, tmp_path, embeddings=False)
+    again = run_scoring(cfg, templated[0], str(tmp_path), log=said.append)
+    damaged = [line for line in said if "damaged (" in line]
+    assert len(damaged) == 1 and damaged[0].strip().startswith(f"{cut}: damaged ("), said
+    assert f"{len(lost):,} ids to score again" in "\n".join(said)
+    rows = iter_all(again["scores"], cols)
+    assert sorted(r["id"] for r in rows) == sorted(whole)  # every id once
+    for r in rows:
+        assert r["reject"] == whole[r["id"]]["reject"]
+        if not r["reject"]:
+            assert r["loss_cond"] == pytest.approx(whole[r["id"]]["loss_cond"], rel=1e-6)
+    assert again["rows"] == first["rows"] and again["scored_rows"] == len(lost)
+    assert not cut.exists() and not (tmp_path / "scores.checkpoint").exists()
+
+
+def iter_all(path, columns):
+    from iterit.rundir import iter_scores
+
+    return [r for t in iter_scores(path, columns, scored_only=False) for r in t.to_pylist()]

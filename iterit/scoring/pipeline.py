@@ -21,11 +21,12 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from iterit import cluster
 from iterit.config import Config
-from iterit.io import atomic_open, atomic_write_text, filesystem
-from iterit.rundir import ScoreFiles, iter_scores, score_parts
+from iterit.io import atomic_open, atomic_write_text, filesystem, read_parquet
+from iterit.rundir import ScoreFiles, id_array, iter_scores, part_damage, score_parts
 from iterit.scoring.actor import Scorer, template_rows
 
 
@@ -134,15 +135,21 @@ def run_scoring(
             if fs.exists(p):
                 fs.rm(p, recursive=True)
     before = set(score_parts(files.scores))
+    damaged = []
+    for part in sorted(before):  # a part that does not read is never trusted: removed, its ids redone
+        if why := part_damage(part):
+            log(f"  {why}; its rows are scored again")
+            damaged.append(part)
+    if damaged:
+        only_ids = ids_to_rescore(files, damaged, samples_path, only_ids, log)
+        before -= set(damaged)
     t0 = time.perf_counter()
-    if before and not fs.exists(checkpoint):
+    if (before and not fs.exists(checkpoint) and not damaged) or (damaged and not only_ids):
         log(f"  {files.scores} is complete (an earlier attempt finished it): summarising it")
     else:
         if before:
             log(f"  resuming {files.scores}: the ids of its {len(before):,} parts are not scored again")
         fs.makedirs(checkpoint, exist_ok=True)  # marks an attempt under way; Ray Data deletes it at the end
-        import pyarrow.parquet as pq
-
         from iterit.progress import scoring_progress
 
         if only_ids is not None:
@@ -179,6 +186,29 @@ def run_scoring(
 
         check_template_failures(summary["rows"], 0, template_failures(files.rejects), cfg.system_prompt)
     return summary
+
+
+def ids_to_rescore(files: ScoreFiles, damaged: list[str], samples_path: str, only_ids, log) -> list[str]:
+    """After damaged parts: delete them and Ray Data's id checkpoint (it may list their ids as written),
+    and return the ids of the stage (`only_ids`, or every sample) that no readable part holds. The next
+    attempt scores those into the same folder, so every id is again in exactly one part. The only place
+    the driver holds the stage's ids: a repair, not the normal path."""
+    fs, _ = filesystem(files.scores)
+    for part in damaged:
+        fs.rm(filesystem(part)[1])
+    _, checkpoint = filesystem(files.checkpoint)
+    if fs.exists(checkpoint):
+        fs.rm(checkpoint, recursive=True)
+    wanted = (
+        id_array(only_ids)
+        if only_ids is not None
+        else read_parquet(samples_path, columns=["id"]).column("id")
+    )
+    present = [t.column("id") for t in iter_scores(files.scores, ["id"], scored_only=False)]
+    held = pa.chunked_array(present, pa.string()) if present else pa.chunked_array([], pa.string())
+    missing = pc.filter(wanted, pc.invert(pc.is_in(wanted, value_set=held.combine_chunks())))
+    log(f"  {len(damaged):,} damaged part(s) removed: {len(missing):,} ids to score again")
+    return missing.to_pylist()
 
 
 @contextlib.contextmanager
