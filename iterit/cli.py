@@ -5,6 +5,7 @@ Errors print one line (what, where, how to fix) and exit 2; `iterit --debug ...`
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Annotated
@@ -14,6 +15,7 @@ import typer
 
 from iterit.cluster import VERBOSE_ENV
 from iterit.errors import IteritError
+from iterit.io import no_space
 
 app = typer.Typer(
     add_completion=False,
@@ -708,6 +710,17 @@ def command_names() -> list[str]:
     return sorted(c.name or c.callback.__name__ for c in app.registered_commands)
 
 
+def disk_full(e: BaseException) -> OSError | None:
+    """The ENOSPC OSError in an exception's chain (causes, contexts, a RayTaskError's cause), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+        e = e.__cause__ or e.__context__ or getattr(e, "cause", None)
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -734,6 +747,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug: one line by default, the traceback with --debug
         if debug:
             raise
+        if full := disk_full(e):  # a Ray worker's write (Ray wraps it): the disk, not a bug
+            print(f"error: {no_space(full.filename or 'a write')}", file=sys.stderr)
+            sys.exit(2)
         print(
             f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr
         )

@@ -7,6 +7,7 @@ leaves a half file that looks whole (DESIGN section 3).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -17,6 +18,8 @@ from typing import IO
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from iterit.errors import IteritError
 
 
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -44,10 +47,28 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
         with fs.open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
             yield f
         fs.mv(tmp, p)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(Exception):
             fs.rm(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise no_space(path) from e
         raise
+
+
+def no_space(path: str) -> IteritError:
+    """The one line for a write that found its disk full: the path, the free space left, what to do."""
+    free = ""
+    if "://" not in str(path):
+        at = os.path.dirname(os.path.abspath(os.path.expanduser(str(path))))
+        while at and not os.path.exists(at):
+            at = os.path.dirname(at)
+        with contextlib.suppress(OSError):
+            usage = shutil.disk_usage(at)
+            free = f" ({usage.free / 2**30:,.2f} GiB free of {usage.total / 2**30:,.1f} GiB on {at})"
+    return IteritError(
+        f"{path}: no space left on the device{free}; nothing half-written was kept: free space, then "
+        "resume (`iterit run --resume RUN`; a stage goes on where it stopped)"
+    )
 
 
 def read_parquet(path: str, schema=None, columns: list[str] | None = None):

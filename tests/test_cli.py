@@ -168,3 +168,23 @@ def test_ray_job_entrypoint_runs_the_same_ingest(hostile_corpus, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["accepted"] == 3
+
+
+def test_a_full_disk_deep_in_a_chain_is_found():
+    """A Ray worker's ENOSPC reaches the driver wrapped (a RayTaskError's cause, a chained exception):
+    main() prints it as the disk-full line, not as an internal error."""
+    import errno
+
+    from iterit.cli import disk_full
+
+    class Wrapped(Exception):  # as RayTaskError keeps the worker's exception
+        def __init__(self, cause):
+            super().__init__("task failed")
+            self.cause = cause
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/run/iter_0/scores/part-3.parquet")
+    try:
+        raise RuntimeError("the write failed") from Wrapped(full)
+    except RuntimeError as e:
+        assert disk_full(e) is full
+    assert disk_full(RuntimeError("x")) is None and disk_full(OSError(errno.EACCES, "denied")) is None

@@ -302,3 +302,44 @@ def test_damaged_files_of_done_stages_are_named_and_redone_on_resume(uninterrupt
         for i in t["id"].to_pylist()
     ]
     assert sorted(ids) == sorted(original) and len(ids) == len(set(ids))
+
+
+def test_a_full_disk_stops_the_stage_with_one_line_and_a_resume_finishes_it(
+    uninterrupted, ray_local, tmp_path, monkeypatch
+):
+    """ENOSPC injected into the order's write (iter_1/select run again): the stage fails with one line
+    naming the file and the free space, leaves no temporary file, and a resume once space is back ends
+    with the uninterrupted run's selections."""
+    import errno
+    import shutil
+
+    import iterit.rundir
+    from iterit.errors import IteritError
+    from iterit.loop import run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    del manifest["stages"]["iter_1/select"]
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    def full(table, where, **_):
+        where.write(b"PAR1")  # a few bytes made it before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(iterit.rundir.pq, "write_table", full)
+        with pytest.raises(IteritError) as e:
+            run(resume=str(run_dir), log=lambda *_: None)
+    line = str(e.value)
+    assert (
+        line.startswith(f"{run_dir}/iter_1/order.parquet: no space left on the device (")
+        and "GiB free" in line
+    )
+    assert "\n" not in line and "--resume" in line
+    assert (
+        json.loads((run_dir / "manifest.json").read_text())["stages"]["iter_1/select"]["status"] == "failed"
+    )
+    assert not list(run_dir.rglob("*.tmp-*"))
+    run(resume=str(run_dir), log=lambda *_: None)
+    assert _selections(run_dir) == _selections(uninterrupted[0])
