@@ -33,7 +33,7 @@ from iterit.config import DEFAULT_SYSTEM_PROMPT, DatasetConfig
 from iterit.errors import IteritError, RowError
 from iterit.io import atomic_open, atomic_write_text, filesystem, join, read_parquet
 
-# The fixed vocabulary of reject reasons (DESIGN section 3); later stages add theirs here too.
+# The fixed vocabulary of reject reasons (docs/architecture.md section 3); later stages add theirs here too.
 REJECT_REASONS = {
     "unreadable_file": "the file could not be opened or decoded as its format (e.g. a corrupt Parquet file)",
     "invalid_json": "the line or array element is not valid JSON",
@@ -555,7 +555,7 @@ def detect_format(rec: dict, ds: DatasetConfig) -> str:
 def normalise(rec: Any, ds: DatasetConfig, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
     """One input record -> chat messages: system turn first, the response (last assistant turn) last.
 
-    Turns after the last assistant turn are dropped (DESIGN section 2). Raises RowError.
+    Turns after the last assistant turn are dropped (docs/architecture.md section 2). Raises RowError.
     """
     if not isinstance(rec, dict):
         raise RowError("wrong_type", f"the row is {_kind(rec)}, expected a JSON object")

@@ -8,7 +8,7 @@
     evaluate_lm_eval  lm-evaluation-harness tasks (optional extra `iterit[lm-eval]`) -> lm_eval.json
     run_eval        all that were asked for, into OUTPUT/eval.json
 
-The loss is the scoring span's (DESIGN section 2): the response plus the template's end-of-turn
+The loss is the scoring span's (docs/architecture.md section 2): the response plus the template's end-of-turn
 tokens, so held-out loss and training loss measure the same tokens.
 """
 
@@ -244,7 +244,7 @@ class Generator:
             )
             for q in questions
         ]
-        # The chat template supplies the special tokens (DESIGN section 2).
+        # The chat template supplies the special tokens (docs/architecture.md section 2).
         enc = self.tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(
             self.model.device
         )

@@ -1,7 +1,7 @@
 """Files on local disks and fsspec URIs (s3://, gs://, memory://), written atomically.
 
 Every output is written under a temporary name and renamed when complete, so a crash never
-leaves a half file that looks whole (DESIGN section 3).
+leaves a half file that looks whole (docs/architecture.md section 3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The iterative run (DESIGN sections 1-3): stages over one run directory, recorded in its manifest.
+"""The iterative run (docs/architecture.md sections 1-3): stages over one run directory, recorded
+in its manifest.
 
     iterit run configs/demo.yaml [--set key=value ...]      a fresh run in output_dir
     iterit run --resume RUN                                 go on from the first stage not done
@@ -150,7 +151,7 @@ def copy_window_scores(source: str, out: ScoreFiles, window: list[str], reused_f
 def select_stage(
     cfg: Config, run: RunDir, e: int, samples_path: str, eos: str | None, log=print, proxy: bool = False
 ) -> dict:
-    """Order the window of iteration e by the method and pick k (DESIGN section 2, Iteration).
+    """Order the window of iteration e by the method and pick k (docs/architecture.md section 2, Iteration).
 
     Iteration 0 orders all N; later ones the first W of the previous order. With a proxy model,
     iteration 0 runs twice: `proxy=True` orders all N by the proxy's scores (RUN/iter_0/proxy), then

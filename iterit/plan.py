@@ -4,8 +4,8 @@
     plan_rows(cfg, stats, shape, ...)   one row per stage: tokens and FLOPs (pure arithmetic)
     format_plan(rows, ...)           the table
 
-What each stage computes (DESIGN's loop; I iterations, N samples, k = selection.num_selected(N),
-W = selection.window(N)):
+What each stage computes (docs/architecture.md section 1; I iterations, N samples,
+k = selection.num_selected(N), W = selection.window(N)):
     scoring, iteration 0      N samples x two forward passes: the templated conversation (prompt +
                               response) and the response alone
     scoring, iterations 1..   W samples x the same two passes, with the previous iteration's model

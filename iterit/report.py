@@ -2,8 +2,9 @@
 
     iterit report RUN   ->   RUN/report/{report.md, report.html, rows.png, ifd.png, ..., timings.png}
 
-Everything comes from the run directory (DESIGN section 3), so a run can be reported while it is going,
-after it stopped or after it failed: the report draws what exists and lists what is missing.
+Everything comes from the run directory (docs/architecture.md section 3), so a run can be reported
+while it is going, after it stopped or after it failed: the report draws what exists and lists what
+is missing.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The run directory (DESIGN section 3): every path of a run, its manifest, and the one reader and
-writer of a selection. Nothing else builds a run's paths or stage names.
+"""The run directory (docs/architecture.md section 3): every path of a run, its manifest, and the one
+reader and writer of a selection. Nothing else builds a run's paths or stage names.
 
     RUN/config.yaml                 the resolved config (what --resume goes on with)
     RUN/manifest.json               stage -> status, timings, result; seed, versions

@@ -1,4 +1,5 @@
-"""Conversation -> token ids and the scored span, with the model's own chat template (DESIGN section 2).
+"""Conversation -> token ids and the scored span, with the model's own chat template
+(docs/architecture.md section 2).
 
 For a conversation whose last turn is the response R:
     conditional text = chat template over the whole conversation (no generation prompt)

@@ -1,4 +1,4 @@
-"""The package's house rules, read from its source (DESIGN section 5): the data flows one way through the
+"""The package's house rules, read from its source (docs/architecture.md section 5): the data flows one way through the
 imports, the run layout has one owner, Ray has one entry point."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
-# ---- normalisation, one format at a time (DESIGN section 2)
+# ---- normalisation, one format at a time (docs/architecture.md section 2)
 
 
 def test_alpaca_without_and_with_input():

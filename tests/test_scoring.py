@@ -164,7 +164,7 @@ def test_pipeline_scores_every_id_once(ray_local, tiny_model_dir, tiny_model, te
         scoring_config(tiny_model_dir, tmp_path), samples_path, str(tmp_path), log=lambda *_: None
     )
     table = read_scores(summary["scores"])
-    # DESIGN section 3's columns first, then what the summary and rejects.jsonl are built from
+    # docs/architecture.md section 3's columns first, then what the summary and rejects.jsonl are built from
     assert table.schema.names == [
         "id",
         "ifd",

@@ -1,4 +1,4 @@
-"""Chat templates that raise (DESIGN section 7): a row the template refuses is a `template_error` reject
+"""Chat templates that raise (docs/architecture.md section 7): a row the template refuses is a `template_error` reject
 with the template's own message, never a failed batch or run; a template that refuses the whole corpus
 stops the stage with one line that names the cause and the fix."""
 

@@ -1,4 +1,4 @@
-"""Spans of DESIGN section 2, checked token by token on the demo model's real chat template (SmolLM2)
+"""Spans of docs/architecture.md section 2, checked token by token on the demo model's real chat template (SmolLM2)
 and on the ChatML fallback of a locally trained tokenizer."""
 
 import pytest

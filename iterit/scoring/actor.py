@@ -173,7 +173,7 @@ class Scorer:
                 reject[i] = "nonfinite_loss"
                 detail[i] = f"loss_cond={loss_cond[i]}, loss_prior={loss_prior[i]}"
         starts = np.asarray(batch.column("cond_start"), dtype=np.int32)
-        # A part of scores/ (rundir.ScoreFiles): DESIGN section 3's columns first, then what the
+        # A part of scores/ (rundir.ScoreFiles): docs/architecture.md section 3's columns first, then what the
         # summary and rejects.jsonl are built from.
         out = {
             "id": batch.column("id"),

@@ -1,4 +1,5 @@
-"""Complexity x diversity greedy selection (DESIGN section 2), exact and fast. numpy/scipy/numba only.
+"""Complexity x diversity greedy selection (docs/architecture.md section 2), exact and fast.
+numpy/scipy/numba only.
 
 The official loop, k times: score every candidate as ifd_i * sum_t w_it (the remaining TF-IDF mass
 of its response), take the argmax (ties to the lowest position), multiply every column t used by the

@@ -1,4 +1,5 @@
-"""The selection stage on files: samples + scores -> selection.jsonl + order.parquet (DESIGN section 3).
+"""The selection stage on files: samples + scores -> selection.jsonl + order.parquet
+(docs/architecture.md section 3).
 
 read_score_rows   JSONL rows {id, ifd} (or a scores table) -> id -> row, checked row by row
 score_table       the scored rows of a scores folder or Parquet (or that JSONL) as one Arrow table

@@ -1,4 +1,5 @@
-"""Ordering a window of samples by a selection method (DESIGN section 2, Selection and Iteration).
+"""Ordering a window of samples by a selection method (docs/architecture.md section 2, Selection
+and Iteration).
 
     new order = [k picks, in pick order] + [the others: ifd >= 1, not finite, or rejected]
                 + [the remaining candidates, in descending IFD]

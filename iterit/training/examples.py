@@ -1,6 +1,6 @@
 """Training examples and step arithmetic (pure: no Ray, no DeepSpeed).
 
-A training example is the conditional text of scoring (DESIGN section 2) with a loss mask:
+A training example is the conditional text of scoring (docs/architecture.md section 2) with a loss mask:
 
     input_ids = [ prompt ........ | R r r r <eot> ]      (cut at sequence_len)
     labels    = [ -100 ... -100   | R r r r <eot> ]      final_response (default): the scored span
