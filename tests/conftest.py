@@ -54,10 +54,14 @@ def _byte_level_bpe(vocab_size: int, specials: list[str]):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A 2-layer, hidden-64 Llama and a byte-level BPE (vocab 512) with a ChatML template."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def build_tiny_model(out) -> str:
+    """tiny_model_dir's model written into `out` (also what benchmarks/chaos.py runs its loops on)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("tiny_model")
     bpe = _byte_level_bpe(512, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
