@@ -33,7 +33,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import WORDS, build_tiny_model  # noqa: E402
+from conftest import WORDS, build_tiny_model, tiny_run_tree  # noqa: E402
 from multinode_cluster import Cluster  # noqa: E402
 
 FAULTS = ["driver_sigkill", "driver_sigterm", "scoring_actor", "train_worker", "raylet", "write_error"]
@@ -78,23 +78,9 @@ def write_corpus(path: Path, n: int = 80) -> Path:
 
 
 def run_config(model: str, corpus: Path, run_dir: Path) -> dict:
-    """Three iterations, k = 6, window 12, one training worker checkpointing each iteration."""
-    return {
-        "base_model": model,
-        "datasets": [{"path": str(corpus)}],
-        "output_dir": str(run_dir),
-        "sequence_len": 64,
-        "iterations": 3,
-        "seed": 7,
-        "selection": {"ratio": 6, "update_ratio": 2},
-        "scoring": {"torch_threads": 1, "batch_size": 8, "template_cpus": 0.5},
-        "ray_num_workers": 1,
-        "deepspeed": 0,
-        "micro_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3,
-        "resources_per_worker": {"CPU": 1},
-    }
+    """The tests' tiny run at three iterations, k = 6, window 12, scoring batches of 8."""
+    scoring = {"torch_threads": 1, "batch_size": 8, "template_cpus": 0.5}
+    return tiny_run_tree(model, corpus, run_dir, iterations=3, scoring=scoring)
 
 
 def driver(cluster: Cluster, args: list, log: Path, env: dict | None = None) -> subprocess.Popen:

@@ -3,6 +3,7 @@ assets, one local Ray instance, and a hostile-input corpus. Nothing is downloade
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -163,30 +164,31 @@ def smollm_tokenizer(demo_assets):
 
 @pytest.fixture(scope="session")
 def tiny_run_config(tiny_model_dir):
-    """The config tree of a whole run on the tiny model: k = 6 samples per iteration (of a 60-row corpus),
-    window 12, 2 iterations of 3 optimizer steps on 1 CPU worker. Call it with the corpus, the run
+    """The config tree of a whole run on the tiny model (tiny_run_tree): call it with the corpus, the run
     directory and any keys to change."""
+    return functools.partial(tiny_run_tree, tiny_model_dir)
 
-    def tree(corpus, run_dir, **changes) -> dict:
-        return {
-            "base_model": tiny_model_dir,
-            "datasets": [{"path": str(corpus)}],
-            "output_dir": str(run_dir),
-            "sequence_len": 64,
-            "iterations": 2,
-            "seed": 7,
-            "selection": {"ratio": 6, "update_ratio": 2},
-            "scoring": {"torch_threads": 1, "batch_size": 16, "template_cpus": 0.5},
-            "ray_num_workers": 1,
-            "deepspeed": 0,
-            "micro_batch_size": 2,
-            "gradient_accumulation_steps": 1,
-            "learning_rate": 1e-3,
-            "resources_per_worker": {"CPU": 1},
-            **changes,
-        }
 
-    return tree
+def tiny_run_tree(model_dir, corpus, run_dir, **changes) -> dict:
+    """A whole run on the tiny model: k = 6 samples per iteration (of a 60-row corpus), window 12, 2
+    iterations of 3 optimizer steps on 1 CPU worker (also benchmarks/chaos.py's run, at 3 iterations)."""
+    return {
+        "base_model": model_dir,
+        "datasets": [{"path": str(corpus)}],
+        "output_dir": str(run_dir),
+        "sequence_len": 64,
+        "iterations": 2,
+        "seed": 7,
+        "selection": {"ratio": 6, "update_ratio": 2},
+        "scoring": {"torch_threads": 1, "batch_size": 16, "template_cpus": 0.5},
+        "ray_num_workers": 1,
+        "deepspeed": 0,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3,
+        "resources_per_worker": {"CPU": 1},
+        **changes,
+    }
 
 
 def fit_tree(model_dir, run_dir, **changes) -> dict:
