@@ -127,15 +127,20 @@ def part_damage(part: str) -> str | None:
     its footer must read and hold the row count of its row groups. A part cut short by a node lost
     mid-write, or damaged on disk later, fails here; one that reads is whole (the footer is written
     last)."""
-    fs, p = filesystem(part)
+    return _footer(part)[1]
+
+
+def _footer(path: str) -> tuple[int | None, str | None]:
+    """(rows, None) of a Parquet file whose footer reads and adds up, else (None, why it is damaged)."""
+    fs, p = filesystem(path)
     try:
         with fs.open(p, "rb") as f:
             meta = pq.ParquetFile(f).metadata
-        if meta.num_rows != sum(meta.row_group(i).num_rows for i in range(meta.num_row_groups)):
-            return f"{part}: damaged (its row groups do not add up to its row count)"
     except Exception as e:  # pyarrow's ArrowInvalid, an OSError of the filesystem, ...
-        return f"{part}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    return None
+        return None, f"{path}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if meta.num_rows != sum(meta.row_group(i).num_rows for i in range(meta.num_row_groups)):
+        return None, f"{path}: damaged (its row groups do not add up to its row count)"
+    return meta.num_rows, None
 
 
 def iter_scores(path: str, columns: list[str] | None = None, scored_only: bool = True):
@@ -220,11 +225,9 @@ class SelectionFiles:
             return f"{self.selection} does not read ({type(e).__name__}: {str(e)[:120]})"
         if ranks != list(range(k)):
             return f"{self.selection} holds {len(ranks):,} picks in ranks other than 0..{k - 1}"
-        if problem := part_damage(self.order):
+        rows, problem = _footer(self.order)
+        if problem:
             return problem
-        fs, p = filesystem(self.order)
-        with fs.open(p, "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
         return None if rows == n else f"{self.order} holds {rows:,} ids, not the {n:,} of the order"
 
     def read_selection(self, missing_ok: bool = True) -> list[dict]:

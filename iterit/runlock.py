@@ -1,4 +1,4 @@
-"""RUN/lock.json: one driver works on a run directory at a time (docs/layout.md, "The run lock").
+"""RUN/lock.json: one driver works on a run directory at a time (docs/run.md, "The run lock").
 
 A second `iterit run --resume RUN` started by mistake, or a retried `ray job submit`, would otherwise
 write the same manifest, scores and checkpoints as the first. The lock names its holder (host, pid,
@@ -54,9 +54,8 @@ def _describe(holder: dict) -> str:
     )
 
 
-def why_stale(holder: dict, now: float | None = None) -> str | None:
+def why_stale(holder: dict) -> str | None:
     """Why the holder in a lock file is gone (a reason to take the lock over), or None while it may live."""
-    now = time.time() if now is None else now
     if holder.get("host") == socket.gethostname():
         start = _process_start(int(holder.get("pid", -1)))
         if start is None:
@@ -64,7 +63,7 @@ def why_stale(holder: dict, now: float | None = None) -> str | None:
         if abs(start - float(holder.get("process_start", 0))) > 1.0:
             return "its pid now belongs to another process"
         return None
-    if now - float(holder.get("heartbeat", 0)) > STALE_S:
+    if time.time() - float(holder.get("heartbeat", 0)) > STALE_S:
         return f"no heartbeat for more than {STALE_S:.0f} s"
     return None
 

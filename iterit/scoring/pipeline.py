@@ -205,7 +205,7 @@ def ids_to_rescore(files: ScoreFiles, damaged: list[str], samples_path: str, onl
         else read_parquet(samples_path, columns=["id"]).column("id")
     )
     present = [t.column("id") for t in iter_scores(files.scores, ["id"], scored_only=False)]
-    held = pa.chunked_array(present, pa.string()) if present else pa.chunked_array([], pa.string())
+    held = pa.chunked_array(present, pa.string())
     missing = pc.filter(wanted, pc.invert(pc.is_in(wanted, value_set=held.combine_chunks())))
     log(f"  {len(damaged):,} damaged part(s) removed: {len(missing):,} ids to score again")
     return missing.to_pylist()
